@@ -1,0 +1,149 @@
+"""Encoder and decoder blocks (paper section 3.1, Figure 1; article section 1.1.3).
+
+Each sublayer (self-attention, cross-attention, FFN) is wrapped in a residual connection with
+dropout and a norm, in one of two positions:
+
+    post-norm (the paper):        x = Norm(x + Dropout(Sublayer(x)))
+    pre-norm (modern LMs, and the Annotated Transformer): x = x + Dropout(Sublayer(Norm(x)))
+
+The FFN slot is filled by a factory (:func:`moeformer.models.ffn_factory.build_ffn`); a block only
+relies on it returning an :class:`~moeformer.layers.feedforward.FFNOutput`, so dense FFNs and MoE
+layers drop in unchanged. Hook points: resid_pre, attn_out, [cross_attn_out,] mlp_out, resid_post.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from moeformer.config import ModelConfig
+from moeformer.hooks import HookPoint
+from moeformer.layers.attention import KVCache, MultiHeadAttention
+from moeformer.layers.feedforward import FFNOutput
+from moeformer.layers.norm import build_norm
+
+
+@dataclass
+class BlockOutput:
+    hidden: Tensor  # (batch, seq, d_model)
+    ffn: FFNOutput  # carries the FFN's auxiliary losses and routing statistics
+
+
+@dataclass
+class LayerCache:
+    """Incremental-decoding state of one decoder block."""
+
+    self_attn: KVCache
+    cross_attn: KVCache | None = None
+
+
+def _attention(config: ModelConfig) -> MultiHeadAttention:
+    a = config.attention
+    return MultiHeadAttention(
+        config.d_model, a.n_heads, n_kv_heads=a.n_kv_heads, dropout=a.dropout, bias=a.bias, backend=a.backend
+    )
+
+
+class _Block(nn.Module):
+    """What encoder and decoder blocks share: residual wiring, norms, FFN slot, hook points."""
+
+    def __init__(self, config: ModelConfig, ffn: nn.Module) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.self_attn = _attention(config)
+        self.attn_norm = build_norm(config.norm, config.d_model, config.norm_eps)
+        self.ffn = ffn
+        self.ffn_norm = build_norm(config.norm, config.d_model, config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.resid_pre = HookPoint()
+        self.attn_out = HookPoint()
+        self.mlp_out = HookPoint()
+        self.resid_post = HookPoint()
+
+    def residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(norm(x)))
+        return norm(x + self.dropout(sublayer(x)))
+
+    def feed_forward(self, x: Tensor) -> tuple[Tensor, FFNOutput]:
+        result: list[FFNOutput] = []
+
+        def run(h: Tensor) -> Tensor:
+            result.append(self.ffn(h))
+            return self.mlp_out(result[0].output)
+
+        x = self.residual(x, self.ffn_norm, run)
+        return x, result[0]
+
+
+class EncoderBlock(_Block):
+    """Self-attention over the whole source, then the FFN."""
+
+    def forward(self, x: Tensor, *, padding_mask: Tensor | None = None) -> BlockOutput:
+        """x: (B, S, D); padding_mask: (B, S) bool, True at padding."""
+        x = self.resid_pre(x)
+        x = self.residual(
+            x, self.attn_norm,
+            lambda h: self.attn_out(self.self_attn(h, h, h, key_padding_mask=padding_mask).output),
+        )
+        x, ffn = self.feed_forward(x)
+        return BlockOutput(self.resid_post(x), ffn)
+
+
+class DecoderBlock(_Block):
+    """Masked self-attention, [encoder-decoder attention,] then the FFN.
+
+    Without cross-attention this is the block of a decoder-only LM.
+    """
+
+    def __init__(self, config: ModelConfig, ffn: nn.Module, *, cross_attention: bool) -> None:
+        super().__init__(config, ffn)
+        if cross_attention:
+            self.cross_attn = _attention(config)
+            self.cross_norm = build_norm(config.norm, config.d_model, config.norm_eps)
+            self.cross_attn_out = HookPoint()
+        self.has_cross = cross_attention
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        padding_mask: Tensor | None = None,
+        memory: Tensor | None = None,
+        memory_padding_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+    ) -> BlockOutput:
+        """x: (B, T, D) new target positions; padding_mask: (B, S_total) over cached + new keys.
+
+        memory: (B, S_src, D) encoder output, with memory_padding_mask (B, S_src).
+        """
+        x = self.resid_pre(x)
+
+        def self_attention(h: Tensor) -> Tensor:
+            out = self.self_attn(
+                h, h, h, key_padding_mask=padding_mask, is_causal=True,
+                cache=None if cache is None else cache.self_attn, rotary=rotary,
+            )
+            return self.attn_out(out.output)
+
+        x = self.residual(x, self.attn_norm, self_attention)
+        if self.has_cross:
+            if memory is None:
+                raise ValueError("this decoder block attends to an encoder: pass memory=")
+
+            def cross_attention(h: Tensor) -> Tensor:
+                out = self.cross_attn(
+                    h, memory, memory, key_padding_mask=memory_padding_mask,
+                    cache=None if cache is None else cache.cross_attn,
+                )
+                return self.cross_attn_out(out.output)
+
+            x = self.residual(x, self.cross_norm, cross_attention)
+        x, ffn = self.feed_forward(x)
+        return BlockOutput(self.resid_post(x), ffn)
+
+    def new_cache(self) -> LayerCache:
+        return LayerCache(KVCache(), KVCache(static=True) if self.has_cross else None)

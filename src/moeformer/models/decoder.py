@@ -1,0 +1,78 @@
+"""Decoder-only language model (the "LLM" of the article), built from the same parts.
+
+The encoder-decoder's decoder without cross-attention, with the choices of modern LMs
+(GPT-2 / Llama): pre-norm RMSNorm, rotary positions, SwiGLU FFNs, optional grouped-query
+attention (``attention.n_kv_heads``), and a final norm before the output projection.
+
+    h_0 = Embed(tokens);  h_l = Block_l(h_{l-1});  logits = Norm(h_L) W_out
+
+Logits at position t predict token t+1. With a :class:`~moeformer.models.cache.DecoderCache`,
+each call feeds only the new tokens and attends to every cached one.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moeformer.config import ModelConfig
+from moeformer.layers.embedding import TokenEmbedding
+from moeformer.layers.norm import build_norm
+from moeformer.models.blocks import DecoderBlock
+from moeformer.models.cache import DecoderCache, step_positions
+from moeformer.models.embedder import InputEmbedding
+from moeformer.models.ffn_factory import build_ffn
+from moeformer.models.init import init_weights
+from moeformer.models.inputs import check_length, check_padding_mask, check_tokens
+from moeformer.models.outputs import FFNReports, ModelOutput
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.arch != "decoder":
+            raise ValueError(f"DecoderLM needs arch='decoder', got {config.arch!r}; use Seq2SeqTransformer")
+        self.config = config
+        embed = TokenEmbedding(config.vocab_size, config.d_model, scale=config.scale_embeddings)
+        self.embedding = InputEmbedding(config, embed)
+        self.layers = nn.ModuleList(
+            DecoderBlock(config, build_ffn(config, i, "decoder"), cross_attention=False)
+            for i in range(config.n_layers)
+        )
+        pre = config.norm_position == "pre"
+        self.norm = build_norm(config.norm, config.d_model, config.norm_eps) if pre else nn.Identity()
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_weights(self)
+        if config.tie_embeddings:
+            self.lm_head.weight = embed.weight
+
+    def forward(
+        self, tokens: Tensor, *, padding_mask: Tensor | None = None, cache: DecoderCache | None = None
+    ) -> ModelOutput:
+        """tokens: (B, T) ids -> logits (B, T, V).
+
+        padding_mask: (B, T) bool, True at padding (left or right). With a ``cache``, pass the
+        new tokens only; the cache remembers earlier keys, their padding and positions.
+        """
+        check_tokens(tokens, self.config.vocab_size, "tokens")
+        check_padding_mask(padding_mask, tokens, "padding_mask")
+        past = 0 if cache is None else cache.length
+        check_length(past + tokens.shape[1], self.config.max_seq_len, "tokens")
+        positions, keys_padding = step_positions(padding_mask, cache, *tokens.shape, tokens.device)
+        x, rotary = self.embedding(tokens, positions)
+        reports = FFNReports()
+        for i, block in enumerate(self.layers):
+            out = block(
+                x, padding_mask=keys_padding, rotary=rotary,
+                cache=None if cache is None else cache.layers[i],
+            )
+            x = out.hidden
+            reports.add(f"layers.{i}", out)
+        x = self.norm(x)
+        return ModelOutput(self.lm_head(x), reports.total(x), reports, x, cache)
+
+    def new_cache(self) -> DecoderCache:
+        """An empty cache for incremental decoding."""
+        return DecoderCache([block.new_cache() for block in self.layers])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

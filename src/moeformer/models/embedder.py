@@ -1,0 +1,41 @@
+"""The model's input stage (article 1.1.1-1.1.2): token embeddings plus positional information.
+
+Sinusoidal and learned positions are added to the (scaled) embeddings, then dropout (paper 5.4);
+RoPE adds nothing here and instead returns the (cos, sin) that attention rotates queries and
+keys by.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from moeformer.config import ModelConfig
+from moeformer.layers.embedding import TokenEmbedding
+from moeformer.layers.position import (
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+)
+
+
+class InputEmbedding(nn.Module):
+    """ids, positions: (B, T) -> x: (B, T, D) and RoPE angles (or None)."""
+
+    def __init__(self, config: ModelConfig, embed: TokenEmbedding) -> None:
+        super().__init__()
+        self.embed = embed
+        self.dropout = nn.Dropout(config.dropout)
+        self.position_kind = config.position
+        if config.position == "sinusoidal":
+            self.positions = SinusoidalPositionalEncoding(config.max_seq_len, config.d_model)
+        elif config.position == "learned":
+            self.positions = LearnedPositionalEmbedding(config.max_seq_len, config.d_model)
+        elif config.position == "rope":
+            self.rotary = RotaryEmbedding(config.head_dim, config.attention.rope_theta)
+
+    def forward(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        x = self.embed(ids)
+        if self.position_kind in ("sinusoidal", "learned"):
+            x = x + self.positions(positions).to(x.dtype)
+        rotary = self.rotary(positions) if self.position_kind == "rope" else None
+        return self.dropout(x), rotary

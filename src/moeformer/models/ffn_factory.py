@@ -1,0 +1,21 @@
+"""The factory that fills every block's FFN slot from the model config.
+
+Blocks call this and never look at what they get: everything it builds maps
+(batch, seq, d_model) to an :class:`~moeformer.layers.feedforward.FFNOutput`. Mixture-of-Experts
+kinds plug in here, per layer, without any block changing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from moeformer.config import ModelConfig
+from moeformer.layers.feedforward import FeedForward
+
+
+def build_ffn(config: ModelConfig, layer_index: int, stack: Literal["encoder", "decoder"]) -> nn.Module:
+    """The FFN sublayer of layer ``layer_index`` of the ``stack``."""
+    f = config.ffn
+    return FeedForward(config.d_model, f.d_ff, activation=f.activation, bias=f.bias)
