@@ -1,0 +1,33 @@
+# Two commands do all the set-up from a fresh clone: `make demo` and `make test`.
+# They create .venv (if missing), install PyTorch and moeformer into it, then run.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch that lies on our machines; override for a CUDA build, e.g.
+# make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moeformer-installed
+
+.PHONY: install demo test test-all clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || (echo "moeformer needs Python >= 3.10" && exit 1)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/moeformer demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Also the end-to-end tests marked slow.
+test-all: $(STAMP)
+	$(PY) -m pytest -m ""
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
