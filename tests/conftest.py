@@ -1,0 +1,44 @@
+"""Shared fixtures: factories for tiny models built with a fixed seed, in eval mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeformer import DecoderLM, Seq2SeqTransformer, preset
+
+TINY_VOCAB = 37
+
+
+@pytest.fixture
+def single_thread():
+    """Run on one intra-op thread: on a busy 2-core machine, OpenMP hand-offs make each op on
+    these tiny tensors ~1000x slower than the math itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_seq2seq():
+    """Factory: a "transformer-tiny" Seq2SeqTransformer (vocab 37, seed 0), overrides allowed."""
+
+    def make(seed: int = 0, **overrides) -> Seq2SeqTransformer:
+        torch.manual_seed(seed)
+        config = preset("transformer-tiny", vocab_size=overrides.pop("vocab_size", TINY_VOCAB), **overrides)
+        return Seq2SeqTransformer(config).eval()
+
+    return make
+
+
+@pytest.fixture
+def make_lm():
+    """Factory: an "lm-tiny" DecoderLM (vocab 37, seed 0), overrides allowed."""
+
+    def make(seed: int = 0, **overrides) -> DecoderLM:
+        torch.manual_seed(seed)
+        config = preset("lm-tiny", vocab_size=overrides.pop("vocab_size", TINY_VOCAB), **overrides)
+        return DecoderLM(config).eval()
+
+    return make
