@@ -184,8 +184,9 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         dropout_p = self.dropout if self.training else 0.0
         dead = None
-        if mask is not None and mask.dtype == torch.bool:
-            dead = ~mask.any(-1, keepdim=True)  # queries that may attend to nothing
+        if mask is not None:
+            allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+            dead = ~allowed.any(-1, keepdim=True)  # queries that may attend to nothing
         if need_weights or self.backend == "reference":
             groups = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(groups, dim=1)
@@ -194,8 +195,8 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
             )
             return out, (weights if need_weights else None)
-        if dead is not None:
-            mask = mask | dead  # let dead rows attend anywhere, then zero them below
+        if dead is not None:  # let dead rows attend anywhere (no NaN), then zero them below
+            mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
             enable_gqa=self.n_kv_heads != self.n_heads,
