@@ -157,7 +157,7 @@ class ScaledFFN(nn.Module):
         self.scale = nn.Parameter(torch.tensor(2.0))
         self.loss = torch.tensor(0.25)
 
-    def forward(self, x: torch.Tensor) -> FFNOutput:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> FFNOutput:
         return FFNOutput(x * self.scale, aux_losses={"x": self.loss}, stats={"load": torch.ones(3)})
 
 

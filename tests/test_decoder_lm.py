@@ -205,7 +205,7 @@ class AuxFFN(nn.Module):
         super().__init__()
         self.loss = torch.tensor(loss)
 
-    def forward(self, x: torch.Tensor) -> FFNOutput:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> FFNOutput:
         return FFNOutput(torch.zeros_like(x), aux_losses={"balance": self.loss}, stats={"load": torch.ones(2)})
 
 

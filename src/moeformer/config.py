@@ -127,6 +127,89 @@ class FeedForwardConfig:
 
 
 @dataclass(kw_only=True)
+class MoEConfig:
+    """Mixture-of-Experts FFN layers (see :mod:`moeformer.moe` for the papers behind each option).
+
+    Counts are the routed, fine-grained ones: ``n_experts`` experts of ``expert_hidden`` each,
+    ``top_k`` per token, plus ``n_shared`` always-active experts. ``granularity`` m applies
+    DeepSeekMoE's segmentation on top: m * n_experts experts of expert_hidden / m, m * top_k routed.
+    """
+
+    kind: Literal["dense", "soft", "topk", "deepseek"] = "topk"
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int | None = None  # None: the model's ffn.d_ff
+    granularity: int = 1  # DeepSeekMoE fine-grained segmentation factor m
+    n_shared: int = 0  # DeepSeekMoE shared experts (deepseek kind only)
+    score: Literal["softmax", "sigmoid"] = "softmax"  # router affinity; DeepSeek-V3: sigmoid
+    normalize: bool = True  # renormalise the k selected weights to sum 1 (Mixtral, GShard, V3)
+    noisy: bool = False  # Shazeer et al. 2017 noisy top-k gating (trainable noise scale)
+    n_group: int = 1  # expert groups for group-limited (V3) or hierarchical (Shazeer) routing
+    topk_group: int = 1  # groups each token may use
+    group_routing: Literal["limited", "hierarchical"] = "limited"
+    routed_scaling: float = 1.0  # multiplies the routed weights (DeepSeek-V3: 2.5)
+    capacity_factor: float | None = None  # None: dropless; else GShard/Switch capacity with dropping
+    balance_loss: float = 0.0  # Switch/GShard aux loss = DeepSeekMoE expert-level balance (alpha)
+    device_loss: float = 0.0  # DeepSeekMoE device-level balance loss
+    n_devices: int = 1  # expert groups treated as devices by device_loss
+    seq_balance_loss: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
+    z_loss: float = 0.0  # ST-MoE router z-loss
+    bias_update_rate: float = 0.0  # DeepSeek-V3 auxiliary-loss-free balancing gamma; 0: off
+    placement: Literal["all", "every_other"] = "all"  # every_other: MoE on layers 1, 3, 5, ...
+    first_dense: int = 0  # keep the first k layers dense (DeepSeek-V3: 3)
+    backend: Literal["auto", "grouped_mm", "loop", "bmm"] = "auto"  # expert dispatch kernel
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        for name in ("n_experts", "top_k", "expert_hidden", "granularity", "n_group", "topk_group", "n_devices"):
+            _positive(name, getattr(self, name))
+        for name in ("n_shared", "first_dense"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("balance_loss", "device_loss", "seq_balance_loss", "z_loss", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"coefficients must be >= 0, got {getattr(self, name)}")
+        if self.routed_scaling <= 0:
+            raise ConfigError("routed_scaling", f"must be positive, got {self.routed_scaling}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError("capacity_factor", f"must be > 0 (or absent for dropless), got {self.capacity_factor}")
+        if self.top_k > self.n_experts:
+            raise ConfigError("top_k", f"must be <= n_experts ({self.n_experts}), got {self.top_k}")
+        if self.topk_group > self.n_group:
+            raise ConfigError("topk_group", f"must be <= n_group ({self.n_group}), got {self.topk_group}")
+        if self.n_experts % self.n_group:
+            raise ConfigError("n_group", f"must divide n_experts ({self.n_experts}) into equal groups, got {self.n_group}")
+        if self.n_experts % self.n_devices:
+            raise ConfigError("n_devices", f"must divide n_experts ({self.n_experts}), got {self.n_devices}")
+        if self.n_group > 1 and self.group_routing == "limited" and self.top_k > self.topk_group * self.n_experts // self.n_group:
+            raise ConfigError("top_k", f"{self.top_k} experts cannot fit in topk_group={self.topk_group} groups "
+                              f"of {self.n_experts // self.n_group}")
+        if self.group_routing == "hierarchical" and self.n_group > 1 and self.top_k % self.topk_group:
+            raise ConfigError("top_k", f"hierarchical routing takes top_k / topk_group experts per chosen group; "
+                              f"top_k={self.top_k} is not divisible by topk_group={self.topk_group}")
+        if self.n_shared and self.kind != "deepseek":
+            raise ConfigError("n_shared", f"shared experts belong to kind 'deepseek', not {self.kind!r}")
+        if self.granularity > 1 and self.kind != "deepseek":
+            raise ConfigError("granularity", f"fine-grained segmentation belongs to kind 'deepseek', not {self.kind!r}")
+        if self.expert_hidden is not None and self.expert_hidden % self.granularity:
+            raise ConfigError("granularity", f"must divide expert_hidden ({self.expert_hidden}), got {self.granularity}")
+
+    @property
+    def routed_experts(self) -> int:
+        return self.n_experts * self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        return self.top_k * self.granularity
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Whether layer ``layer_index`` of a stack holds an MoE (else a dense FFN)."""
+        if self.kind == "dense" or layer_index < self.first_dense:
+            return False
+        return self.placement == "all" or layer_index % 2 == 1
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """One config for both model families: ``arch = "seq2seq"`` or ``"decoder"``.
 
@@ -152,9 +235,12 @@ class ModelConfig:
     share_embeddings: bool = False  # seq2seq: source and target share one embedding matrix
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FeedForwardConfig = field(default_factory=FeedForwardConfig)
+    moe: MoEConfig | None = None  # None: every FFN is dense
 
     def __post_init__(self) -> None:
         _check_field_types(self)
+        if self.moe is not None and self.moe.expert_hidden is None and self.ffn.d_ff % self.moe.granularity:
+            raise ConfigError("moe.granularity", f"must divide ffn.d_ff ({self.ffn.d_ff}), got {self.moe.granularity}")
         for name in ("vocab_size", "src_vocab_size", "d_model", "n_layers", "max_seq_len"):
             _positive(name, getattr(self, name))
         if self.n_encoder_layers is not None and self.n_encoder_layers < 0:
@@ -226,9 +312,9 @@ def from_dict(cls: type[T], data: Any, prefix: str) -> T:
         if key not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed keys: {allowed}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            value = from_dict(hint, value, f"{prefix}.{key}")
+        nested = _dataclass_in(hints[key])
+        if nested is not None and value is not None:
+            value = from_dict(nested, value, f"{prefix}.{key}")
         kwargs[key] = value
     missing = [
         name
@@ -243,6 +329,16 @@ def from_dict(cls: type[T], data: Any, prefix: str) -> T:
         return cls(**kwargs)
     except ConfigError as err:
         raise err.under(prefix) from None
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass in ``hint`` (``X`` or ``X | None``), or None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
 
 
 def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> ModelConfig:

@@ -53,5 +53,6 @@ class FeedForward(nn.Module):
             return F.gelu(self.up_proj(x))
         return F.relu(self.up_proj(x))
 
-    def forward(self, x: Tensor) -> FFNOutput:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> FFNOutput:
+        """``padding_mask`` (batch, seq) is part of every FFN's signature; a dense FFN ignores it."""
         return FFNOutput(self.down_proj(self.hidden(x)))

@@ -67,11 +67,12 @@ class _Block(nn.Module):
             return x + self.dropout(sublayer(norm(x)))
         return norm(x + self.dropout(sublayer(x)))
 
-    def feed_forward(self, x: Tensor) -> tuple[Tensor, FFNOutput]:
+    def feed_forward(self, x: Tensor, token_padding: Tensor | None) -> tuple[Tensor, FFNOutput]:
+        """token_padding: (B, T) True at padding; MoE layers route only real tokens."""
         result: list[FFNOutput] = []
 
         def run(h: Tensor) -> Tensor:
-            result.append(self.ffn(h))
+            result.append(self.ffn(h, token_padding))
             return self.mlp_out(result[0].output)
 
         x = self.residual(x, self.ffn_norm, run)
@@ -88,7 +89,7 @@ class EncoderBlock(_Block):
             x, self.attn_norm,
             lambda h: self.attn_out(self.self_attn(h, h, h, key_padding_mask=padding_mask).output),
         )
-        x, ffn = self.feed_forward(x)
+        x, ffn = self.feed_forward(x, padding_mask)
         return BlockOutput(self.resid_post(x), ffn)
 
 
@@ -142,7 +143,8 @@ class DecoderBlock(_Block):
                 return self.cross_attn_out(out.output)
 
             x = self.residual(x, self.cross_norm, cross_attention)
-        x, ffn = self.feed_forward(x)
+        token_padding = None if padding_mask is None else padding_mask[:, -x.shape[1]:]
+        x, ffn = self.feed_forward(x, token_padding)
         return BlockOutput(self.resid_post(x), ffn)
 
     def new_cache(self) -> LayerCache:

@@ -13,9 +13,12 @@ from torch import nn
 
 from moeformer.config import ModelConfig
 from moeformer.layers.feedforward import FeedForward
+from moeformer.moe.layer import moe_from_config
 
 
 def build_ffn(config: ModelConfig, layer_index: int, stack: Literal["encoder", "decoder"]) -> nn.Module:
     """The FFN sublayer of layer ``layer_index`` of the ``stack``."""
     f = config.ffn
+    if config.moe is not None and config.moe.is_moe_layer(layer_index):
+        return moe_from_config(config.moe, config.d_model, f.d_ff, activation=f.activation, bias=f.bias)
     return FeedForward(config.d_model, f.d_ff, activation=f.activation, bias=f.bias)

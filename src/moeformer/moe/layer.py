@@ -1,0 +1,144 @@
+"""The MoE layer kinds that replace the Transformer's FFN sublayer, and their one factory.
+
+- ``dense``: the plain FFN, the baseline every MoE is compared with.
+- ``soft``: the article's basic MoE (Jacobs et al. 1991; Shazeer et al. 2017 without sparsity):
+  y = sum_i G(x)_i E_i(x) with G = softmax(x W_g) over all experts; every expert runs.
+- ``topk``: sparse MoE, y = sum_{i in TopK} g_i E_i(x): Shazeer's noisy top-k, Switch (k=1),
+  GShard (k=2 with capacity), Mixtral (softmax over the chosen k), by router options.
+- ``deepseek``: DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained experts
+  (each of N experts split into m, route to mK of mN) plus K_s shared experts every token uses:
+  y = sum_{i<=K_s} FFN_i(x) + sum_{i in TopK} g_i FFN_i(x); DeepSeek-V3 routing by options.
+
+Every layer maps x (B, T, D) to an :class:`~moeformer.layers.feedforward.FFNOutput` whose
+``aux_losses`` hold the enabled, weighted balance terms and whose ``stats`` hold per-expert
+token counts, dropped fraction, router entropy and the unweighted loss terms (detached).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from moeformer.config import MoEConfig
+from moeformer.hooks import HookPoint
+from moeformer.layers.feedforward import FeedForward, FFNOutput
+from moeformer.moe import losses
+from moeformer.moe.experts import Experts
+from moeformer.moe.router import Router, Routing, apply_capacity
+
+Activation = Literal["relu", "gelu", "swiglu"]
+
+
+class MoELayer(nn.Module):
+    """Router -> experts (-> + shared experts). Kinds 'soft', 'topk' and 'deepseek'."""
+
+    def __init__(self, config: MoEConfig, d_model: int, expert_hidden: int, *, activation: Activation, bias: bool) -> None:
+        super().__init__()
+        if config.kind not in ("soft", "topk", "deepseek"):
+            raise ValueError(f"MoELayer builds kinds 'soft', 'topk', 'deepseek', not {config.kind!r}")
+        self.config = config
+        hidden = expert_hidden // config.granularity
+        n_experts = config.routed_experts
+        top_k = n_experts if config.kind == "soft" else config.routed_top_k
+        if config.kind == "soft":  # a plain softmax gate over every expert, nothing renormalised
+            config = _soft_router_config(config)
+        self.router = Router(d_model, n_experts, top_k, config)
+        self.router_logits = HookPoint()
+        self.experts = Experts(n_experts, d_model, hidden, activation=activation, bias=bias, backend=config.backend)
+        self.shared_experts = (
+            FeedForward(d_model, config.n_shared * hidden, activation=activation, bias=bias)
+            if config.n_shared else None
+        )
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> FFNOutput:
+        """x: (B, T, D); padding_mask: (B, T) True at padding (not routed, left out of the losses)."""
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        routing = self.router(flat, logits_hook=self.router_logits)
+        real = None if padding_mask is None else ~padding_mask.reshape(B * T)
+        if real is not None:  # padding takes no expert and no capacity
+            routing = Routing(routing.logits, routing.scores, routing.index.masked_fill(~real[:, None], self.router.n_experts),
+                              routing.weights.masked_fill(~real[:, None], 0.0))
+        chosen = routing.index  # before capacity: what the balance losses measure
+        dropped = torch.zeros_like(chosen, dtype=torch.bool)
+        if self.config.capacity_factor is not None:
+            n_real = B * T if real is None else int(real.sum())
+            capacity = math.ceil(self.config.capacity_factor * n_real * self.router.top_k / self.router.n_experts)
+            routing, dropped = apply_capacity(routing, capacity)
+        out = self.experts(flat, routing.index, routing.weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat).output
+        aux, stats = self._losses_and_stats(routing, chosen, dropped, real, B, T)
+        return FFNOutput(out.view(B, T, D), aux, stats)
+
+    def _losses_and_stats(
+        self, routing: Routing, chosen: Tensor, dropped: Tensor, real: Tensor | None, B: int, T: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        c, E = self.config, self.router.n_experts
+        scores, logits = routing.scores, routing.logits
+        chosen_by_sequence = chosen.view(B, T, -1)  # padding rows hold the sentinel E
+        if real is not None:
+            scores, logits, chosen, dropped = scores[real], logits[real], chosen[real], dropped[real]
+            index = routing.index[real]
+        else:
+            index = routing.index
+        terms: dict[str, Tensor] = {"balance": losses.load_balance_loss(scores, chosen)}
+        weighted: dict[str, Tensor] = {}
+        if c.balance_loss:
+            weighted["balance"] = c.balance_loss * terms["balance"]
+        if c.device_loss:
+            terms["device_balance"] = losses.device_balance_loss(scores, chosen, c.n_devices)
+            weighted["device_balance"] = c.device_loss * terms["device_balance"]
+        if c.seq_balance_loss:
+            token_mask = None if real is None else real.view(B, T)
+            terms["seq_balance"] = losses.sequence_balance_loss(
+                routing.scores.view(B, T, E), chosen_by_sequence, token_mask
+            )
+            weighted["seq_balance"] = c.seq_balance_loss * terms["seq_balance"]
+        if c.z_loss:
+            terms["z"] = losses.router_z_loss(logits)
+            weighted["z"] = c.z_loss * terms["z"]
+        stats = {
+            "tokens_per_expert": torch.bincount(index.reshape(-1), minlength=E + 1)[:E].float(),
+            "dropped_fraction": dropped.float().mean() if dropped.numel() else scores.new_zeros(()),
+            "router_entropy": losses.router_entropy(scores),
+            **{f"loss_{k}": v for k, v in terms.items()},
+        }
+        return weighted, {k: v.detach() for k, v in stats.items()}
+
+
+def _soft_router_config(config: MoEConfig) -> MoEConfig:
+    return replace(config, normalize=False, score="softmax", n_group=1, topk_group=1, noisy=False)
+
+
+def build_moe(
+    *,
+    kind: Literal["dense", "soft", "topk", "deepseek"],
+    d_model: int,
+    n_experts: int = 8,
+    top_k: int = 2,
+    expert_hidden: int,
+    n_shared: int = 0,
+    activation: Activation = "swiglu",
+    bias: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """The one entry point: e.g. ``build_moe(kind="deepseek", d_model=512, n_experts=64, top_k=6,
+    expert_hidden=256, n_shared=2, score="sigmoid")``. ``options`` are :class:`MoEConfig` fields.
+
+    ``dense`` returns the plain FFN of hidden size ``expert_hidden``.
+    """
+    config = MoEConfig(kind=kind, n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden, n_shared=n_shared, **options)
+    return moe_from_config(config, d_model, expert_hidden, activation=activation, bias=bias)
+
+
+def moe_from_config(config: MoEConfig, d_model: int, d_ff: int, *, activation: Activation, bias: bool) -> nn.Module:
+    """The layer ``config`` describes; ``d_ff`` is used when ``config.expert_hidden`` is unset."""
+    hidden = config.expert_hidden if config.expert_hidden is not None else d_ff
+    if config.kind == "dense":
+        return FeedForward(d_model, hidden, activation=activation, bias=bias)
+    return MoELayer(config, d_model, hidden, activation=activation, bias=bias)
