@@ -19,6 +19,9 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nTrained {len(report.losses)} steps: loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f}")
     for src, hyp in report.after:
         print(f"  {src!r:28} -> {hyp!r}")
+    print("\nTokens per routed expert in the last training step:")
+    for layer, load in report.expert_load.items():
+        print(f"  {layer:10} " + " ".join(f"{int(n):4d}" for n in load))
     return 0
 
 

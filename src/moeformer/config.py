@@ -130,9 +130,11 @@ class FeedForwardConfig:
 class MoEConfig:
     """Mixture-of-Experts FFN layers (see :mod:`moeformer.moe` for the papers behind each option).
 
-    Counts are the routed, fine-grained ones: ``n_experts`` experts of ``expert_hidden`` each,
-    ``top_k`` per token, plus ``n_shared`` always-active experts. ``granularity`` m applies
-    DeepSeekMoE's segmentation on top: m * n_experts experts of expert_hidden / m, m * top_k routed.
+    Counts are the routed ones: ``n_experts`` experts of ``expert_hidden`` each, ``top_k`` per
+    token, plus ``n_shared`` always-active experts of the same size. ``granularity`` m splits
+    each expert m ways: m * n_experts experts of expert_hidden / m, m * top_k per token (and
+    shared experts of expert_hidden / m). For DeepSeekMoE's equal-compute accounting, where the
+    K_s shared experts take K_s of the m*K slots, use :func:`moeformer.moe.segment_experts`.
     """
 
     kind: Literal["dense", "soft", "topk", "deepseek"] = "topk"

@@ -1,6 +1,6 @@
 """``moeformer demo``: the article's running example, end to end, in seconds on a CPU.
 
-Builds a small encoder-decoder Transformer, translates "Are you OK?" before training (noise),
+Builds a small encoder-decoder Transformer with DeepSeekMoE feed-forward layers, translates "Are you OK?" before training (noise),
 overfits a dozen English -> Chinese pairs in the spirit of the article's example
 ("Are you OK ?" -> "你好吗？"), then translates again with greedy decoding over the KV cache.
 It shows the pieces working together; real training on real corpora is ``moeformer train``.
@@ -42,6 +42,7 @@ class DemoReport:
     before: list[tuple[str, str]]  # (source, translation) of the untrained model
     after: list[tuple[str, str]]
     losses: list[float] = field(default_factory=list)
+    expert_load: dict[str, list[float]] = field(default_factory=dict)  # last step, by layer
 
 
 def _batch(tok: CharTokenizer, texts: list[str], *, bos: bool, eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +67,10 @@ def run_demo(*, steps: int = 300, seed: int = 0, progress: bool = True) -> DemoR
     tok = CharTokenizer.train(s for pair in PAIRS for s in pair)
     config = preset(
         "transformer-tiny", vocab_size=tok.vocab_size, d_model=64, share_embeddings=True,
-        attention={"n_heads": 4}, ffn={"d_ff": 128},
+        attention={"n_heads": 4}, ffn={"d_ff": 128, "activation": "swiglu", "bias": False},
+        # DeepSeekMoE: 2 coarse experts of 128, top-1, split 4 ways, one shared expert
+        moe={"kind": "deepseek", "n_experts": 7, "top_k": 3, "expert_hidden": 32, "n_shared": 1,
+             "balance_loss": 0.01},
     )
     model = Seq2SeqTransformer(config)
     shown = [PAIRS[0][0], PAIRS[7][0], PAIRS[8][0]]
@@ -74,7 +78,9 @@ def run_demo(*, steps: int = 300, seed: int = 0, progress: bool = True) -> DemoR
         parameters=model.num_parameters(),
         config_summary=(
             f"d_model={config.d_model} heads={config.attention.n_heads} layers={config.encoder_layers}+"
-            f"{config.n_layers} d_ff={config.ffn.d_ff} vocab={config.vocab_size} ({config.norm_position}-norm)"
+            f"{config.n_layers} vocab={config.vocab_size} ({config.norm_position}-norm); FFNs: DeepSeekMoE, "
+            f"{config.moe.n_shared} shared + {config.moe.n_experts} routed experts of {config.moe.expert_hidden}, "
+            f"top-{config.moe.top_k}"
         ),
         before=_translate(model, tok, shown),
         after=[],
@@ -86,9 +92,11 @@ def run_demo(*, steps: int = 300, seed: int = 0, progress: bool = True) -> DemoR
     for _ in tqdm(range(steps), desc="training on the demo pairs", disable=not progress):
         out = model(src, tgt[:, :-1], src_padding_mask=src_pad, tgt_padding_mask=tgt_pad[:, :-1])
         loss = F.cross_entropy(out.logits.transpose(1, 2), tgt[:, 1:], ignore_index=tok.pad_id)
+        loss = loss + out.aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         report.losses.append(loss.item())
+        report.expert_load = {k: v["tokens_per_expert"].tolist() for k, v in out.reports.stats.items()}
     report.after = _translate(model, tok, shown)
     return report

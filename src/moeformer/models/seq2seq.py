@@ -89,6 +89,7 @@ class Seq2SeqTransformer(nn.Module):
         positions, keys_padding = step_positions(tgt_padding_mask, cache, *tgt.shape, tgt.device)
         x, rotary = self.tgt_embedding(tgt, positions)
         reports = FFNReports()
+        reports.merge(memory.reports)  # encoder layers first
         for i, block in enumerate(self.decoder):
             out = block(
                 x, padding_mask=keys_padding, memory=memory.hidden,
@@ -98,7 +99,6 @@ class Seq2SeqTransformer(nn.Module):
             x = out.hidden
             reports.add(f"decoder.{i}", out)
         x = self.decoder_norm(x)
-        reports.merge(memory.reports)
         return ModelOutput(self.lm_head(x), reports.total(x), reports, x, cache)
 
     def forward(

@@ -142,3 +142,22 @@ def moe_from_config(config: MoEConfig, d_model: int, d_ff: int, *, activation: A
     if config.kind == "dense":
         return FeedForward(d_model, hidden, activation=activation, bias=bias)
     return MoELayer(config, d_model, hidden, activation=activation, bias=bias)
+
+
+def segment_experts(*, n_experts: int, top_k: int, d_ff: int, granularity: int, n_shared: int) -> dict[str, int]:
+    """DeepSeekMoE's equal-compute accounting (Dai et al. 2024, section 3): MoEConfig numbers.
+
+    N coarse experts of hidden d_ff, K per token, each split into m = ``granularity`` experts
+    of d_ff / m; K_s of the m*N become shared: m*N - K_s routed experts, m*K - K_s routed per
+    token. Total and active parameters equal those of the coarse layer.
+    """
+    if d_ff % granularity:
+        raise ValueError(f"granularity ({granularity}) must divide d_ff ({d_ff})")
+    if not 0 <= n_shared < granularity * top_k:
+        raise ValueError(f"n_shared must be in [0, m*K = {granularity * top_k}), got {n_shared}")
+    return {
+        "n_experts": granularity * n_experts - n_shared,
+        "top_k": granularity * top_k - n_shared,
+        "expert_hidden": d_ff // granularity,
+        "n_shared": n_shared,
+    }

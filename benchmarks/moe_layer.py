@@ -1,0 +1,190 @@
+"""MoE layer forward+backward: moeformer's kinds and kernels vs transformers vs the dense floor.
+
+    python benchmarks/moe_layer.py [--tokens 4096] [--d-model 512] [--experts 64] [--hidden 256]
+                                   [--top-k 6] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                   [--append BENCHMARKS.md]
+
+Every row runs in a fresh process (so its peak memory is its own), on the same input and, where
+the architectures match, the same weights. The floor is a dense SwiGLU FFN whose hidden size is
+top_k * hidden (+ shared experts): the same active FLOPs as the MoE without any routing. Ratios
+to the floor are what to read; absolute times move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Shape:
+    tokens: int
+    d_model: int
+    experts: int
+    hidden: int
+    top_k: int
+    device: str
+    dtype: str
+    repeats: int
+
+
+def _build(row: str, s: Shape) -> torch.nn.Module:
+    from moeformer.moe import build_moe
+
+    common = dict(d_model=s.d_model, n_experts=s.experts, top_k=s.top_k, expert_hidden=s.hidden)
+    if row == "dense floor":
+        return build_moe(kind="dense", d_model=s.d_model, expert_hidden=s.top_k * s.hidden)
+    if row == "dense floor (+2 shared)":
+        return build_moe(kind="dense", d_model=s.d_model, expert_hidden=(s.top_k + 2) * s.hidden)
+    if row == "moeformer topk capacity 1.25":
+        return build_moe(kind="topk", capacity_factor=1.25, **common)
+    if row.startswith("moeformer topk ["):
+        backend = row.split("[")[1].rstrip("]")
+        return build_moe(kind="topk", backend=backend, **common)
+    if row == "moeformer deepseek V3 routing":
+        return build_moe(kind="deepseek", score="sigmoid", n_group=8, topk_group=4, routed_scaling=2.5, **common)
+    if row == "moeformer deepseek +2 shared":
+        return build_moe(kind="deepseek", n_shared=2, **common)
+    if row.startswith("transformers Mixtral"):
+        return _mixtral(row.split("[")[1].rstrip("]"), s)
+    raise ValueError(row)
+
+
+def _mixtral(implementation: str, s: Shape) -> torch.nn.Module:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(
+        hidden_size=s.d_model, intermediate_size=s.hidden, num_local_experts=s.experts,
+        num_experts_per_tok=s.top_k, router_jitter_noise=0.0,
+    )
+    config._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=s.d_model**-0.5)
+    return block
+
+
+def _measure(row: str, s: Shape, queue: mp.Queue) -> None:
+    torch.manual_seed(0)
+    dtype = getattr(torch, s.dtype)
+    layer = _build(row, s).to(s.device, dtype)
+    x = torch.randn(1, s.tokens, s.d_model, device=s.device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(1, s.tokens, s.d_model, device=s.device, dtype=dtype)
+
+    def step() -> None:
+        out = layer(x)
+        out = out.output if hasattr(out, "output") else out
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(grad)
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # libraries, weights, input
+    step()  # warm-up
+    if s.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(s.repeats):
+        if s.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if s.device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if s.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:  # growth of the RSS high-water mark over the set-up (KiB on Linux): activations + grads
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    queue.put((statistics.median(times), peak))
+
+
+def run_row(row: str, s: Shape) -> tuple[float, float] | str:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(row, s, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or queue.empty():
+        return f"failed (exit code {proc.exitcode})"
+    return queue.get()
+
+
+ROWS = [
+    "dense floor",
+    "moeformer topk [auto]",
+    "moeformer topk [loop]",
+    "moeformer topk [bmm]",
+    "moeformer topk [grouped_mm]",
+    "moeformer topk capacity 1.25",
+    "moeformer deepseek V3 routing",
+    "transformers Mixtral [grouped_mm]",
+    "transformers Mixtral [eager]",
+    "transformers Mixtral [batched_mm]",
+    "dense floor (+2 shared)",
+    "moeformer deepseek +2 shared",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-budget-gb", type=float, default=20.0,
+                        help="skip rows whose estimated memory exceeds this (transformers' batched_mm)")
+    parser.add_argument("--append", help="append the table to this Markdown file")
+    args = parser.parse_args()
+    s = Shape(args.tokens, args.d_model, args.experts, args.hidden, args.top_k, args.device, args.dtype, args.repeats)
+    import transformers
+
+    header = (
+        f"MoE layer fwd+bwd: {s.tokens} tokens, d_model {s.d_model}, {s.experts} SwiGLU experts of hidden "
+        f"{s.hidden}, top-{s.top_k}, {s.dtype}, {s.device}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, python {platform.python_version()}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    lines = [header, "", "| layer | ms | us/token | vs floor | peak extra MiB | vs floor |", "|---|---|---|---|---|---|"]
+    print(header, file=sys.stderr)
+    floor: tuple[float, float] | None = None
+    for row in ROWS:
+        # batched_mm gathers one weight matrix per (token, slot): tokens*k*3*d*h*4 bytes.
+        need_gb = s.tokens * s.top_k * 3 * s.d_model * s.hidden * 4 / 1e9
+        if row.endswith("[batched_mm]") and need_gb > args.memory_budget_gb:
+            lines.append(f"| {row} | skipped: needs ~{need_gb:.0f} GB for per-token weight copies | | | | |")
+            continue
+        if row.startswith("dense floor"):
+            floor = None
+        result = run_row(row, s)
+        if isinstance(result, str):
+            lines.append(f"| {row} | {result} | | | | |")
+            continue
+        t, mem = result
+        if floor is None:
+            floor = result
+        lines.append(
+            f"| {row} | {t * 1e3:.1f} | {t * 1e6 / s.tokens:.1f} | {t / floor[0]:.2f}x | {mem:.0f} | {mem / floor[1]:.2f}x |"
+        )
+        print(lines[-1], file=sys.stderr)
+    table = "\n".join(lines)
+    print(table)
+    if args.append:
+        command = "python benchmarks/moe_layer.py " + " ".join(sys.argv[1:])
+        with open(args.append, "a", encoding="utf-8") as fh:
+            fh.write(f"\n### {time.strftime('%Y-%m-%d')}: `{command}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
