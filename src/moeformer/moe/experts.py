@@ -80,14 +80,18 @@ class Experts(nn.Module):
         order = order[:valid]
         token = order // K
         expert_of_row = flat[order]
-        xs = x[token]  # (V, D), rows of one expert are contiguous
+        xs = x.index_select(0, token)  # (V, D), rows of one expert contiguous; backward: index_add
         h = self._grouped_linear(xs, self.first_weight, counts)
         if self.up_bias is not None:
             h = h + self.up_bias[expert_of_row]
-        y = self._grouped_linear(self.activate(h), self.down_proj, counts)
-        if self.down_bias is not None:
-            y = y + self.down_bias[expert_of_row]
-        y = y * weights.reshape(-1)[order, None].to(y.dtype)
+        gate = weights.reshape(-1)[order, None].to(h.dtype)
+        if self.down_bias is None and self.activation == "swiglu":
+            # fused SiLU(g) * u * gate: scales the (V, H) hidden, not the (V, D) output
+            y = self._grouped_linear(_ScaledSwiGLU.apply(h, gate), self.down_proj, counts)
+        elif self.down_bias is None:
+            y = self._grouped_linear(self.activate(h) * gate, self.down_proj, counts)
+        else:
+            y = (self._grouped_linear(self.activate(h), self.down_proj, counts) + self.down_bias[expert_of_row]) * gate
         return torch.zeros_like(x).index_add_(0, token, y)
 
     def _grouped_linear(self, xs: Tensor, w: Tensor, counts: Tensor) -> Tensor:
@@ -101,9 +105,7 @@ class Experts(nn.Module):
         sizes = counts.tolist()
         if backend == "bmm":
             return _padded_bmm(xs, w, counts, sizes)
-        ws = w.unbind(0)  # unbind, not w[e]: indexing would build a full-size gradient per expert
-        parts = [xe @ ws[e].t() for e, xe in enumerate(xs.split(sizes)) if sizes[e]]
-        return torch.cat(parts) if parts else xs.new_zeros(0, w.shape[1])
+        return _LoopGroupedLinear.apply(xs, w, sizes)
 
     def forward_reference(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """The readable version: for each expert, find its tokens, run it, add weighted output."""
@@ -132,3 +134,66 @@ def _padded_bmm(xs: Tensor, w: Tensor, counts: Tensor, sizes: list[int]) -> Tens
     padded[expert, slot] = xs
     out = torch.bmm(padded, w.transpose(-2, -1).to(xs.dtype))  # (E, width, out)
     return out[expert, slot]
+
+
+class _LoopGroupedLinear(torch.autograd.Function):
+    """Per-expert matmuls writing into one preallocated output (no cat in forward, no stack of
+    per-expert weight gradients in backward, one autograd node instead of one per expert)."""
+
+    @staticmethod
+    def forward(ctx, xs: Tensor, w: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(xs, w)
+        ctx.sizes = sizes
+        out = xs.new_empty(xs.shape[0], w.shape[1])
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                torch.mm(xs[start : start + n], w[e].t(), out=out[start : start + n])
+            start += n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        xs, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = xs.new_empty(xs.shape) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            if n:
+                g = grad[start : start + n]
+                if grad_x is not None:
+                    torch.mm(g, w[e], out=grad_x[start : start + n])
+                if grad_w is not None:
+                    torch.mm(g.t(), xs[start : start + n], out=grad_w[e])
+            start += n
+        return grad_x, grad_w, None
+
+
+class _ScaledSwiGLU(torch.autograd.Function):
+    """SiLU(g) * u * w for h = [g | u] (V, 2H) and w (V, 1), saving only h and w.
+
+    Autograd through chunk / silu / mul would keep three (V, H) tensors and concatenate the two
+    gradient halves; here the gradient of h is written in place into one (V, 2H) buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(h, w)
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g).mul_(u).mul_(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        h, w = ctx.saved_tensors
+        g, u = h.chunk(2, dim=-1)
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        grad_w = (grad * silu * u).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        gw = grad * w
+        grad_h = torch.empty_like(h)
+        grad_g, grad_u = grad_h.chunk(2, dim=-1)
+        torch.mul(gw, silu, out=grad_u)
+        # d silu(g)/dg = sig * (1 + g * (1 - sig))
+        torch.mul(gw * u, sig * (1 + g * (1 - sig)), out=grad_g)
+        return grad_h, grad_w
