@@ -175,7 +175,7 @@ class MoEConfig:
             raise ConfigError("routed_scaling", f"must be positive, got {self.routed_scaling}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError("capacity_factor", f"must be > 0 (or absent for dropless), got {self.capacity_factor}")
-        if self.top_k > self.n_experts:
+        if self.kind != "soft" and self.top_k > self.n_experts:  # soft uses every expert
             raise ConfigError("top_k", f"must be <= n_experts ({self.n_experts}), got {self.top_k}")
         if self.topk_group > self.n_group:
             raise ConfigError("topk_group", f"must be <= n_group ({self.n_group}), got {self.topk_group}")

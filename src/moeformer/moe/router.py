@@ -109,6 +109,13 @@ class Router(nn.Module):
         scores = (group_probs[..., None] * inner).view(N, self.n_experts)  # a distribution over E
         return Routing(logits, scores, index, weights * self.config.routed_scaling)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # model.to(bf16) casts every float buffer; the bias must stay float32, or gamma-sized
+        # steps vanish below bf16's resolution (a 1e-3 step is lost above 0.5).
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()
+        return self
+
     @torch.no_grad()
     def update_bias(self, load: Tensor) -> None:
         """Auxiliary-loss-free balancing step: b_i += gamma * sign(mean load - load_i).
