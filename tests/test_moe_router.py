@@ -23,7 +23,7 @@ def make_router(d: int = 16, E: int = 8, K: int = 2, seed: int = 0, **options) -
 
 def as_dict(index: torch.Tensor, weights: torch.Tensor) -> dict[int, float]:
     """One token's routing as {expert: weight}, independent of slot order."""
-    return {int(i): float(w) for i, w in zip(index, weights)}
+    return dict(zip(index.tolist(), weights.detach().tolist()))
 
 
 def assert_same_routing(index, weights, expected: list[dict[int, float]], tol: float = 1e-6) -> None:
@@ -46,7 +46,7 @@ def test_softmax_topk_renormalised_is_mixtral(K):
     router = make_router(K=K, seed=K)
     x = torch.randn(20, 16)
     r = router(x)
-    logits = x @ router.weight.t()
+    logits = x @ router.weight.detach().t()
     torch.testing.assert_close(r.logits, logits)
     torch.testing.assert_close(r.scores, torch.softmax(logits, -1))
     expected = []
@@ -89,7 +89,7 @@ def test_sigmoid_bias_steers_choice_but_not_weights():
     bias = torch.tensor([5.0, 5.0, 0, 0, 0, 0, 0, 0])  # force experts 0 and 1
     router.expert_bias.copy_(bias)
     r = router(x)
-    s = torch.sigmoid(x @ router.weight.t())
+    s = torch.sigmoid(x @ router.weight.detach().t())
     torch.testing.assert_close(r.scores, s)  # scores never include the bias
     torch.testing.assert_close(before.scores, r.scores)
     assert {frozenset(row.tolist()) for row in r.index} == {frozenset({0, 1})}
@@ -133,7 +133,7 @@ def test_group_limited_routing_matches_brute_force(score, G, topk_group, K):
     router.expert_bias.copy_(torch.randn(E) * 0.2)
     x = torch.randn(40, 16)
     r = router(x)
-    logits = x @ router.weight.t()
+    logits = x @ router.weight.detach().t()
     s = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, -1)
     choice = s + router.expert_bias
     size = E // G
@@ -164,14 +164,15 @@ def hierarchical_by_hand(x, router, G, a, K, normalize):
     """Per token {expert: weight}: primary softmax over groups, secondary softmax inside each chosen group."""
     E = router.n_experts
     size, b = E // G, K // a
+    group_weight, weight = router.group_weight.detach(), router.weight.detach()
     out = []
     for t in range(x.shape[0]):
-        gp = torch.softmax(router.group_weight @ x[t], 0)
+        gp = torch.softmax(group_weight @ x[t], 0)
         groups = sorted(range(G), key=lambda g: -float(gp[g]))[:a]
         gsum = sum(float(gp[g]) for g in groups) if normalize else 1.0
         routing = {}
         for g in groups:
-            logits = router.weight[g * size:(g + 1) * size] @ x[t]
+            logits = weight[g * size:(g + 1) * size] @ x[t]
             ip = torch.softmax(logits, 0)
             inner = sorted(range(size), key=lambda j: -float(ip[j]))[:b]
             isum = sum(float(ip[j]) for j in inner) if normalize else 1.0
@@ -229,9 +230,11 @@ def test_noisy_gating_only_in_training():
 
 
 def test_router_runs_in_float32_for_bf16():
-    """A bf16 router on a bf16 input still produces float32 logits, scores and weights."""
+    """A bf16 router on a bf16 input still produces float32 logits, scores and weights; its bias stays float32."""
     for score in ("softmax", "sigmoid"):
         router = make_router(score=score).to(torch.bfloat16)
+        assert router.weight.dtype == torch.bfloat16
+        assert router.expert_bias.dtype == torch.float32  # gamma-sized steps would vanish in bf16
         x = torch.randn(10, 16, dtype=torch.bfloat16)
         r = router(x)
         assert r.logits.dtype == torch.float32

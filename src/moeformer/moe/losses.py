@@ -9,7 +9,8 @@ probabilities; for DeepSeek-V3's sigmoid scores it is the report's s'_{i,t}, eq.
   balance loss", which is the same formula): E * sum_i f_i P_i.
   1 for perfectly uniform routing, E for total collapse onto one expert.
 - device balance (DeepSeekMoE eq. 14-15): experts split into D equal groups (devices);
-  D * sum_d f'_d P'_d with f'_d the mean f_i and P'_d the sum of P_i over the group's experts.
+  sum_d f'_d P'_d with f'_d the mean of E * f_i and P'_d the sum of P_i over the group's
+  experts; 1 for uniform routing, like the expert-level term.
 - sequence-wise balance (DeepSeek-V3 eq. 17-20): the load-balance term computed within each
   sequence, with scores first normalised to sum 1 per token, averaged over sequences.
 - router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2; keeps logits small.
@@ -38,9 +39,9 @@ def load_balance_loss(scores: Tensor, index: Tensor) -> Tensor:
 
 
 def device_balance_loss(scores: Tensor, index: Tensor, n_devices: int) -> Tensor:
-    """D * sum_d f'_d P'_d over D contiguous groups of E / D experts."""
+    """sum_d f'_d P'_d over D contiguous groups of E / D experts."""
     E = scores.shape[-1]
-    f = assignment_fraction(index, E).view(n_devices, -1).mean(-1) * n_devices
+    f = assignment_fraction(index, E).view(n_devices, -1).mean(-1) * E  # f_i = E * fraction_i
     P = _normalised(scores).mean(0).view(n_devices, -1).sum(-1)
     return (f * P).sum()
 
