@@ -157,9 +157,11 @@ class _LoopGroupedLinear(torch.autograd.Function):
         xs, w = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = xs.new_empty(xs.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
         start = 0
         for e, n in enumerate(ctx.sizes):
+            if not n and grad_w is not None:
+                grad_w[e].zero_()  # an expert without tokens gets a zero gradient
             if n:
                 g = grad[start : start + n]
                 if grad_x is not None:
@@ -184,16 +186,14 @@ class _ScaledSwiGLU(torch.autograd.Function):
         return F.silu(g).mul_(u).mul_(w)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
         h, w = ctx.saved_tensors
         g, u = h.chunk(2, dim=-1)
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        grad_w = (grad * silu * u).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        silu = F.silu(g)
+        grad_w = (grad * silu).mul_(u).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
         gw = grad * w
         grad_h = torch.empty_like(h)
         grad_g, grad_u = grad_h.chunk(2, dim=-1)
         torch.mul(gw, silu, out=grad_u)
-        # d silu(g)/dg = sig * (1 + g * (1 - sig))
-        torch.mul(gw * u, sig * (1 + g * (1 - sig)), out=grad_g)
+        grad_g.copy_(torch.ops.aten.silu_backward(gw.mul_(u), g))  # one fused kernel for d silu
         return grad_h, grad_w
