@@ -15,8 +15,8 @@ as one grouped matrix product over the per-expert slices, scale by the gate weig
 - ``grouped_mm``: ``torch.nn.functional.grouped_mm`` (one kernel for all experts);
 - ``loop``: one matmul per expert slice (cheap Python loop over E);
 - ``bmm``: slices padded to the largest count, one batched matmul;
-- ``auto``: ``grouped_mm`` on CUDA, ``loop`` on CPU, where it measured fastest
-  (see BENCHMARKS.md).
+- ``auto``: ``grouped_mm`` where torch has a kernel for the device and dtype (CPU: any float
+  dtype; CUDA: bf16 on compute capability >= 8.0), else ``loop`` (see BENCHMARKS.md).
 
 :meth:`Experts.forward_reference` is the readable loop over experts with boolean selection,
 kept as the reference the fast path is tested against.
@@ -96,9 +96,7 @@ class Experts(nn.Module):
 
     def _grouped_linear(self, xs: Tensor, w: Tensor, counts: Tensor) -> Tensor:
         """Rows of expert e (a contiguous slice) times w[e]^T: (V, in) -> (V, out)."""
-        backend = self.backend
-        if backend == "auto":
-            backend = "grouped_mm" if xs.is_cuda and hasattr(F, "grouped_mm") else "loop"
+        backend = _auto_backend(xs) if self.backend == "auto" else self.backend
         if backend == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)
             return F.grouped_mm(xs.to(w.dtype), w.transpose(-2, -1), offs=offsets)
@@ -122,6 +120,15 @@ class Experts(nn.Module):
                 y = y + self.down_bias[e]
             out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
         return out
+
+
+def _auto_backend(xs: Tensor) -> str:
+    if not hasattr(F, "grouped_mm"):
+        return "loop"
+    if xs.is_cuda:
+        ok = xs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(xs.device) >= (8, 0)
+        return "grouped_mm" if ok else "loop"
+    return "grouped_mm" if xs.device.type == "cpu" else "loop"
 
 
 def _padded_bmm(xs: Tensor, w: Tensor, counts: Tensor, sizes: list[int]) -> Tensor:
