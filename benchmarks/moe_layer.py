@@ -51,6 +51,10 @@ def _build(row: str, s: Shape) -> torch.nn.Module:
         return build_moe(kind="topk", backend=backend, **common)
     if row == "moeformer deepseek V3 routing":
         return build_moe(kind="deepseek", score="sigmoid", n_group=8, topk_group=4, routed_scaling=2.5, **common)
+    if row == "dense floor (soft: 8 experts)":
+        return build_moe(kind="dense", d_model=s.d_model, expert_hidden=8 * s.hidden)
+    if row == "moeformer soft [8 experts, all active]":
+        return build_moe(kind="soft", d_model=s.d_model, n_experts=8, top_k=1, expert_hidden=s.hidden)
     if row == "moeformer deepseek +2 shared":
         return build_moe(kind="deepseek", n_shared=2, **common)
     if row.startswith("transformers Mixtral"):
@@ -130,6 +134,8 @@ ROWS = [
     "transformers Mixtral [batched_mm]",
     "dense floor (+2 shared)",
     "moeformer deepseek +2 shared",
+    "dense floor (soft: 8 experts)",
+    "moeformer soft [8 experts, all active]",
 ]
 
 

@@ -196,13 +196,29 @@ def test_bf16_runs_close_to_float32_reference(backend):
     assert experts16.gate_up_proj.grad is not None and experts16.gate_up_proj.grad.dtype == torch.bfloat16
 
 
+def auto_weight(E: int, D: int, H: int) -> torch.Tensor:
+    return torch.randn(E, H, D)
+
+
+def test_auto_backend_falls_back_to_loop_for_unaligned_widths():
+    """grouped_mm needs 16-byte aligned rows; 'auto' takes the loop for widths like 6 floats."""
+    from moeformer.moe.experts import _auto_backend
+
+    assert _auto_backend(torch.randn(5, 6), torch.randn(2, 8, 6)) == "loop"
+    ex = Experts(3, 6, 5, activation="relu", backend="auto")
+    x = torch.randn(7, 6)
+    index = torch.tensor([[0, 1]] * 7)
+    weights = torch.full((7, 2), 0.5)
+    torch.testing.assert_close(ex(x, index, weights), ex.forward_reference(x, index, weights))
+
+
 def test_auto_backend_on_cpu_is_grouped_mm_when_torch_has_it():
     """backend 'auto' on CPU runs torch's grouped_mm kernel where it exists (it measured fastest), else the loop."""
     from moeformer.moe.experts import _auto_backend
 
     x, index, weights, E, D, H = make_case("random")
     expected = "grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "loop"
-    assert _auto_backend(x) == expected
+    assert _auto_backend(x, auto_weight(E, D, H)) == expected
     auto = make_experts(E, D, H, "gelu", True, "auto")
     same = make_experts(E, D, H, "gelu", True, expected)
     assert torch.equal(auto(x, index, weights), same(x, index, weights))

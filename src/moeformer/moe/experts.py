@@ -15,8 +15,9 @@ as one grouped matrix product over the per-expert slices, scale by the gate weig
 - ``grouped_mm``: ``torch.nn.functional.grouped_mm`` (one kernel for all experts);
 - ``loop``: one matmul per expert slice (cheap Python loop over E);
 - ``bmm``: slices padded to the largest count, one batched matmul;
-- ``auto``: ``grouped_mm`` where torch has a kernel for the device and dtype (CPU: any float
-  dtype; CUDA: bf16 on compute capability >= 8.0), else ``loop`` (see BENCHMARKS.md).
+- ``auto``: ``grouped_mm`` where torch has a kernel for the device, dtype and shapes (CPU: any
+  float dtype; CUDA: bf16 on compute capability >= 8.0; widths a multiple of 16 bytes), else
+  ``loop`` (see BENCHMARKS.md).
 
 :meth:`Experts.forward_reference` is the readable loop over experts with boolean selection,
 kept as the reference the fast path is tested against.
@@ -96,7 +97,7 @@ class Experts(nn.Module):
 
     def _grouped_linear(self, xs: Tensor, w: Tensor, counts: Tensor) -> Tensor:
         """Rows of expert e (a contiguous slice) times w[e]^T: (V, in) -> (V, out)."""
-        backend = _auto_backend(xs) if self.backend == "auto" else self.backend
+        backend = _auto_backend(xs, w) if self.backend == "auto" else self.backend
         if backend == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)
             return F.grouped_mm(xs.to(w.dtype), w.transpose(-2, -1), offs=offsets)
@@ -122,8 +123,12 @@ class Experts(nn.Module):
         return out
 
 
-def _auto_backend(xs: Tensor) -> str:
+def _auto_backend(xs: Tensor, w: Tensor) -> str:
     if not hasattr(F, "grouped_mm"):
+        return "loop"
+    # the kernel needs 16-byte aligned rows: widths a multiple of 16 bytes, aligned storage
+    size = xs.element_size()
+    if any((n * size) % 16 for n in w.shape[1:]) or xs.data_ptr() % 16 or w.data_ptr() % 16:
         return "loop"
     if xs.is_cuda:
         ok = xs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(xs.device) >= (8, 0)
