@@ -92,6 +92,7 @@ def _measure(row: str, s: Shape, queue: mp.Queue) -> None:
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # libraries, weights, input
     step()  # warm-up
+    saved = _saved_activation_bytes(layer, x) / 2**20
     if s.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -107,10 +108,30 @@ def _measure(row: str, s: Shape, queue: mp.Queue) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:  # growth of the RSS high-water mark over the set-up (KiB on Linux): activations + grads
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    queue.put((statistics.median(times), peak))
+    queue.put((statistics.median(times), peak, saved))
 
 
-def run_row(row: str, s: Shape) -> tuple[float, float] | str:
+def _saved_activation_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward, weights and input excluded.
+
+    Deterministic, unlike the RSS high-water mark: the activation memory the layer costs.
+    """
+    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    del out
+    return sum(seen.values())
+
+
+def run_row(row: str, s: Shape) -> tuple[float, float, float] | str:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_measure, args=(row, s, queue))
@@ -162,26 +183,31 @@ def main() -> None:
         f"{transformers.__version__}, python {platform.python_version()}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads"
     )
-    lines = [header, "", "| layer | ms | us/token | vs floor | peak extra MiB | vs floor |", "|---|---|---|---|---|---|"]
+    lines = [
+        header, "",
+        "| layer | ms | us/token | vs floor | saved activations MiB | vs floor | RSS peak growth MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     print(header, file=sys.stderr)
-    floor: tuple[float, float] | None = None
+    floor: tuple[float, float, float] | None = None
     for row in ROWS:
         # batched_mm gathers one weight matrix per (token, slot): tokens*k*3*d*h*4 bytes.
         need_gb = s.tokens * s.top_k * 3 * s.d_model * s.hidden * 4 / 1e9
         if row.endswith("[batched_mm]") and need_gb > args.memory_budget_gb:
-            lines.append(f"| {row} | skipped: needs ~{need_gb:.0f} GB for per-token weight copies | | | | |")
+            lines.append(f"| {row} | skipped: needs ~{need_gb:.0f} GB for per-token weight copies | | | | | |")
             continue
         if row.startswith("dense floor"):
             floor = None
         result = run_row(row, s)
         if isinstance(result, str):
-            lines.append(f"| {row} | {result} | | | | |")
+            lines.append(f"| {row} | {result} | | | | | |")
             continue
-        t, mem = result
+        t, rss, saved = result
         if floor is None:
             floor = result
         lines.append(
-            f"| {row} | {t * 1e3:.1f} | {t * 1e6 / s.tokens:.1f} | {t / floor[0]:.2f}x | {mem:.0f} | {mem / floor[1]:.2f}x |"
+            f"| {row} | {t * 1e3:.1f} | {t * 1e6 / s.tokens:.1f} | {t / floor[0]:.2f}x | {saved:.0f} | "
+            f"{saved / floor[2]:.2f}x | {rss:.0f} |"
         )
         print(lines[-1], file=sys.stderr)
     table = "\n".join(lines)

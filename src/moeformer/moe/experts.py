@@ -10,11 +10,14 @@ Weights are stacked like ``nn.Linear``'s (out, in) and like transformers 5 MoE c
 Fast dispatch (:meth:`Experts.forward`): flatten the assignments, stable-sort them by expert,
 count with ``bincount``, gather the tokens into one contiguous (V, D) block, run each projection
 as one grouped matrix product over the per-expert slices, scale by the gate weights and
-``index_add_`` back. Kernels for the grouped product, chosen by ``backend``:
+``index_add_`` back (:class:`~moeformer.moe.grouped.GroupedExperts`, one autograd node with a
+hand-written backward that recomputes the gather and the activation instead of storing them).
+Kernels for the grouped product, chosen by ``backend``:
 
 - ``grouped_mm``: ``torch.nn.functional.grouped_mm`` (one kernel for all experts);
-- ``loop``: one matmul per expert slice (cheap Python loop over E);
-- ``bmm``: slices padded to the largest count, one batched matmul;
+- ``loop``: one matmul per expert slice, written into a shared buffer;
+- ``bmm``: slices padded to the largest count, one batched matmul (under plain autograd, as are
+  experts with biases);
 - ``auto``: ``grouped_mm`` where torch has a kernel for the device, dtype and shapes (CPU: any
   float dtype; CUDA: bf16 on compute capability >= 8.0; widths a multiple of 16 bytes), else
   ``loop`` (see BENCHMARKS.md).
@@ -30,6 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from moeformer.moe.grouped import GroupedExperts, activate
 
 Backend = Literal["auto", "grouped_mm", "loop", "bmm"]
 
@@ -66,45 +71,47 @@ class Experts(nn.Module):
 
     def activate(self, h: Tensor) -> Tensor:
         """(..., 2H or H) -> (..., H)."""
-        if self.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.gelu(h) if self.activation == "gelu" else F.relu(h)
+        return activate(h, self.activation)
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """x: (N, D); index: (N, K) expert ids (E = dropped); weights: (N, K) -> (N, D)."""
         N, K = index.shape
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert, dropped last
-        counts = torch.bincount(flat, minlength=self.n_experts + 1)[: self.n_experts]
-        valid = int(counts.sum())  # one host sync: the size of everything below
-        order = order[:valid]
+        counts_t = torch.bincount(flat, minlength=self.n_experts + 1)[: self.n_experts]
+        counts = counts_t.tolist()  # one host sync: the sizes of everything below
+        order = order[: sum(counts)]
         token = order // K
-        expert_of_row = flat[order]
-        xs = x.index_select(0, token)  # (V, D), rows of one expert contiguous; backward: index_add
-        h = self._grouped_linear(xs, self.first_weight, counts)
+        gate = weights.reshape(-1)[order, None].to(x.dtype)
+        offsets = counts_t.cumsum(0).to(torch.int32)
+        backend = _auto_backend(x, self.down_proj) if self.backend == "auto" else self.backend
+        if backend != "bmm" and self.up_bias is None:
+            return GroupedExperts.apply(
+                x, self.first_weight, self.down_proj, gate, token, counts, offsets, self.activation, backend
+            )
+        return self._composed(x, token, gate, flat[order], counts_t, backend)
+
+    def _composed(self, x: Tensor, token: Tensor, gate: Tensor, expert_of_row: Tensor, counts: Tensor, backend: str) -> Tensor:
+        """The same computation step by step under autograd: for biases and the padded-bmm kernel."""
+        xs = x.index_select(0, token)
+        h = self._grouped_linear(xs, self.first_weight, counts, backend)
         if self.up_bias is not None:
             h = h + self.up_bias[expert_of_row]
-        gate = weights.reshape(-1)[order, None].to(h.dtype)
-        if self.down_bias is None and self.activation == "swiglu":
-            # fused SiLU(g) * u * gate: scales the (V, H) hidden, not the (V, D) output
-            y = self._grouped_linear(_ScaledSwiGLU.apply(h, gate), self.down_proj, counts)
-        elif self.down_bias is None:
-            y = self._grouped_linear(self.activate(h) * gate, self.down_proj, counts)
-        else:
-            y = (self._grouped_linear(self.activate(h), self.down_proj, counts) + self.down_bias[expert_of_row]) * gate
+        y = self._grouped_linear(self.activate(h) * gate, self.down_proj, counts, backend)
+        if self.down_bias is not None:
+            y = y + self.down_bias[expert_of_row] * gate
         return torch.zeros_like(x).index_add_(0, token, y)
 
-    def _grouped_linear(self, xs: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-        """Rows of expert e (a contiguous slice) times w[e]^T: (V, in) -> (V, out)."""
-        backend = _auto_backend(xs, w) if self.backend == "auto" else self.backend
+    def _grouped_linear(self, xs: Tensor, w: Tensor, counts: Tensor, backend: str) -> Tensor:
+        """Rows of expert e (a contiguous slice) times w[e]^T: (V, in) -> (V, out), under autograd."""
         if backend == "grouped_mm":
-            offsets = counts.cumsum(0).to(torch.int32)
-            return F.grouped_mm(xs.to(w.dtype), w.transpose(-2, -1), offs=offsets)
+            return F.grouped_mm(xs, w.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
         sizes = counts.tolist()
         if backend == "bmm":
             return _padded_bmm(xs, w, counts, sizes)
-        return _LoopGroupedLinear.apply(xs, w, sizes)
+        ws = w.unbind(0)  # unbind, not w[e]: indexing would build a full-size gradient per expert
+        parts = [xe @ ws[e].t() for e, xe in enumerate(xs.split(sizes)) if sizes[e]]
+        return torch.cat(parts) if parts else xs.new_zeros(0, w.shape[1])
 
     def forward_reference(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """The readable version: for each expert, find its tokens, run it, add weighted output."""
@@ -147,65 +154,3 @@ def _padded_bmm(xs: Tensor, w: Tensor, counts: Tensor, sizes: list[int]) -> Tens
     out = torch.bmm(padded, w.transpose(-2, -1).to(xs.dtype))  # (E, width, out)
     return out[expert, slot]
 
-
-class _LoopGroupedLinear(torch.autograd.Function):
-    """Per-expert matmuls writing into one preallocated output (no cat in forward, no stack of
-    per-expert weight gradients in backward, one autograd node instead of one per expert)."""
-
-    @staticmethod
-    def forward(ctx, xs: Tensor, w: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(xs, w)
-        ctx.sizes = sizes
-        out = xs.new_empty(xs.shape[0], w.shape[1])
-        start = 0
-        for e, n in enumerate(sizes):
-            if n:
-                torch.mm(xs[start : start + n], w[e].t(), out=out[start : start + n])
-            start += n
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        xs, w = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = xs.new_empty(xs.shape) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
-        start = 0
-        for e, n in enumerate(ctx.sizes):
-            if not n and grad_w is not None:
-                grad_w[e].zero_()  # an expert without tokens gets a zero gradient
-            if n:
-                g = grad[start : start + n]
-                if grad_x is not None:
-                    torch.mm(g, w[e], out=grad_x[start : start + n])
-                if grad_w is not None:
-                    torch.mm(g.t(), xs[start : start + n], out=grad_w[e])
-            start += n
-        return grad_x, grad_w, None
-
-
-class _ScaledSwiGLU(torch.autograd.Function):
-    """SiLU(g) * u * w for h = [g | u] (V, 2H) and w (V, 1), saving only h and w.
-
-    Autograd through chunk / silu / mul would keep three (V, H) tensors and concatenate the two
-    gradient halves; here the gradient of h is written in place into one (V, 2H) buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(h, w)
-        g, u = h.chunk(2, dim=-1)
-        return F.silu(g).mul_(u).mul_(w)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None]:  # type: ignore[override]
-        h, w = ctx.saved_tensors
-        g, u = h.chunk(2, dim=-1)
-        silu = F.silu(g)
-        grad_w = (grad * silu).mul_(u).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
-        gw = grad * w
-        grad_h = torch.empty_like(h)
-        grad_g, grad_u = grad_h.chunk(2, dim=-1)
-        torch.mul(gw, silu, out=grad_u)
-        grad_g.copy_(torch.ops.aten.silu_backward(gw.mul_(u), g))  # one fused kernel for d silu
-        return grad_h, grad_w
