@@ -4,8 +4,10 @@
                                    [--top-k 6] [--device cpu|cuda] [--dtype float32|bfloat16]
                                    [--append BENCHMARKS.md]
 
-Every row runs in a fresh process (so its peak memory is its own), on the same input and, where
-the architectures match, the same weights. The floor is a dense SwiGLU FFN whose hidden size is
+All rows run in one process on the same input and, where the architectures match, the same
+weights; their steps are timed round robin (median of ``--repeats``), so a change in the
+machine's load hits every row alike. Memory is what autograd saves for backward in one forward
+(weights and input excluded): deterministic, unlike an RSS reading. The floor is a dense SwiGLU FFN whose hidden size is
 top_k * hidden (+ shared experts): the same active FLOPs as the MoE without any routing. Ratios
 to the floor are what to read; absolute times move with the machine's load.
 """
@@ -13,9 +15,7 @@ to the floor are what to read; absolute times move with the machine's load.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -77,38 +77,24 @@ def _mixtral(implementation: str, s: Shape) -> torch.nn.Module:
     return block
 
 
-def _measure(row: str, s: Shape, queue: mp.Queue) -> None:
-    torch.manual_seed(0)
-    dtype = getattr(torch, s.dtype)
-    layer = _build(row, s).to(s.device, dtype)
-    x = torch.randn(1, s.tokens, s.d_model, device=s.device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(1, s.tokens, s.d_model, device=s.device, dtype=dtype)
-
+def _step_fn(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor):
     def step() -> None:
         out = layer(x)
         out = out.output if hasattr(out, "output") else out
         out = out[0] if isinstance(out, tuple) else out
         out.backward(grad)
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # libraries, weights, input
-    step()  # warm-up
-    saved = _saved_activation_bytes(layer, x) / 2**20
-    if s.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(s.repeats):
-        if s.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if s.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if s.device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:  # growth of the RSS high-water mark over the set-up (KiB on Linux): activations + grads
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    queue.put((statistics.median(times), peak, saved))
+    return step
+
+
+def _timed(step, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _saved_activation_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
@@ -129,17 +115,6 @@ def _saved_activation_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
         out = layer(x)
     del out
     return sum(seen.values())
-
-
-def run_row(row: str, s: Shape) -> tuple[float, float, float] | str:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(row, s, queue))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0 or queue.empty():
-        return f"failed (exit code {proc.exitcode})"
-    return queue.get()
 
 
 ROWS = [
@@ -169,11 +144,18 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=6)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-budget-gb", type=float, default=20.0,
                         help="skip rows whose estimated memory exceeds this (transformers' batched_mm)")
     parser.add_argument("--append", help="append the table to this Markdown file")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="raise glibc's mmap/trim thresholds first (moeformer.runtime.keep_freed_memory)")
     args = parser.parse_args()
+    tuned = False
+    if args.keep_freed_memory:
+        from moeformer.runtime import keep_freed_memory
+
+        tuned = keep_freed_memory()
     s = Shape(args.tokens, args.d_model, args.experts, args.hidden, args.top_k, args.device, args.dtype, args.repeats)
     import transformers
 
@@ -181,35 +163,46 @@ def main() -> None:
         f"MoE layer fwd+bwd: {s.tokens} tokens, d_model {s.d_model}, {s.experts} SwiGLU experts of hidden "
         f"{s.hidden}, top-{s.top_k}, {s.dtype}, {s.device}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}, python {platform.python_version()}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads; malloc: {'freed memory kept' if tuned else 'glibc default'}"
     )
     lines = [
         header, "",
-        "| layer | ms | us/token | vs floor | saved activations MiB | vs floor | RSS peak growth MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | ms (median) | us/token | vs floor | saved activations MiB | vs floor |",
+        "|---|---|---|---|---|---|",
     ]
     print(header, file=sys.stderr)
-    floor: tuple[float, float, float] | None = None
+    torch.manual_seed(0)
+    dtype = getattr(torch, s.dtype)
+    x = torch.randn(1, s.tokens, s.d_model, device=s.device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    # batched_mm gathers one weight matrix per (token, slot): tokens * k * 3 * d * h * 4 bytes.
+    need_gb = s.tokens * s.top_k * 3 * s.d_model * s.hidden * 4 / 1e9
+    layers, steps, saved, skipped = {}, {}, {}, {}
     for row in ROWS:
-        # batched_mm gathers one weight matrix per (token, slot): tokens*k*3*d*h*4 bytes.
-        need_gb = s.tokens * s.top_k * 3 * s.d_model * s.hidden * 4 / 1e9
         if row.endswith("[batched_mm]") and need_gb > args.memory_budget_gb:
-            lines.append(f"| {row} | skipped: needs ~{need_gb:.0f} GB for per-token weight copies | | | | | |")
+            skipped[row] = f"skipped: needs ~{need_gb:.0f} GB for per-token weight copies"
             continue
+        torch.manual_seed(0)  # same weights for rows of the same architecture
+        layers[row] = _build(row, s).to(s.device, dtype)
+        steps[row] = _step_fn(layers[row], x, grad)
+        steps[row]()  # warm-up
+        saved[row] = _saved_activation_bytes(layers[row], x) / 2**20
+    times: dict[str, list[float]] = {row: [] for row in steps}
+    for _ in range(s.repeats):  # round robin, so drifts in machine load hit every row alike
+        for row, step in steps.items():
+            times[row].append(_timed(step, s.device))
+    floor: tuple[float, float] | None = None
+    for row in ROWS:
+        if row in skipped:
+            lines.append(f"| {row} | {skipped[row]} | | | | |")
+            continue
+        t = statistics.median(times[row])
         if row.startswith("dense floor"):
-            floor = None
-        result = run_row(row, s)
-        if isinstance(result, str):
-            lines.append(f"| {row} | {result} | | | | | |")
-            continue
-        t, rss, saved = result
-        if floor is None:
-            floor = result
+            floor = (t, saved[row])
         lines.append(
-            f"| {row} | {t * 1e3:.1f} | {t * 1e6 / s.tokens:.1f} | {t / floor[0]:.2f}x | {saved:.0f} | "
-            f"{saved / floor[2]:.2f}x | {rss:.0f} |"
+            f"| {row} | {t * 1e3:.1f} | {t * 1e6 / s.tokens:.1f} | {t / floor[0]:.2f}x | "
+            f"{saved[row]:.0f} | {saved[row] / floor[1]:.2f}x |"
         )
-        print(lines[-1], file=sys.stderr)
     table = "\n".join(lines)
     print(table)
     if args.append:
