@@ -51,7 +51,7 @@ def attention_table(device: str, dtype: torch.dtype, repeats: int) -> None:
     for backend in ("sdpa", "reference"):
         mha = MultiHeadAttention(D, H, backend=backend).to(device, dtype)
 
-        def run() -> None:
+        def run(mha: MultiHeadAttention = mha) -> None:
             mha(x, x, x, is_causal=True).output.sum().backward()
 
         rows.append((f"moeformer MultiHeadAttention, {backend}", timed(run, repeats, device)))
@@ -97,8 +97,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+    )
     attention_table(args.device, dtype, args.repeats)
     generation_table(args.device, dtype, args.repeats)
 

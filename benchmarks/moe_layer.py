@@ -67,8 +67,11 @@ def _mixtral(implementation: str, s: Shape) -> torch.nn.Module:
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     config = MixtralConfig(
-        hidden_size=s.d_model, intermediate_size=s.hidden, num_local_experts=s.experts,
-        num_experts_per_tok=s.top_k, router_jitter_noise=0.0,
+        hidden_size=s.d_model,
+        intermediate_size=s.hidden,
+        num_local_experts=s.experts,
+        num_experts_per_tok=s.top_k,
+        router_jitter_noise=0.0,
     )
     config._experts_implementation = implementation
     block = MixtralSparseMoeBlock(config)
@@ -145,11 +148,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--memory-budget-gb", type=float, default=20.0,
-                        help="skip rows whose estimated memory exceeds this (transformers' batched_mm)")
+    parser.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=20.0,
+        help="skip rows whose estimated memory exceeds this (transformers' batched_mm)",
+    )
     parser.add_argument("--append", help="append the table to this Markdown file")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="raise glibc's mmap/trim thresholds first (moeformer.runtime.keep_freed_memory)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="raise glibc's mmap/trim thresholds first (moeformer.runtime.keep_freed_memory)",
+    )
     args = parser.parse_args()
     tuned = False
     if args.keep_freed_memory:
@@ -166,7 +176,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; malloc: {'freed memory kept' if tuned else 'glibc default'}"
     )
     lines = [
-        header, "",
+        header,
+        "",
         "| layer | ms (median) | us/token | vs floor | saved activations MiB | vs floor |",
         "|---|---|---|---|---|---|",
     ]

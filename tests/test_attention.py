@@ -245,8 +245,9 @@ def test_mha_float_mask_with_padding_matches_torch():
         ref = torch_mha_like(ours)
         with torch.no_grad():
             out = ours(x, x, x, attn_mask=bias, key_padding_mask=kpm).output
-            expected, _ = ref(x, x, x, attn_mask=bias, key_padding_mask=kpm.float().masked_fill(kpm, -math.inf),
-                              need_weights=False)
+            expected, _ = ref(
+                x, x, x, attn_mask=bias, key_padding_mask=kpm.float().masked_fill(kpm, -math.inf), need_weights=False
+            )
         assert_max_abs(out, expected)
 
 
@@ -350,8 +351,14 @@ def test_kv_cache_with_left_padding_equals_full_pass(backend):
         full = mha(x, x, x, is_causal=True, key_padding_mask=kpm).output
         cache = KVCache()
         outs = [
-            mha(x[:, t : t + 1], x[:, t : t + 1], x[:, t : t + 1], is_causal=True, cache=cache,
-                key_padding_mask=kpm[:, : t + 1]).output
+            mha(
+                x[:, t : t + 1],
+                x[:, t : t + 1],
+                x[:, t : t + 1],
+                is_causal=True,
+                cache=cache,
+                key_padding_mask=kpm[:, : t + 1],
+            ).output
             for t in range(n)
         ]
     assert_max_abs(torch.cat(outs, dim=1), full)
@@ -530,8 +537,11 @@ def test_error_key_value_length_mismatch(mha):
 )
 def test_error_bad_key_padding_mask(mha, kpm, shown):
     x = torch.randn(B, T, D)
-    with pytest.raises(ValueError, match=r"key_padding_mask must be a bool tensor of shape \(batch, keys\) = \(2, 5\) "
-                                         r"with True at padding, got " + shown):
+    with pytest.raises(
+        ValueError,
+        match=r"key_padding_mask must be a bool tensor of shape \(batch, keys\) = \(2, 5\) "
+        r"with True at padding, got " + shown,
+    ):
         mha(x, x, x, key_padding_mask=kpm)
 
 

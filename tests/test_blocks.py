@@ -21,8 +21,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def block_config(norm_position: str) -> ModelConfig:
     return ModelConfig(
-        arch="seq2seq", vocab_size=11, d_model=D, n_layers=1, dropout=0.0,
-        norm="layernorm", norm_position=norm_position,
+        arch="seq2seq",
+        vocab_size=11,
+        d_model=D,
+        n_layers=1,
+        dropout=0.0,
+        norm="layernorm",
+        norm_position=norm_position,
         attention=AttentionConfig(n_heads=H, bias=True, dropout=0.0),
         ffn=FeedForwardConfig(activation="relu", d_ff=D_FF, bias=True),
     )
@@ -74,7 +79,12 @@ def encoder_pair(norm_position: str) -> tuple[EncoderBlock, nn.TransformerEncode
     torch.manual_seed(0)
     config = block_config(norm_position)
     theirs = nn.TransformerEncoderLayer(
-        D, H, dim_feedforward=D_FF, dropout=0.0, activation="relu", batch_first=True,
+        D,
+        H,
+        dim_feedforward=D_FF,
+        dropout=0.0,
+        activation="relu",
+        batch_first=True,
         norm_first=norm_position == "pre",
     )
     randomize(theirs)
@@ -92,7 +102,12 @@ def decoder_pair(norm_position: str) -> tuple[DecoderBlock, nn.TransformerDecode
     torch.manual_seed(0)
     config = block_config(norm_position)
     theirs = nn.TransformerDecoderLayer(
-        D, H, dim_feedforward=D_FF, dropout=0.0, activation="relu", batch_first=True,
+        D,
+        H,
+        dim_feedforward=D_FF,
+        dropout=0.0,
+        activation="relu",
+        batch_first=True,
         norm_first=norm_position == "pre",
     )
     randomize(theirs)
@@ -134,8 +149,12 @@ def test_decoder_block_matches_torch_decoder_layer(norm_position, with_padding):
         causal = causal.isinf()  # bool like the padding masks (True = not allowed)
     with torch.no_grad():
         expected = theirs(
-            x, memory, tgt_mask=causal, tgt_is_causal=True,
-            tgt_key_padding_mask=tgt_mask, memory_key_padding_mask=mem_mask,
+            x,
+            memory,
+            tgt_mask=causal,
+            tgt_is_causal=True,
+            tgt_key_padding_mask=tgt_mask,
+            memory_key_padding_mask=mem_mask,
         )
         got = ours(x, padding_mask=tgt_mask, memory=memory, memory_padding_mask=mem_mask)
     assert got.hidden.shape == (B, T, D)

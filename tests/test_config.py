@@ -19,14 +19,26 @@ def test_defaults_are_the_paper_base_model():
     """ModelConfig's defaults are the base Transformer of the paper (Table 3)."""
     c = ModelConfig(vocab_size=100)
     assert (c.d_model, c.attention.n_heads, c.n_layers, c.encoder_layers, c.ffn.d_ff, c.dropout) == (
-        512, 8, 6, 6, 2048, 0.1)
+        512,
+        8,
+        6,
+        6,
+        2048,
+        0.1,
+    )
     assert (c.norm, c.norm_position, c.position, c.ffn.activation) == ("layernorm", "post", "sinusoidal", "relu")
 
 
 def test_base_preset_equals_paper():
     c = preset("transformer-base", vocab_size=37000)
     assert (c.d_model, c.attention.n_heads, c.n_layers, c.encoder_layers, c.ffn.d_ff, c.dropout) == (
-        512, 8, 6, 6, 2048, 0.1)
+        512,
+        8,
+        6,
+        6,
+        2048,
+        0.1,
+    )
     assert c.norm_position == "post" and c.tie_embeddings
 
 
@@ -39,7 +51,12 @@ def test_every_preset_builds(name):
 def test_lm_preset_is_modern_decoder():
     c = preset("lm-tiny", vocab_size=64)
     assert (c.arch, c.norm, c.norm_position, c.position, c.ffn.activation) == (
-        "decoder", "rmsnorm", "pre", "rope", "swiglu")
+        "decoder",
+        "rmsnorm",
+        "pre",
+        "rope",
+        "swiglu",
+    )
     assert c.attention.n_kv_heads == 2
 
 
@@ -100,14 +117,17 @@ def test_missing_vocab_size_is_named():
 
 
 def test_toml_with_preset_and_overrides(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [model]
 preset = "transformer-tiny"
 vocab_size = 321
 n_layers = 3
 [model.attention]
 n_heads = 2
-""")
+""",
+    )
     c = load_config(path).model
     assert (c.vocab_size, c.n_layers, c.attention.n_heads, c.d_model) == (321, 3, 2, 32)
     assert c.ffn.d_ff == 64  # untouched preset value survives a partial [model.attention] override
@@ -128,8 +148,9 @@ def test_toml_errors_name_file_and_key(tmp_path):
 
 
 def test_round_trip_through_dict():
-    c = ModelConfig(vocab_size=99, d_model=64, attention=AttentionConfig(n_heads=4, n_kv_heads=2),
-                    ffn=FeedForwardConfig(d_ff=128))
+    c = ModelConfig(
+        vocab_size=99, d_model=64, attention=AttentionConfig(n_heads=4, n_kv_heads=2), ffn=FeedForwardConfig(d_ff=128)
+    )
     again = model_config_from_dict(config_to_dict(c))
     assert again == c
 

@@ -31,7 +31,9 @@ class Stack(nn.Module):
 
 def make_layer(seed: int = 0, **options) -> MoELayer:
     torch.manual_seed(seed)
-    layer = build_moe(kind="deepseek", d_model=D_MODEL, n_experts=N_EXPERTS, top_k=TOP_K, expert_hidden=16, score="sigmoid", **options)
+    layer = build_moe(
+        kind="deepseek", d_model=D_MODEL, n_experts=N_EXPERTS, top_k=TOP_K, expert_hidden=16, score="sigmoid", **options
+    )
     assert isinstance(layer, MoELayer)
     return layer
 
@@ -42,12 +44,20 @@ def test_load_tracker_sums_calls_and_updates_only_bias_routers():
     model = Stack(make_layer(0, bias_update_rate=rate), make_layer(1, bias_update_rate=0.0))
     tracker = LoadTracker()
     first = torch.tensor([4.0, 0, 0, 2, 2, 2, 2, 4])
-    tracker.add({"layers.0": {"tokens_per_expert": first, "dropped_fraction": torch.tensor(0.0)},
-                 "layers.1": {"tokens_per_expert": torch.ones(8)}})
+    tracker.add(
+        {
+            "layers.0": {"tokens_per_expert": first, "dropped_fraction": torch.tensor(0.0)},
+            "layers.1": {"tokens_per_expert": torch.ones(8)},
+        }
+    )
     first += 100  # add() must have copied the counts
-    tracker.add({"layers.0": {"tokens_per_expert": torch.tensor([0.0, 1, 0, 2, 2, 2, 2, 7])},
-                 "layers.1": {"tokens_per_expert": torch.full((8,), 3.0)},
-                 "layers.2": {"router_entropy": torch.tensor(1.0)}})  # no counts: ignored
+    tracker.add(
+        {
+            "layers.0": {"tokens_per_expert": torch.tensor([0.0, 1, 0, 2, 2, 2, 2, 7])},
+            "layers.1": {"tokens_per_expert": torch.full((8,), 3.0)},
+            "layers.2": {"router_entropy": torch.tensor(1.0)},
+        }
+    )  # no counts: ignored
     assert set(tracker.loads) == {"layers.0", "layers.1"}
     total = torch.tensor([4.0, 1, 0, 4, 4, 4, 4, 11])  # mean 4
     assert torch.equal(tracker.loads["layers.0"], total)

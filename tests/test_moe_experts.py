@@ -69,7 +69,9 @@ def grads_of(experts: Experts, x: torch.Tensor, weights: torch.Tensor) -> dict[s
     return {n: torch.zeros_like(t) if t.grad is None else t.grad for n, t in tensors.items()}
 
 
-def run(experts: Experts, method: str, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, upstream: torch.Tensor):
+def run(
+    experts: Experts, method: str, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, upstream: torch.Tensor
+):
     """Output and gradients of sum(out * upstream) through ``experts.<method>``."""
     experts.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)

@@ -144,10 +144,16 @@ def test_every_loss_term_reported_when_enabled():
     """Each enabled coefficient adds its weighted term, and the stats carry its unweighted value."""
     torch.manual_seed(0)
     coef = dict(balance_loss=0.1, device_loss=0.2, seq_balance_loss=0.3, z_loss=0.4)
-    layer = build_moe(kind="deepseek", d_model=D, n_experts=4, top_k=2, expert_hidden=12, granularity=2,
-                      n_devices=2, **coef)
+    layer = build_moe(
+        kind="deepseek", d_model=D, n_experts=4, top_k=2, expert_hidden=12, granularity=2, n_devices=2, **coef
+    )
     out = layer(inputs(2, 5, D))
-    names = {"balance_loss": "balance", "device_loss": "device_balance", "seq_balance_loss": "seq_balance", "z_loss": "z"}
+    names = {
+        "balance_loss": "balance",
+        "device_loss": "device_balance",
+        "seq_balance_loss": "seq_balance",
+        "z_loss": "z",
+    }
     assert set(out.aux_losses) == set(names.values())
     for field, name in names.items():
         torch.testing.assert_close(out.aux_losses[name].detach(), coef[field] * out.stats[f"loss_{name}"])
@@ -170,11 +176,31 @@ def padded_copy(x: torch.Tensor, pads: list[tuple[int, int]], seed: int) -> tupl
 
 
 PAD_LAYERS = {
-    "topk-capacity": dict(kind="topk", n_experts=4, top_k=2, capacity_factor=0.75, balance_loss=0.01, z_loss=1e-3,
-                          seq_balance_loss=1e-2, device_loss=0.1, n_devices=2),
-    "deepseek-v3": dict(kind="deepseek", n_experts=4, top_k=2, granularity=2, n_shared=1, score="sigmoid",
-                        n_group=2, topk_group=1, routed_scaling=2.5, balance_loss=0.01, seq_balance_loss=1e-2,
-                        z_loss=1e-3),
+    "topk-capacity": dict(
+        kind="topk",
+        n_experts=4,
+        top_k=2,
+        capacity_factor=0.75,
+        balance_loss=0.01,
+        z_loss=1e-3,
+        seq_balance_loss=1e-2,
+        device_loss=0.1,
+        n_devices=2,
+    ),
+    "deepseek-v3": dict(
+        kind="deepseek",
+        n_experts=4,
+        top_k=2,
+        granularity=2,
+        n_shared=1,
+        score="sigmoid",
+        n_group=2,
+        topk_group=1,
+        routed_scaling=2.5,
+        balance_loss=0.01,
+        seq_balance_loss=1e-2,
+        z_loss=1e-3,
+    ),
     "soft": dict(kind="soft", n_experts=3, top_k=2, balance_loss=0.01, z_loss=1e-3),
 }
 
@@ -248,8 +274,9 @@ def test_capacity_drops_tokens_to_exactly_zero():
     kept = kept_by_hand(routing.index, E, capacity)
     assert (~kept).any() and (~kept).all(1).any()  # some assignments and some whole tokens are dropped
     torch.testing.assert_close(out.stats["dropped_fraction"], (~kept).float().mean())
-    want = layer.experts.forward_reference(flat, routing.index.masked_fill(~kept, E),
-                                           routing.weights.masked_fill(~kept, 0.0))
+    want = layer.experts.forward_reference(
+        flat, routing.index.masked_fill(~kept, E), routing.weights.masked_fill(~kept, 0.0)
+    )
     got = out.output.view(-1, D)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want.detach(), atol=ATOL, rtol=0)
@@ -298,7 +325,9 @@ def test_every_other_placement_and_first_dense_in_decoder_lm():
 def test_every_other_placement_in_seq2seq():
     """every_other (and first_dense) apply to the encoder and the decoder stacks alike."""
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(preset("transformer-tiny", vocab_size=37, n_layers=4, moe={**MOE, "placement": "every_other"}))
+    model = Seq2SeqTransformer(
+        preset("transformer-tiny", vocab_size=37, n_layers=4, moe={**MOE, "placement": "every_other"})
+    )
     assert moe_layers(model.encoder) == [1, 3] and moe_layers(model.decoder) == [1, 3]
     model = Seq2SeqTransformer(preset("transformer-tiny", vocab_size=37, n_layers=3, moe={**MOE, "first_dense": 1}))
     assert moe_layers(model.encoder) == [1, 2] and moe_layers(model.decoder) == [1, 2]
@@ -328,7 +357,9 @@ def test_decoder_lm_reports_per_moe_layer():
 def test_seq2seq_reports_encoder_and_decoder_moe_layers():
     """A Seq2SeqTransformer reports encoder.i and decoder.i MoE layers; aux_loss sums all of them."""
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(preset("transformer-tiny", vocab_size=37, n_layers=4, moe={**MOE, "placement": "every_other"}))
+    model = Seq2SeqTransformer(
+        preset("transformer-tiny", vocab_size=37, n_layers=4, moe={**MOE, "placement": "every_other"})
+    )
     src, tgt = tokens(2, 7, 1), tokens(2, 5, 2)
     src_mask = torch.zeros(2, 7, dtype=torch.bool)
     src_mask[1, 5:] = True
@@ -359,9 +390,21 @@ def test_kv_cache_equals_full_forward_with_moe(make_lm, kind):
 @torch.no_grad()
 def test_padding_invariance_of_decoder_lm_with_deepseek_moe(make_lm):
     """A padded batch through a DeepSeek-MoE LM gives each unpadded sequence's logits at real positions."""
-    model = make_lm(moe={"kind": "deepseek", "n_experts": 4, "top_k": 2, "n_shared": 1, "granularity": 2,
-                         "score": "sigmoid", "n_group": 2, "topk_group": 1, "routed_scaling": 2.5,
-                         "balance_loss": 0.01, "seq_balance_loss": 1e-3})
+    model = make_lm(
+        moe={
+            "kind": "deepseek",
+            "n_experts": 4,
+            "top_k": 2,
+            "n_shared": 1,
+            "granularity": 2,
+            "score": "sigmoid",
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling": 2.5,
+            "balance_loss": 0.01,
+            "seq_balance_loss": 1e-3,
+        }
+    )
     rows = [tokens(1, n, n)[0] for n in (6, 3, 8)]
     ids = torch.zeros(3, 8, dtype=torch.long)
     mask = torch.ones(3, 8, dtype=torch.bool)
@@ -384,7 +427,9 @@ def test_padding_invariance_of_decoder_lm_with_deepseek_moe(make_lm):
 def test_router_logits_hook_can_force_an_expert():
     """A hook at layers.1.ffn.router_logits adding a large logit to expert 3 routes every token there."""
     torch.manual_seed(0)
-    model = DecoderLM(preset("lm-tiny", vocab_size=37, n_layers=2, moe={"kind": "topk", "n_experts": 4, "top_k": 1})).eval()
+    model = DecoderLM(
+        preset("lm-tiny", vocab_size=37, n_layers=2, moe={"kind": "topk", "n_experts": 4, "top_k": 1})
+    ).eval()
     points = hook_points(model)
     assert {"layers.0.ffn.router_logits", "layers.1.ffn.router_logits"} <= set(points)
     ids = tokens(2, 6, 1)
@@ -401,8 +446,9 @@ def test_router_logits_hook_can_force_an_expert():
         out = model(ids)
     assert seen == [("layers.1.ffn.router_logits", (12, 4), torch.float32)]
     assert out.reports.stats["layers.1"]["tokens_per_expert"].tolist() == [0, 0, 0, 12]
-    torch.testing.assert_close(out.reports.stats["layers.0"]["tokens_per_expert"],
-                               model(ids).reports.stats["layers.0"]["tokens_per_expert"])
+    torch.testing.assert_close(
+        out.reports.stats["layers.0"]["tokens_per_expert"], model(ids).reports.stats["layers.0"]["tokens_per_expert"]
+    )
 
 
 # --- 8: configuration errors ------------------------------------------------------------------
@@ -476,8 +522,9 @@ def test_router_runs_in_float32_for_bf16_layers(kind):
 def test_expert_bias_stays_float32_under_bf16():
     """The balancing bias is kept in float32 when the layer moves to bf16, so 1e-3 steps are not lost."""
     torch.manual_seed(0)
-    layer = build_moe(kind="deepseek", d_model=D, n_experts=4, top_k=2, expert_hidden=12, score="sigmoid",
-                      bias_update_rate=1e-3).to(torch.bfloat16)
+    layer = build_moe(
+        kind="deepseek", d_model=D, n_experts=4, top_k=2, expert_hidden=12, score="sigmoid", bias_update_rate=1e-3
+    ).to(torch.bfloat16)
     assert layer.router.expert_bias.dtype == torch.float32
     load = torch.tensor([0.0, 10.0, 10.0, 10.0])  # expert 0 idle: its bias rises by gamma each step
     for _ in range(700):

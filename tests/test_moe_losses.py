@@ -61,7 +61,9 @@ def test_load_balance_collapse_is_E(K):
 def test_load_balance_matches_switch_formula(K, seed):
     """Random inputs: equals E * sum_i f_i P_i computed with loops (softmax and unnormalised sigmoid scores)."""
     scores, index = random_routing(17, 5, K, seed)
-    assert math.isclose(float(losses.load_balance_loss(scores, index)), switch_loss_by_hand(scores, index), rel_tol=1e-5)
+    assert math.isclose(
+        float(losses.load_balance_loss(scores, index)), switch_loss_by_hand(scores, index), rel_tol=1e-5
+    )
     sig = torch.sigmoid(torch.randn(17, 5, generator=torch.Generator().manual_seed(seed + 10)))
     assert math.isclose(float(losses.load_balance_loss(sig, index)), switch_loss_by_hand(sig, index), rel_tol=1e-5)
 
@@ -202,7 +204,10 @@ def test_sequence_balance_mask_and_sentinel():
     for idx in (index, with_sentinel):
         assert math.isclose(float(losses.sequence_balance_loss(scores, idx, mask)), expected, rel_tol=1e-5)
     # the same as cutting each sequence to its real tokens and calling without a mask
-    per_seq = [float(losses.sequence_balance_loss(scores[b:b + 1, mask[b]], index[b:b + 1, mask[b]], None)) for b in range(B)]
+    per_seq = [
+        float(losses.sequence_balance_loss(scores[b : b + 1, mask[b]], index[b : b + 1, mask[b]], None))
+        for b in range(B)
+    ]
     assert math.isclose(expected, sum(per_seq) / B, rel_tol=1e-5)
 
 

@@ -65,15 +65,29 @@ def mixtral_pair(hf, backend: str):
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     config = MixtralConfig(
-        hidden_size=32, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
-        router_jitter_noise=0.0, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=48,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.0,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=1,
         hidden_act="silu",
     )
     theirs = MixtralSparseMoeBlock(config).eval()
     randomise(theirs, seed=1)
     ours = build_moe(
-        kind="topk", d_model=32, n_experts=8, top_k=2, expert_hidden=48, activation="swiglu", bias=False,
-        score="softmax", normalize=True, backend=backend,
+        kind="topk",
+        d_model=32,
+        n_experts=8,
+        top_k=2,
+        expert_hidden=48,
+        activation="swiglu",
+        bias=False,
+        score="softmax",
+        normalize=True,
+        backend=backend,
     ).eval()
     with torch.no_grad():
         ours.router.weight.copy_(theirs.gate.weight)
@@ -107,10 +121,21 @@ def deepseek_pair(hf, backend: str):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     config = DeepseekV3Config(
-        hidden_size=32, moe_intermediate_size=16, intermediate_size=64, n_routed_experts=16,
-        num_experts_per_tok=4, n_shared_experts=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        norm_topk_prob=True, hidden_act="silu", num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, first_k_dense_replace=0,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_shared_experts=2,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        hidden_act="silu",
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        first_k_dense_replace=0,
     )
     theirs = DeepseekV3MoE(config).eval()
     randomise(theirs, seed=3)
@@ -118,9 +143,21 @@ def deepseek_pair(hf, backend: str):
     with torch.no_grad():  # a non-zero selection bias: it must steer the choice but not the weights
         theirs.gate.e_score_correction_bias.copy_(torch.rand(16, generator=g) * 0.6 - 0.3)
     ours = build_moe(
-        kind="deepseek", d_model=32, n_experts=16, top_k=4, expert_hidden=16, n_shared=2, granularity=1,
-        activation="swiglu", bias=False, score="sigmoid", normalize=True, n_group=4, topk_group=2,
-        routed_scaling=2.5, backend=backend,
+        kind="deepseek",
+        d_model=32,
+        n_experts=16,
+        top_k=4,
+        expert_hidden=16,
+        n_shared=2,
+        granularity=1,
+        activation="swiglu",
+        bias=False,
+        score="sigmoid",
+        normalize=True,
+        n_group=4,
+        topk_group=2,
+        routed_scaling=2.5,
+        backend=backend,
     ).eval()
     with torch.no_grad():
         ours.router.weight.copy_(theirs.gate.weight)
@@ -181,8 +218,9 @@ def test_deepseek_without_segmentation_or_shared_equals_topk(options):
     torch.manual_seed(0)
     common = dict(d_model=32, n_experts=8, top_k=3, expert_hidden=24, activation="swiglu", **options)
     topk = build_moe(kind="topk", **common, balance_loss=0.01, z_loss=1e-3, seq_balance_loss=1e-4)
-    deep = build_moe(kind="deepseek", granularity=1, n_shared=0, **common, balance_loss=0.01, z_loss=1e-3,
-                     seq_balance_loss=1e-4)
+    deep = build_moe(
+        kind="deepseek", granularity=1, n_shared=0, **common, balance_loss=0.01, z_loss=1e-3, seq_balance_loss=1e-4
+    )
     with torch.no_grad():
         topk.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 8))
     assert set(deep.state_dict()) == set(topk.state_dict())

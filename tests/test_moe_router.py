@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from moeformer.config import MoEConfig
 from moeformer.moe import Router, Routing, apply_capacity
@@ -81,7 +80,8 @@ def test_softmax_unnormalised_top2_gives_raw_probabilities():
 
 
 def test_sigmoid_bias_steers_choice_but_not_weights():
-    """Sigmoid + expert_bias: bias changes the chosen experts; weights = unbiased sigmoid over chosen, renormalised, * scaling."""
+    """Sigmoid + expert_bias: the bias changes the chosen experts; weights are the unbiased sigmoid
+    scores of the chosen, renormalised, times routed_scaling."""
     E, K, scaling = 8, 2, 2.5
     router = make_router(E=E, K=K, score="sigmoid", routed_scaling=scaling, seed=2)
     x = torch.randn(25, 16)
@@ -118,14 +118,16 @@ def brute_force_group_limited(choice: torch.Tensor, G: int, topk_group: int, K: 
     E = choice.numel()
     size = E // G
     vals = choice.tolist()
-    group_score = [sum(sorted(vals[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(G)]
+    group_score = [sum(sorted(vals[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(G)]
     best_groups = max(itertools.combinations(range(G), topk_group), key=lambda gs: sum(group_score[g] for g in gs))
     allowed = [e for g in best_groups for e in range(g * size, (g + 1) * size)]
     best = max(itertools.combinations(allowed, K), key=lambda es: sum(vals[e] for e in es))
     return set(best)
 
 
-@pytest.mark.parametrize(("score", "G", "topk_group", "K"), [("sigmoid", 4, 2, 4), ("softmax", 4, 1, 2), ("sigmoid", 8, 3, 3)])
+@pytest.mark.parametrize(
+    ("score", "G", "topk_group", "K"), [("sigmoid", 4, 2, 4), ("softmax", 4, 1, 2), ("sigmoid", 8, 3, 3)]
+)
 def test_group_limited_routing_matches_brute_force(score, G, topk_group, K):
     """Chosen experts are the top-K (biased) experts within the topk_group groups scored by their top-2 sum."""
     E = 16
@@ -172,7 +174,7 @@ def hierarchical_by_hand(x, router, G, a, K, normalize):
         gsum = sum(float(gp[g]) for g in groups) if normalize else 1.0
         routing = {}
         for g in groups:
-            logits = weight[g * size:(g + 1) * size] @ x[t]
+            logits = weight[g * size : (g + 1) * size] @ x[t]
             ip = torch.softmax(logits, 0)
             inner = sorted(range(size), key=lambda j: -float(ip[j]))[:b]
             isum = sum(float(ip[j]) for j in inner) if normalize else 1.0
@@ -182,11 +184,15 @@ def hierarchical_by_hand(x, router, G, a, K, normalize):
     return out
 
 
-@pytest.mark.parametrize(("G", "a", "K", "normalize"), [(4, 2, 4, True), (4, 2, 2, True), (2, 1, 3, True), (4, 2, 4, False)])
+@pytest.mark.parametrize(
+    ("G", "a", "K", "normalize"), [(4, 2, 4, True), (4, 2, 2, True), (2, 1, 3, True), (4, 2, 4, False)]
+)
 def test_hierarchical_routing_matches_hand_computation(G, a, K, normalize):
     """Hierarchical: K/a experts in each of the a best groups, weight = primary gate * secondary gate."""
     E, d, N = 12, 16, 30
-    router = make_router(d=d, E=E, K=K, n_group=G, topk_group=a, group_routing="hierarchical", normalize=normalize, seed=G * 10 + K)
+    router = make_router(
+        d=d, E=E, K=K, n_group=G, topk_group=a, group_routing="hierarchical", normalize=normalize, seed=G * 10 + K
+    )
     x = torch.randn(N, d)
     r = router(x)
     size = E // G

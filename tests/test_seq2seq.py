@@ -288,4 +288,3 @@ def test_greedy_translate_stops_when_every_row_ends():
     # all logits equal -> argmax is id 0 everywhere; make 0 the EOS
     out = greedy_translate(model, tokens(2, 4, 37, 1), bos_id=1, eos_id=0, max_len=9)
     assert torch.equal(out, torch.zeros(2, 1, dtype=torch.long))
-

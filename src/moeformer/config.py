@@ -14,79 +14,36 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-T = TypeVar("T")
+from moeformer.validation import (
+    ConfigError,
+    check_field_types,
+    from_dict,
+    positive,
+    probability,
+)
 
-
-class ConfigError(ValueError):
-    """An invalid configuration value; ``key`` is its dotted path, e.g. ``model.attention.n_heads``."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-    def under(self, prefix: str) -> ConfigError:
-        return ConfigError(f"{prefix}.{self.key}", self.message)
-
-
-def _check_field_types(obj: Any) -> None:
-    """Check every field against its annotation (int, float, bool, str, Literal, Optional)."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if not _matches(value, hints[f.name]):
-            raise ConfigError(f.name, f"expected {_describe(hints[f.name])}, got {value!r}")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "None"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(name, f"must be a positive integer, got {value}")
-
-
-def _probability(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(name, f"must be in [0, 1), got {value}")
+__all__ = [
+    "AttentionConfig",
+    "Config",
+    "ConfigError",
+    "FeedForwardConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "from_dict",
+    "load_config",
+    "model_config_from_dict",
+]
 
 
 @dataclass(kw_only=True)
@@ -101,14 +58,12 @@ class AttentionConfig:
     rope_theta: float = 10000.0  # RoPE base, used when the model's position is "rope"
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
-        _positive("n_heads", self.n_heads)
-        _positive("n_kv_heads", self.n_kv_heads)
-        _probability("dropout", self.dropout)
+        check_field_types(self)
+        positive("n_heads", self.n_heads)
+        positive("n_kv_heads", self.n_kv_heads)
+        probability("dropout", self.dropout)
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                "n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}"
-            )
+            raise ConfigError("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
         if self.rope_theta <= 0:
             raise ConfigError("rope_theta", f"must be positive, got {self.rope_theta}")
 
@@ -122,8 +77,8 @@ class FeedForwardConfig:
     bias: bool = True
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
-        _positive("d_ff", self.d_ff)
+        check_field_types(self)
+        positive("d_ff", self.d_ff)
 
 
 @dataclass(kw_only=True)
@@ -162,9 +117,9 @@ class MoEConfig:
     backend: Literal["auto", "grouped_mm", "loop", "bmm"] = "auto"  # expert dispatch kernel
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         for name in ("n_experts", "top_k", "expert_hidden", "granularity", "n_group", "topk_group", "n_devices"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         for name in ("n_shared", "first_dense"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
@@ -180,21 +135,35 @@ class MoEConfig:
         if self.topk_group > self.n_group:
             raise ConfigError("topk_group", f"must be <= n_group ({self.n_group}), got {self.topk_group}")
         if self.n_experts % self.n_group:
-            raise ConfigError("n_group", f"must divide n_experts ({self.n_experts}) into equal groups, got {self.n_group}")
+            raise ConfigError(
+                "n_group", f"must divide n_experts ({self.n_experts}) into equal groups, got {self.n_group}"
+            )
         if self.n_experts % self.n_devices:
             raise ConfigError("n_devices", f"must divide n_experts ({self.n_experts}), got {self.n_devices}")
-        if self.n_group > 1 and self.group_routing == "limited" and self.top_k > self.topk_group * self.n_experts // self.n_group:
-            raise ConfigError("top_k", f"{self.top_k} experts cannot fit in topk_group={self.topk_group} groups "
-                              f"of {self.n_experts // self.n_group}")
+        if (
+            self.n_group > 1
+            and self.group_routing == "limited"
+            and self.top_k > self.topk_group * self.n_experts // self.n_group
+        ):
+            raise ConfigError(
+                "top_k",
+                f"{self.top_k} experts cannot fit in topk_group={self.topk_group} groups "
+                f"of {self.n_experts // self.n_group}",
+            )
         if self.group_routing == "hierarchical" and self.n_group > 1 and self.top_k % self.topk_group:
-            raise ConfigError("top_k", f"hierarchical routing takes top_k / topk_group experts per chosen group; "
-                              f"top_k={self.top_k} is not divisible by topk_group={self.topk_group}")
+            raise ConfigError(
+                "top_k",
+                f"hierarchical routing takes top_k / topk_group experts per chosen group; "
+                f"top_k={self.top_k} is not divisible by topk_group={self.topk_group}",
+            )
         if self.n_shared and self.kind != "deepseek":
             raise ConfigError("n_shared", f"shared experts belong to kind 'deepseek', not {self.kind!r}")
         if self.granularity > 1 and self.kind != "deepseek":
             raise ConfigError("granularity", f"fine-grained segmentation belongs to kind 'deepseek', not {self.kind!r}")
         if self.expert_hidden is not None and self.expert_hidden % self.granularity:
-            raise ConfigError("granularity", f"must divide expert_hidden ({self.expert_hidden}), got {self.granularity}")
+            raise ConfigError(
+                "granularity", f"must divide expert_hidden ({self.expert_hidden}), got {self.granularity}"
+            )
 
     @property
     def routed_experts(self) -> int:
@@ -240,26 +209,23 @@ class ModelConfig:
     moe: MoEConfig | None = None  # None: every FFN is dense
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         if self.moe is not None and self.moe.expert_hidden is None and self.ffn.d_ff % self.moe.granularity:
             raise ConfigError("moe.granularity", f"must divide ffn.d_ff ({self.ffn.d_ff}), got {self.moe.granularity}")
         for name in ("vocab_size", "src_vocab_size", "d_model", "n_layers", "max_seq_len"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         if self.n_encoder_layers is not None and self.n_encoder_layers < 0:
             raise ConfigError("n_encoder_layers", f"must be >= 0, got {self.n_encoder_layers}")
-        _probability("dropout", self.dropout)
+        probability("dropout", self.dropout)
         if self.norm_eps <= 0:
             raise ConfigError("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.d_model % self.attention.n_heads:
             raise ConfigError(
                 "d_model",
-                f"must be divisible by attention.n_heads ({self.attention.n_heads}), "
-                f"got {self.d_model}",
+                f"must be divisible by attention.n_heads ({self.attention.n_heads}), got {self.d_model}",
             )
         if self.position == "rope" and self.head_dim % 2:
-            raise ConfigError(
-                "position", f"'rope' needs an even head size (d_model / n_heads), got {self.head_dim}"
-            )
+            raise ConfigError("position", f"'rope' needs an even head size (d_model / n_heads), got {self.head_dim}")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ConfigError("pad_id", f"must be in [0, vocab_size={self.vocab_size}), got {self.pad_id}")
         if self.arch == "seq2seq" and self.position == "rope":
@@ -274,8 +240,7 @@ class ModelConfig:
         if self.share_embeddings and self.source_vocab_size != self.vocab_size:
             raise ConfigError(
                 "share_embeddings",
-                f"needs one vocabulary, but src_vocab_size={self.src_vocab_size} "
-                f"!= vocab_size={self.vocab_size}",
+                f"needs one vocabulary, but src_vocab_size={self.src_vocab_size} != vocab_size={self.vocab_size}",
             )
 
     @property
@@ -298,49 +263,6 @@ class Config:
     """A whole run's configuration file; today the ``[model]`` table."""
 
     model: ModelConfig
-
-
-def from_dict(cls: type[T], data: Any, prefix: str) -> T:
-    """Build dataclass ``cls`` from a (TOML) mapping, recursing into nested dataclasses.
-
-    Errors carry the dotted key under ``prefix``; unknown keys list the allowed ones.
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(prefix, f"expected a table, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            allowed = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed keys: {allowed}")
-        nested = _dataclass_in(hints[key])
-        if nested is not None and value is not None:
-            value = from_dict(nested, value, f"{prefix}.{key}")
-        kwargs[key] = value
-    missing = [
-        name
-        for name, f in fields.items()
-        if name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{prefix}.{missing[0]}", "missing required key")
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise err.under(prefix) from None
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass in ``hint`` (``X`` or ``X | None``), or None."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    for arg in typing.get_args(hint):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
 
 
 def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> ModelConfig:

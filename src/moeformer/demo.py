@@ -1,7 +1,7 @@
 """``moeformer demo``: the article's running example, end to end, in seconds on a CPU.
 
-Builds a small encoder-decoder Transformer with DeepSeekMoE feed-forward layers, translates "Are you OK?" before training (noise),
-overfits a dozen English -> Chinese pairs in the spirit of the article's example
+Builds a small encoder-decoder Transformer with DeepSeekMoE feed-forward layers, translates
+"Are you OK?" before training (noise), overfits a dozen English -> Chinese pairs in the spirit of the article's example
 ("Are you OK ?" -> "你好吗？"), then translates again with greedy decoding over the KV cache.
 It shows the pieces working together; real training on real corpora is ``moeformer train``.
 """
@@ -66,11 +66,14 @@ def run_demo(*, steps: int = 300, seed: int = 0, progress: bool = True) -> DemoR
     torch.manual_seed(seed)
     tok = CharTokenizer.train(s for pair in PAIRS for s in pair)
     config = preset(
-        "transformer-tiny", vocab_size=tok.vocab_size, d_model=64, share_embeddings=True,
-        attention={"n_heads": 4}, ffn={"d_ff": 128, "activation": "swiglu", "bias": False},
+        "transformer-tiny",
+        vocab_size=tok.vocab_size,
+        d_model=64,
+        share_embeddings=True,
+        attention={"n_heads": 4},
+        ffn={"d_ff": 128, "activation": "swiglu", "bias": False},
         # DeepSeekMoE: 2 coarse experts of 128, top-1, split 4 ways, one shared expert
-        moe={"kind": "deepseek", "n_experts": 7, "top_k": 3, "expert_hidden": 32, "n_shared": 1,
-             "balance_loss": 0.01},
+        moe={"kind": "deepseek", "n_experts": 7, "top_k": 3, "expert_hidden": 32, "n_shared": 1, "balance_loss": 0.01},
     )
     model = Seq2SeqTransformer(config)
     shown = [PAIRS[0][0], PAIRS[7][0], PAIRS[8][0]]

@@ -52,12 +52,22 @@ def _with(base: dict[str, Any], **sizes: Any) -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "transformer-tiny": _with(
-        _PAPER, d_model=32, n_layers=2, dropout=0.0, max_seq_len=64,
-        attention={"n_heads": 4}, ffn={"d_ff": 64},
+        _PAPER,
+        d_model=32,
+        n_layers=2,
+        dropout=0.0,
+        max_seq_len=64,
+        attention={"n_heads": 4},
+        ffn={"d_ff": 64},
     ),
     "transformer-small": _with(
-        _PAPER, d_model=256, n_layers=3, dropout=0.1, max_seq_len=256,
-        attention={"n_heads": 4}, ffn={"d_ff": 1024},
+        _PAPER,
+        d_model=256,
+        n_layers=3,
+        dropout=0.1,
+        max_seq_len=256,
+        attention={"n_heads": 4},
+        ffn={"d_ff": 1024},
     ),
     "transformer-base": _with(
         _PAPER, d_model=512, n_layers=6, dropout=0.1, attention={"n_heads": 8}, ffn={"d_ff": 2048}
@@ -66,16 +76,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         _PAPER, d_model=1024, n_layers=6, dropout=0.3, attention={"n_heads": 16}, ffn={"d_ff": 4096}
     ),
     "lm-tiny": _with(
-        _LM, d_model=32, n_layers=2, max_seq_len=64,
-        attention={"n_heads": 4, "n_kv_heads": 2}, ffn={"d_ff": 64},
+        _LM,
+        d_model=32,
+        n_layers=2,
+        max_seq_len=64,
+        attention={"n_heads": 4, "n_kv_heads": 2},
+        ffn={"d_ff": 64},
     ),
     "lm-small": _with(
-        _LM, d_model=384, n_layers=6, max_seq_len=512,
-        attention={"n_heads": 6, "n_kv_heads": 2}, ffn={"d_ff": 1024},
+        _LM,
+        d_model=384,
+        n_layers=6,
+        max_seq_len=512,
+        attention={"n_heads": 6, "n_kv_heads": 2},
+        ffn={"d_ff": 1024},
     ),
     "lm-medium": _with(
-        _LM, d_model=768, n_layers=12, max_seq_len=1024,
-        attention={"n_heads": 12, "n_kv_heads": 4}, ffn={"d_ff": 2048},
+        _LM,
+        d_model=768,
+        n_layers=12,
+        max_seq_len=1024,
+        attention={"n_heads": 12, "n_kv_heads": 4},
+        ffn={"d_ff": 2048},
     ),
 }
 

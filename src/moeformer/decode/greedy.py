@@ -34,7 +34,11 @@ def greedy_translate(
 
 @torch.no_grad()
 def greedy_generate(
-    model: DecoderLM, prompt: Tensor, *, max_new_tokens: int, eos_id: int | None = None,
+    model: DecoderLM,
+    prompt: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int | None = None,
     padding_mask: Tensor | None = None,
 ) -> Tensor:
     """prompt: (B, T), left-padded where ``padding_mask`` says so -> (B, <= max_new_tokens)."""

@@ -172,9 +172,7 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.update(k, v)  # (B, G, S_total, Dh)
         if rotary is not None:
             q = apply_rotary(q, *rotary)
-        mask, causal_fast = self._build_mask(
-            B, T, k.shape[-2], query.device, key_padding_mask, attn_mask, is_causal
-        )
+        mask, causal_fast = self._build_mask(B, T, k.shape[-2], query.device, key_padding_mask, attn_mask, is_causal)
         out, weights = self._attend(q, k, v, mask, causal_fast, need_weights)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # concat heads
         return AttentionOutput(self.out_proj(out), weights)
@@ -191,14 +189,17 @@ class MultiHeadAttention(nn.Module):
             groups = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-            out, weights = scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
-            )
+            out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
             return out, (weights if need_weights else None)
         if dead is not None:  # let dead rows attend anywhere (no NaN), then zero them below
             mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            dropout_p=dropout_p,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         if dead is not None:
@@ -270,8 +271,6 @@ class MultiHeadAttention(nn.Module):
                 f"this layer expects {self.k_proj.in_features}"
             )
         if not query.shape[0] == key.shape[0] == value.shape[0]:
-            raise ValueError(
-                f"batch sizes differ: query {query.shape[0]}, key {key.shape[0]}, value {value.shape[0]}"
-            )
+            raise ValueError(f"batch sizes differ: query {query.shape[0]}, key {key.shape[0]}, value {value.shape[0]}")
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key has {key.shape[1]} positions but value has {value.shape[1]}")

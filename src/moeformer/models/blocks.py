@@ -86,7 +86,8 @@ class EncoderBlock(_Block):
         """x: (B, S, D); padding_mask: (B, S) bool, True at padding."""
         x = self.resid_pre(x)
         x = self.residual(
-            x, self.attn_norm,
+            x,
+            self.attn_norm,
             lambda h: self.attn_out(self.self_attn(h, h, h, key_padding_mask=padding_mask).output),
         )
         x, ffn = self.feed_forward(x, padding_mask)
@@ -125,8 +126,13 @@ class DecoderBlock(_Block):
 
         def self_attention(h: Tensor) -> Tensor:
             out = self.self_attn(
-                h, h, h, key_padding_mask=padding_mask, is_causal=True,
-                cache=None if cache is None else cache.self_attn, rotary=rotary,
+                h,
+                h,
+                h,
+                key_padding_mask=padding_mask,
+                is_causal=True,
+                cache=None if cache is None else cache.self_attn,
+                rotary=rotary,
             )
             return self.attn_out(out.output)
 
@@ -137,13 +143,16 @@ class DecoderBlock(_Block):
 
             def cross_attention(h: Tensor) -> Tensor:
                 out = self.cross_attn(
-                    h, memory, memory, key_padding_mask=memory_padding_mask,
+                    h,
+                    memory,
+                    memory,
+                    key_padding_mask=memory_padding_mask,
                     cache=None if cache is None else cache.cross_attn,
                 )
                 return self.cross_attn_out(out.output)
 
             x = self.residual(x, self.cross_norm, cross_attention)
-        token_padding = None if padding_mask is None else padding_mask[:, -x.shape[1]:]
+        token_padding = None if padding_mask is None else padding_mask[:, -x.shape[1] :]
         x, ffn = self.feed_forward(x, token_padding)
         return BlockOutput(self.resid_post(x), ffn)
 

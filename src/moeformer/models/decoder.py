@@ -35,8 +35,7 @@ class DecoderLM(nn.Module):
         embed = TokenEmbedding(config.vocab_size, config.d_model, scale=config.scale_embeddings)
         self.embedding = InputEmbedding(config, embed)
         self.layers = nn.ModuleList(
-            DecoderBlock(config, build_ffn(config, i, "decoder"), cross_attention=False)
-            for i in range(config.n_layers)
+            DecoderBlock(config, build_ffn(config, i, "decoder"), cross_attention=False) for i in range(config.n_layers)
         )
         pre = config.norm_position == "pre"
         self.norm = build_norm(config.norm, config.d_model, config.norm_eps) if pre else nn.Identity()
@@ -62,7 +61,9 @@ class DecoderLM(nn.Module):
         reports = FFNReports()
         for i, block in enumerate(self.layers):
             out = block(
-                x, padding_mask=keys_padding, rotary=rotary,
+                x,
+                padding_mask=keys_padding,
+                rotary=rotary,
                 cache=None if cache is None else cache.layers[i],
             )
             x = out.hidden

@@ -45,8 +45,7 @@ class Seq2SeqTransformer(nn.Module):
             EncoderBlock(config, build_ffn(config, i, "encoder")) for i in range(config.encoder_layers)
         )
         self.decoder = nn.ModuleList(
-            DecoderBlock(config, build_ffn(config, i, "decoder"), cross_attention=True)
-            for i in range(config.n_layers)
+            DecoderBlock(config, build_ffn(config, i, "decoder"), cross_attention=True) for i in range(config.n_layers)
         )
         # Pre-norm stacks end un-normalised, so they get a final norm; post-norm ones do not.
         pre = config.norm_position == "pre"
@@ -92,8 +91,11 @@ class Seq2SeqTransformer(nn.Module):
         reports.merge(memory.reports)  # encoder layers first
         for i, block in enumerate(self.decoder):
             out = block(
-                x, padding_mask=keys_padding, memory=memory.hidden,
-                memory_padding_mask=memory.padding_mask, rotary=rotary,
+                x,
+                padding_mask=keys_padding,
+                memory=memory.hidden,
+                memory_padding_mask=memory.padding_mask,
+                rotary=rotary,
                 cache=None if cache is None else cache.layers[i],
             )
             x = out.hidden

@@ -5,4 +5,14 @@ from moeformer.moe.experts import Experts
 from moeformer.moe.layer import MoELayer, build_moe, moe_from_config, segment_experts
 from moeformer.moe.router import Router, Routing, apply_capacity
 
-__all__ = ["Experts", "LoadTracker", "MoELayer", "Router", "Routing", "apply_capacity", "build_moe", "moe_from_config", "segment_experts"]
+__all__ = [
+    "Experts",
+    "LoadTracker",
+    "MoELayer",
+    "Router",
+    "Routing",
+    "apply_capacity",
+    "build_moe",
+    "moe_from_config",
+    "segment_experts",
+]

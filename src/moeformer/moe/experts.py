@@ -91,7 +91,9 @@ class Experts(nn.Module):
             )
         return self._composed(x, token, gate, flat[order], counts_t, backend)
 
-    def _composed(self, x: Tensor, token: Tensor, gate: Tensor, expert_of_row: Tensor, counts: Tensor, backend: str) -> Tensor:
+    def _composed(
+        self, x: Tensor, token: Tensor, gate: Tensor, expert_of_row: Tensor, counts: Tensor, backend: str
+    ) -> Tensor:
         """The same computation step by step under autograd: for biases and the padded-bmm kernel."""
         xs = x.index_select(0, token)
         h = self._grouped_linear(xs, self.first_weight, counts, backend)
@@ -153,4 +155,3 @@ def _padded_bmm(xs: Tensor, w: Tensor, counts: Tensor, sizes: list[int]) -> Tens
     padded[expert, slot] = xs
     out = torch.bmm(padded, w.transpose(-2, -1).to(xs.dtype))  # (E, width, out)
     return out[expert, slot]
-

@@ -89,8 +89,16 @@ class GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, w_up: Tensor, w_down: Tensor, gate: Tensor, token: Tensor,
-        counts: list[int], offsets: Tensor, activation: str, kernel: Kernel,
+        ctx,
+        x: Tensor,
+        w_up: Tensor,
+        w_down: Tensor,
+        gate: Tensor,
+        token: Tensor,
+        counts: list[int],
+        offsets: Tensor,
+        activation: str,
+        kernel: Kernel,
     ) -> Tensor:
         xs = x.index_select(0, token)
         h = gmm(xs, w_up, counts, offsets, kernel)

@@ -36,7 +36,9 @@ Activation = Literal["relu", "gelu", "swiglu"]
 class MoELayer(nn.Module):
     """Router -> experts (-> + shared experts). Kinds 'soft', 'topk' and 'deepseek'."""
 
-    def __init__(self, config: MoEConfig, d_model: int, expert_hidden: int, *, activation: Activation, bias: bool) -> None:
+    def __init__(
+        self, config: MoEConfig, d_model: int, expert_hidden: int, *, activation: Activation, bias: bool
+    ) -> None:
         super().__init__()
         if config.kind not in ("soft", "topk", "deepseek"):
             raise ValueError(f"MoELayer builds kinds 'soft', 'topk', 'deepseek', not {config.kind!r}")
@@ -51,7 +53,8 @@ class MoELayer(nn.Module):
         self.experts = Experts(n_experts, d_model, hidden, activation=activation, bias=bias, backend=config.backend)
         self.shared_experts = (
             FeedForward(d_model, config.n_shared * hidden, activation=activation, bias=bias)
-            if config.n_shared else None
+            if config.n_shared
+            else None
         )
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> FFNOutput:
@@ -61,8 +64,12 @@ class MoELayer(nn.Module):
         routing = self.router(flat, logits_hook=self.router_logits)
         real = None if padding_mask is None else ~padding_mask.reshape(B * T)
         if real is not None:  # padding takes no expert and no capacity
-            routing = Routing(routing.logits, routing.scores, routing.index.masked_fill(~real[:, None], self.router.n_experts),
-                              routing.weights.masked_fill(~real[:, None], 0.0))
+            routing = Routing(
+                routing.logits,
+                routing.scores,
+                routing.index.masked_fill(~real[:, None], self.router.n_experts),
+                routing.weights.masked_fill(~real[:, None], 0.0),
+            )
         chosen = routing.index  # before capacity: what the balance losses measure
         dropped = torch.zeros_like(chosen, dtype=torch.bool)
         if self.config.capacity_factor is not None:
@@ -132,7 +139,9 @@ def build_moe(
 
     ``dense`` returns the plain FFN of hidden size ``expert_hidden``.
     """
-    config = MoEConfig(kind=kind, n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden, n_shared=n_shared, **options)
+    config = MoEConfig(
+        kind=kind, n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden, n_shared=n_shared, **options
+    )
     return moe_from_config(config, d_model, expert_hidden, activation=activation, bias=bias)
 
 
