@@ -24,6 +24,7 @@ from moeformer.models.ffn_factory import build_ffn
 from moeformer.models.init import init_weights
 from moeformer.models.inputs import check_length, check_padding_mask, check_tokens
 from moeformer.models.outputs import FFNReports, ModelOutput
+from moeformer.models.stack import run_blocks
 
 
 class DecoderLM(nn.Module):
@@ -59,15 +60,7 @@ class DecoderLM(nn.Module):
         positions, keys_padding = step_positions(padding_mask, cache, *tokens.shape, tokens.device)
         x, rotary = self.embedding(tokens, positions)
         reports = FFNReports()
-        for i, block in enumerate(self.layers):
-            out = block(
-                x,
-                padding_mask=keys_padding,
-                rotary=rotary,
-                cache=None if cache is None else cache.layers[i],
-            )
-            x = out.hidden
-            reports.add(f"layers.{i}", out)
+        x = run_blocks(self.layers, x, "layers", reports, cache, padding_mask=keys_padding, rotary=rotary)
         x = self.norm(x)
         return ModelOutput(self.lm_head(x), reports.total(x), reports, x, cache)
 

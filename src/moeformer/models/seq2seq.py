@@ -24,6 +24,7 @@ from moeformer.models.ffn_factory import build_ffn
 from moeformer.models.init import init_weights
 from moeformer.models.inputs import check_length, check_padding_mask, check_tokens
 from moeformer.models.outputs import EncoderOutput, FFNReports, ModelOutput
+from moeformer.models.stack import run_blocks
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -64,10 +65,7 @@ class Seq2SeqTransformer(nn.Module):
         positions, _ = step_positions(src_padding_mask, None, *src.shape, src.device)
         x, _ = self.src_embedding(src, positions)
         reports = FFNReports()
-        for i, block in enumerate(self.encoder):
-            out = block(x, padding_mask=src_padding_mask)
-            x = out.hidden
-            reports.add(f"encoder.{i}", out)
+        x = run_blocks(self.encoder, x, "encoder", reports, padding_mask=src_padding_mask)
         return EncoderOutput(self.encoder_norm(x), src_padding_mask, reports)
 
     def decode(
@@ -89,17 +87,17 @@ class Seq2SeqTransformer(nn.Module):
         x, rotary = self.tgt_embedding(tgt, positions)
         reports = FFNReports()
         reports.merge(memory.reports)  # encoder layers first
-        for i, block in enumerate(self.decoder):
-            out = block(
-                x,
-                padding_mask=keys_padding,
-                memory=memory.hidden,
-                memory_padding_mask=memory.padding_mask,
-                rotary=rotary,
-                cache=None if cache is None else cache.layers[i],
-            )
-            x = out.hidden
-            reports.add(f"decoder.{i}", out)
+        x = run_blocks(
+            self.decoder,
+            x,
+            "decoder",
+            reports,
+            cache,
+            padding_mask=keys_padding,
+            memory=memory.hidden,
+            memory_padding_mask=memory.padding_mask,
+            rotary=rotary,
+        )
         x = self.decoder_norm(x)
         return ModelOutput(self.lm_head(x), reports.total(x), reports, x, cache)
 
