@@ -23,6 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from moeformer.data.config import DataConfig
+from moeformer.train.config import TrainConfig
 from moeformer.validation import (
     ConfigError,
     check_field_types,
@@ -260,9 +262,11 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class Config:
-    """A whole run's configuration file; today the ``[model]`` table."""
+    """A whole run's configuration file: ``[model]``, ``[data]`` and ``[train]`` tables."""
 
     model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> ModelConfig:
@@ -291,12 +295,16 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    unknown = set(data) - {"model"}
+    unknown = set(data) - {"model", "data", "train"}
     if unknown:
-        raise ConfigError(sorted(unknown)[0], "unknown table; allowed tables: model")
+        raise ConfigError(sorted(unknown)[0], "unknown table; allowed tables: model, data, train")
     if "model" not in data:
         raise ConfigError("model", "missing required table [model]")
-    return Config(model=model_config_from_dict(data["model"]))
+    return Config(
+        model=model_config_from_dict(data["model"]),
+        data=from_dict(DataConfig, data.get("data", {}), "data"),
+        train=from_dict(TrainConfig, data.get("train", {}), "train"),
+    )
 
 
 def load_config(path: str | Path) -> Config:

@@ -1,0 +1,40 @@
+"""The ``[data]`` table: which corpus, how it is cleaned, split and tokenised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moeformer.validation import ConfigError, check_field_types, positive
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # synthetic: the generated English->Chinese numbers/dates corpus; tatoeba / tsv / jsonl:
+    # parallel text at ``path``; text: a plain-text corpus for language modelling
+    corpus: Literal["synthetic", "tatoeba", "tsv", "jsonl", "text"] = "synthetic"
+    path: str | None = None  # file to read (not used by "synthetic")
+    target_lang: str = "zh"  # decides the BLEU tokenizer ("zh" for Chinese)
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int = 8000  # bpe only
+    shared_vocab: bool = True  # translation: one tokenizer for source and target
+    synthetic_pairs: int = 20000
+    valid_size: int = 500  # examples (pairs, or LM windows) held out for validation
+    test_size: int = 1000
+    max_chars: int = 200  # cleaning: longest sentence kept, in characters
+    seq_len: int = 256  # language modelling: tokens per training window
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("vocab_size", "synthetic_pairs", "max_chars", "seq_len"):
+            positive(name, getattr(self, name))
+        for name in ("valid_size", "test_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.corpus != "synthetic" and self.path is None:
+            raise ConfigError("path", f"corpus {self.corpus!r} reads a file: set path (or use corpus 'synthetic')")
+
+    @property
+    def is_translation(self) -> bool:
+        return self.corpus != "text"

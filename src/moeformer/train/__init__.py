@@ -1,0 +1,1 @@
+"""Training: optimiser and schedules, label-smoothed loss, checkpoints, the training loop."""

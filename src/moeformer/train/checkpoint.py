@@ -1,0 +1,148 @@
+"""Checkpoints: safetensors weights + JSON sidecar + trainer state, written atomically.
+
+A run directory holds::
+
+    checkpoints/step-00000400/model.safetensors   weights and persistent buffers (MoE balancing
+                                                  biases included); tied matrices stored once
+    checkpoints/step-00000400/checkpoint.json     config, tokenizer, step, metrics, versions
+    checkpoints/step-00000400/trainer.pt          optimiser, schedule, RNG, data position
+    latest, best                                  one line: the checkpoint directory they name
+
+Each checkpoint is written into a temporary directory and renamed into place, and the
+``latest`` / ``best`` pointers are replaced atomically, so a crash leaves either the old or the
+new checkpoint, never a broken one. Loading checks every file and names what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "checkpoint.json", "trainer.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated or inconsistent; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]  # checkpoint.json: config, tokenizer, step, metrics
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    meta: dict[str, Any],
+    trainer_state: dict[str, Any],
+    *,
+    best: bool = False,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoints/step-N and point ``latest`` (and ``best`` when asked) at it."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+    (tmp / SIDECAR).write_text(json.dumps({**meta, "step": step}, ensure_ascii=False, indent=1), encoding="utf-8")
+    torch.save(trainer_state, tmp / TRAINER)
+    if final.exists():  # re-saving the same step (e.g. best and periodic at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_atomic(run_dir / "latest", f"checkpoints/{final.name}\n")
+    if best:
+        write_atomic(run_dir / "best", f"checkpoints/{final.name}\n")
+    _prune(run_dir, keep_last)
+    return final
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    """Delete old checkpoints, never the ones ``latest`` or ``best`` name."""
+    protected = {_pointer(run_dir, name) for name in ("latest", "best")}
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    for old in steps[: max(len(steps) - keep_last, 0)]:
+        if old.resolve() not in protected:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _pointer(run_dir: Path, name: str) -> Path | None:
+    file = run_dir / name
+    if not file.exists():
+        return None
+    return (run_dir / file.read_text(encoding="utf-8").strip()).resolve()
+
+
+def resolve(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint directory from itself or from a run directory (its ``best``, else ``latest``)."""
+    path = Path(path)
+    if (path / WEIGHTS).exists() or (path / SIDECAR).exists():
+        return path
+    for name in (which, "latest"):
+        target = _pointer(path, name)
+        if target is not None:
+            return target
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    raise CheckpointError(f"{path}: neither a checkpoint ({WEIGHTS} + {SIDECAR}) nor a run directory with latest/best")
+
+
+def read_checkpoint(path: str | Path, which: str = "best") -> Checkpoint:
+    """The sidecar of a checkpoint, checked for presence and valid JSON."""
+    ckpt = resolve(path, which)
+    for name in (WEIGHTS, SIDECAR):
+        if not (ckpt / name).exists():
+            raise CheckpointError(f"{ckpt}: missing {name}")
+    try:
+        meta = json.loads((ckpt / SIDECAR).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{ckpt / SIDECAR}: not valid JSON ({err})") from None
+    for key in ("config", "step"):
+        if key not in meta:
+            raise CheckpointError(f"{ckpt / SIDECAR}: missing key {key!r}")
+    return Checkpoint(ckpt, meta)
+
+
+def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Load model.safetensors into ``model`` (built from the sidecar's config); strict."""
+    file = ckpt.path / WEIGHTS
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(file), strict=False)
+    except (safetensors.SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from None
+    except RuntimeError as err:  # shape mismatch between the JSON config and the stored tensors
+        raise CheckpointError(f"{file}: weights do not match the config in {SIDECAR}: {err}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file}: weights do not match the config in {SIDECAR}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def load_trainer_state(ckpt: Checkpoint) -> dict[str, Any]:
+    file = ckpt.path / TRAINER
+    if not file.exists():
+        raise CheckpointError(f"{ckpt.path}: missing {TRAINER}; it can be used for inference but not resumed")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{file}: unreadable trainer state ({type(err).__name__}: {err})") from None

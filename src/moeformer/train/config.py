@@ -1,0 +1,66 @@
+"""The ``[train]`` table: optimisation, schedule, evaluation and checkpointing of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moeformer.validation import ConfigError, check_field_types, positive, probability
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000  # optimiser updates
+    max_minutes: float | None = None  # stop (and save) when this much wall time has passed
+    batch_tokens: int = 4096  # token budget of one micro-batch (padded tokens, per side)
+    grad_accum: int = 1  # micro-batches per optimiser update
+    lr: float = 1e-3  # peak learning rate (ignored by schedule "noam", which derives it)
+    schedule: Literal["inverse_sqrt", "noam", "cosine", "constant"] = "inverse_sqrt"
+    warmup_steps: int = 400
+    min_lr_ratio: float = 0.1  # cosine: final lr / peak
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98  # the paper's Adam betas (0.9, 0.98) and eps 1e-9
+    adam_eps: float = 1e-9
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0  # max global gradient norm; None: no clipping
+    precision: Literal["float32", "bf16"] = "float32"  # bf16: autocast where the device supports it
+    eval_every: int = 200
+    eval_batches: int = 20  # validation micro-batches per evaluation
+    bleu_samples: int = 200  # translation: validation pairs decoded for BLEU at each evaluation
+    save_every: int = 500
+    keep_last: int = 2  # checkpoints kept besides the best
+    log_every: int = 10
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in (
+            "steps",
+            "batch_tokens",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_last",
+            "log_every",
+        ):
+            positive(name, getattr(self, name))
+        for name in ("warmup_steps", "bleu_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "adam_eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
+        probability("label_smoothing", self.label_smoothing)
+        probability("beta1", self.beta1)
+        probability("beta2", self.beta2)
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError("clip_grad", f"must be positive (or absent for no clipping), got {self.clip_grad}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError("max_minutes", f"must be positive, got {self.max_minutes}")

@@ -1,0 +1,251 @@
+"""The training loop: micro-batches -> loss (+ MoE auxiliary losses) -> AdamW -> schedule.
+
+One optimiser update accumulates ``grad_accum`` micro-batches, clips the global gradient norm,
+steps AdamW and the schedule, then applies the MoE auxiliary-loss-free bias update from the
+expert loads of exactly those micro-batches. Every ``eval_every`` updates it measures the
+validation loss (and, for translation, BLEU on a sample, decoded greedily) and keeps the best
+checkpoint; every ``save_every`` updates, and at the end, it saves the latest.
+
+Resuming restores weights (balancing biases included), optimiser, schedule, the torch RNG and
+the position in the data, so that on a CPU the losses after ``--resume`` equal those of an
+uninterrupted run. A NaN or inf loss stops the run with the step and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from moeformer.moe.balancing import LoadTracker
+from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint, write_atomic
+from moeformer.train.config import TrainConfig
+from moeformer.train.loss import smoothed_cross_entropy
+from moeformer.train.optim import build_optimizer
+from moeformer.train.schedule import lr_multiplier, noam_peak
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, Tensor]  # keyword arguments of the model's forward
+    target: Tensor  # (B, T) next-token targets, pad_id where there is none
+    n_tokens: int  # real target tokens
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: list[dict[str, float]] = field(default_factory=list)  # one per logged step
+    evals: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] | None = None
+    stopped_by: str = "steps"  # "steps" or "max_minutes"
+
+
+@dataclass
+class TrainingTask:
+    """What the loop needs to know about the data, independent of how it was built."""
+
+    train_batches: Callable[[int], list[Batch]]  # epoch -> that epoch's batches, deterministic
+    valid_batches: list[Batch]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # extra metrics, e.g. BLEU
+    meta: dict[str, Any] = field(default_factory=dict)  # written to every checkpoint sidecar
+    pad_id: int = 0
+
+
+class Trainer:
+    def __init__(
+        self, model: nn.Module, task: TrainingTask, config: TrainConfig, run_dir: Path, *, progress: bool = True
+    ) -> None:
+        self.model, self.task, self.config, self.run_dir = model, task, config, Path(run_dir)
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        peak = noam_peak(model.config.d_model, config.warmup_steps) if config.schedule == "noam" else config.lr
+        self.optimizer = build_optimizer(
+            model, lr=peak, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2), eps=config.adam_eps
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_multiplier(
+                config.schedule, warmup=config.warmup_steps, total=config.steps, min_ratio=config.min_lr_ratio
+            ),
+        )
+        self.step = 0
+        self.position = (0, 0)  # (epoch, index of the next batch in that epoch)
+        self.best_loss = math.inf
+        self.last_checkpoint: Path | None = None
+
+    # -- state ------------------------------------------------------------------------------
+    def resume(self, ckpt: Checkpoint) -> None:
+        load_weights(self.model, ckpt)
+        state = load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.position = int(state["step"]), tuple(state["position"])
+        self.best_loss = float(state["best_loss"])
+        self.last_checkpoint = ckpt.path
+
+    def save(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> Path:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": self.step,
+            "position": list(self.position),
+            "best_loss": self.best_loss,
+        }
+        meta = {**self.task.meta, "metrics": metrics or {}}
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir, self.step, self.model, meta, state, best=best, keep_last=self.config.keep_last
+        )
+        return self.last_checkpoint
+
+    # -- data -------------------------------------------------------------------------------
+    def _stream(self) -> Iterator[Batch]:
+        epoch, index = self.position
+        while True:
+            batches = self.task.train_batches(epoch)
+            if not batches:
+                raise ValueError("the training set produced no batches: is it empty after cleaning?")
+            while index < len(batches):
+                index += 1
+                self.position = (epoch, index)
+                yield batches[index - 1]
+            epoch, index = epoch + 1, 0
+
+    # -- loop -------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        result = TrainResult(step=self.step)
+        stream, tracker = self._stream(), LoadTracker()
+        start, tokens_seen, window_start = time.monotonic(), 0, time.monotonic()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.progress, unit="step")
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log:
+            while self.step < cfg.steps:
+                loss, nll, aux, n_tokens = self._update(stream, tracker)
+                self.step += 1
+                tokens_seen += n_tokens
+                bar.update(1)
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    elapsed = time.monotonic() - window_start
+                    row = {
+                        "step": self.step,
+                        "loss": loss,
+                        "nll": nll,
+                        "aux_loss": aux,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                        **self._balance(),
+                    }
+                    tokens_seen, window_start = 0, time.monotonic()
+                    result.metrics.append(row)
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}",
+                        lr=f"{row['lr']:.2e}",
+                        tok_s=f"{row['tokens_per_s']:.0f}",
+                        load=f"{row.get('max_over_mean_load', 1.0):.2f}",
+                    )
+                out_of_time = cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:
+                    evaluation = self._evaluate()
+                    result.evals.append(evaluation)
+                    log.write(json.dumps({"step": self.step, **evaluation}) + "\n")
+                    improved = evaluation["valid_loss"] < self.best_loss
+                    if improved:
+                        self.best_loss = evaluation["valid_loss"]
+                        result.best = evaluation
+                    self.save(best=improved, metrics=evaluation)
+                elif self.step % cfg.save_every == 0:
+                    self.save()
+                if out_of_time:
+                    result.stopped_by = "max_minutes"
+                    break
+        bar.close()
+        result.step = self.step
+        return result
+
+    def _update(self, stream: Iterator[Batch], tracker: LoadTracker) -> tuple[float, float, float, int]:
+        """One optimiser update over ``grad_accum`` micro-batches; returns mean loss terms."""
+        cfg = self.config
+        self.model.train()
+        totals, n_tokens = torch.zeros(3), 0
+        for _ in range(cfg.grad_accum):
+            batch = next(stream)
+            with self._autocast():
+                out = self.model(**batch.inputs)
+                loss, nll = smoothed_cross_entropy(
+                    out.logits, batch.target, pad_id=self.task.pad_id, eps=cfg.label_smoothing
+                )
+                total = loss + out.aux_loss
+            if not torch.isfinite(total):
+                where = self.last_checkpoint or "none saved yet"
+                raise TrainingDiverged(f"loss is {total.item()} at step {self.step + 1}; last good checkpoint: {where}")
+            (total / cfg.grad_accum).backward()
+            tracker.add(out.reports.stats)
+            totals += torch.tensor([loss.item(), nll.item(), out.aux_loss.detach().item()])
+            n_tokens += batch.n_tokens
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._last_loads = dict(tracker.loads)
+        tracker.update_biases(self.model)
+        loss, nll, aux = (totals / cfg.grad_accum).tolist()
+        return loss, nll, aux, n_tokens
+
+    def _balance(self) -> dict[str, float]:
+        """max / mean tokens per expert over the MoE layers of the last update (1.0 = balanced)."""
+        loads = getattr(self, "_last_loads", {})
+        if not loads:
+            return {}
+        ratios = [float(v.max() / v.mean().clamp_min(1e-9)) for v in loads.values()]
+        return {"max_over_mean_load": max(ratios)}
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.task.valid_batches[: self.config.eval_batches]:
+            with self._autocast():
+                out = self.model(**batch.inputs)
+            _, nll = smoothed_cross_entropy(out.logits, batch.target, pad_id=self.task.pad_id, eps=0.0)
+            total += float(nll) * batch.n_tokens
+            count += batch.n_tokens
+        loss = total / max(count, 1)
+        metrics = {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+        if self.task.evaluate is not None:
+            metrics.update(self.task.evaluate(self.model))
+        self.model.train()
+        return metrics
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def write_summary(run_dir: Path, result: TrainResult) -> None:
+    summary = {
+        "step": result.step,
+        "best": result.best,
+        "stopped_by": result.stopped_by,
+        "last_eval": result.evals[-1] if result.evals else None,
+    }
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
