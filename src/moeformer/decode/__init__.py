@@ -1,5 +1,16 @@
-"""Decoding over the KV cache."""
+"""Decoding over the KV cache: greedy, beam search and sampling, for both model families."""
 
+from moeformer.decode.beam import beam_generate, beam_translate, gnmt_length_penalty
 from moeformer.decode.greedy import greedy_generate, greedy_translate
+from moeformer.decode.sampling import filter_logits, sample_generate, sample_translate
 
-__all__ = ["greedy_generate", "greedy_translate"]
+__all__ = [
+    "beam_generate",
+    "beam_translate",
+    "filter_logits",
+    "gnmt_length_penalty",
+    "greedy_generate",
+    "greedy_translate",
+    "sample_generate",
+    "sample_translate",
+]

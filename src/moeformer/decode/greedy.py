@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moeformer.decode.beam import check_left_padding
 from moeformer.models.decoder import DecoderLM
 from moeformer.models.seq2seq import Seq2SeqTransformer
 
@@ -42,6 +43,9 @@ def greedy_generate(
     padding_mask: Tensor | None = None,
 ) -> Tensor:
     """prompt: (B, T), left-padded where ``padding_mask`` says so -> (B, <= max_new_tokens)."""
+    check_left_padding(padding_mask)
+    if max_new_tokens <= 0:
+        return prompt.new_empty(prompt.shape[0], 0)
     cache = model.new_cache()
     logits = model(prompt, padding_mask=padding_mask, cache=cache).logits
     first = logits[:, -1:].argmax(-1)

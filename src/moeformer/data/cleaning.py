@@ -1,0 +1,115 @@
+"""Cleaning parallel text: Unicode normalisation, whitespace, length and ratio filters, de-duplication.
+
+The usual corpus filters of machine translation (Moses ``clean-corpus-n.perl``: length limits
+and a length-ratio limit of 9; exact-pair de-duplication), applied to characters rather than
+words so that they work for unspaced Chinese as well. Every pair that is dropped is counted by
+reason in a :class:`CleaningReport`.
+
+NFKC (the default) also folds full-width forms: Chinese "你好吗？" becomes "你好吗?", "，" becomes
+",". Use ``unicode_form="NFC"`` to keep full-width punctuation. Traditional -> simplified
+conversion (OpenCC) is not done here.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moeformer.validation import ConfigError, check_field_types
+
+Pair = tuple[str, str]
+
+# Rejection reasons, the keys of CleaningReport.rejected, in the order the checks run.
+EMPTY = "empty"
+TOO_SHORT = "too_short"
+TOO_LONG = "too_long"
+LENGTH_RATIO = "length_ratio"
+DUPLICATE = "duplicate"
+
+# Invisible format characters removed besides the control characters (Unicode category Cc).
+_INVISIBLE = {"\u200b", "\ufeff", "\u00ad", "\u2060"}  # zero-width space, BOM, soft hyphen, word joiner
+
+
+@dataclass(kw_only=True)
+class CleaningConfig:
+    """What :func:`clean_pairs` changes and which pairs it drops; lengths count characters per side."""
+
+    unicode_form: Literal["NFKC", "NFC", "none"] = "NFKC"  # Unicode normalisation applied first
+    min_chars: int = 1  # shortest side kept (after clean-up)
+    max_chars: int | None = 300  # longest side kept; None: no limit
+    max_ratio: float | None = 9.0  # longer side / shorter side, in characters; None: no limit
+    dedupe: bool = True  # drop exact repeats of a (source, target) pair, keeping the first
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        if self.min_chars < 1:
+            raise ConfigError("min_chars", f"must be at least 1, got {self.min_chars}")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ConfigError("max_chars", f"must be None or >= min_chars ({self.min_chars}), got {self.max_chars}")
+        if self.max_ratio is not None and self.max_ratio < 1:
+            raise ConfigError("max_ratio", f"must be None or >= 1, got {self.max_ratio}")
+
+
+@dataclass
+class CleaningReport:
+    """Pairs kept, pairs dropped by reason, and how many kept pairs the clean-up changed."""
+
+    kept: int = 0
+    changed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+def clean_text(text: str, unicode_form: Literal["NFKC", "NFC", "none"] = "NFKC") -> str:
+    """``text`` normalised, control and invisible characters dropped, whitespace runs made one space, stripped."""
+    if unicode_form != "none":
+        text = unicodedata.normalize(unicode_form, text)
+    kept = (" " if ch.isspace() else ch for ch in text if not _is_invisible(ch))
+    return " ".join("".join(kept).split())
+
+
+def _is_invisible(ch: str) -> bool:
+    return ch in _INVISIBLE or (unicodedata.category(ch) == "Cc" and not ch.isspace())
+
+
+def rejection_reason(source: str, target: str, config: CleaningConfig) -> str | None:
+    """Why a cleaned pair fails the length filters, or None when it passes."""
+    shorter, longer = sorted((len(source), len(target)))
+    if shorter == 0:
+        return EMPTY
+    if shorter < config.min_chars:
+        return TOO_SHORT
+    if config.max_chars is not None and longer > config.max_chars:
+        return TOO_LONG
+    if config.max_ratio is not None and longer / shorter > config.max_ratio:
+        return LENGTH_RATIO
+    return None
+
+
+def clean_pairs(pairs: Iterable[Pair], config: CleaningConfig | None = None) -> tuple[list[Pair], CleaningReport]:
+    """Cleaned pairs that pass every filter, in input order, and the report of the others."""
+    config = config or CleaningConfig()
+    report = CleaningReport()
+    seen: set[Pair] = set()
+    out: list[Pair] = []
+    for source, target in pairs:
+        pair = (clean_text(source, config.unicode_form), clean_text(target, config.unicode_form))
+        reason = rejection_reason(*pair, config)
+        if reason is None and config.dedupe:
+            reason = DUPLICATE if pair in seen else None
+            seen.add(pair)
+        if reason is not None:
+            report.reject(reason)
+            continue
+        report.kept += 1
+        report.changed += pair != (source, target)
+        out.append(pair)
+    return out, report
