@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from moeformer.config import ConfigError
 
@@ -11,17 +13,86 @@ from moeformer.config import ConfigError
 def _demo(args: argparse.Namespace) -> int:
     from moeformer.demo import run_demo
 
-    report = run_demo(steps=args.steps, seed=args.seed, progress=not args.quiet)
-    print(f"Seq2SeqTransformer: {report.config_summary}, {report.parameters:,} parameters")
-    print("\nUntrained (random weights):")
-    for src, hyp in report.before:
-        print(f"  {src!r:28} -> {hyp!r}")
-    print(f"\nTrained {len(report.losses)} steps: loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f}")
-    for src, hyp in report.after:
-        print(f"  {src!r:28} -> {hyp!r}")
-    print("\nTokens per routed expert in the last training step:")
-    for layer, load in report.expert_load.items():
-        print(f"  {layer:10} " + " ".join(f"{int(n):4d}" for n in load))
+    print(
+        run_demo(
+            corpus=args.corpus,
+            data=args.data,
+            minutes=args.minutes,
+            steps=args.steps,
+            run_dir=Path(args.out),
+            progress=not args.quiet,
+        )
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from moeformer.runtime import keep_freed_memory
+    from moeformer.train.run import load_run_config, run_training
+
+    config = load_run_config(args.config, args.set)
+    run_dir = Path(args.resume or args.out or Path("runs") / Path(args.config).stem)
+    keep_freed_memory()
+    outcome = run_training(config, run_dir, resume=args.resume is not None, progress=not args.quiet)
+    print(f"trained {outcome.result.step} steps ({outcome.result.stopped_by}); run directory: {run_dir}")
+    if outcome.result.best:
+        print("best validation: " + ", ".join(f"{k}={v:.4g}" for k, v in outcome.result.best.items()))
+    if outcome.test_scores:
+        print("test: " + ", ".join(f"{k}={v:.4g}" for k, v in outcome.test_scores.items()))
+        for src, ref, hyp in outcome.samples:
+            print(f"  {src!r} -> {hyp!r} (reference {ref!r})")
+    return 0
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from moeformer.inference import load_model, translate
+
+    loaded = load_model(args.checkpoint, which=args.which)
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        print("moeformer: error: nothing to translate (give TEXT arguments or lines on stdin)", file=sys.stderr)
+        return 2
+    for line in translate(loaded.model, loaded.tokenizers, texts, beam_size=args.beam):
+        print(line)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from moeformer.inference import generate, load_model
+
+    loaded = load_model(args.checkpoint, which=args.which)
+    print(
+        generate(
+            loaded.model,
+            loaded.tokenizers,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from moeformer.evaluate.checkpoint import evaluate_checkpoint
+
+    scores = evaluate_checkpoint(args.checkpoint, args.data, which=args.which, limit=args.limit, beam_size=args.beam)
+    print(json.dumps(scores, ensure_ascii=False, indent=1))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from moeformer.data.download import CORPORA, download
+
+    if args.action == "list":
+        for name in CORPORA:
+            print(name)
+        return 0
+    path = download(args.name, Path(args.dest), progress=not args.quiet)
+    print(path)
     return 0
 
 
@@ -50,14 +121,73 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint directory or a run directory")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="in a run directory (default best)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build, train briefly and run a small English->Chinese Transformer")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    demo.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="train a small DeepSeekMoE translator and show BLEU and translations")
+    demo.add_argument(
+        "--corpus",
+        choices=["synthetic", "tatoeba"],
+        default="synthetic",
+        help="synthetic: generated English->Chinese numbers and dates (offline); tatoeba: real pairs",
+    )
+    demo.add_argument("--data", help="path to the Tatoeba cmn.txt (default: ../shared/data/cmn-eng/cmn.txt)")
+    demo.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
+    demo.add_argument("--steps", type=int, help="stop after this many updates instead (e.g. for a quick check)")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+
+    train = sub.add_parser("train", help="train a model from a TOML config")
+    train.add_argument("config")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.moe.top_k=2 (repeatable)",
+    )
+    train.add_argument("--out", help="run directory (default runs/CONFIG_NAME)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(run=_train)
+
+    tr = sub.add_parser("translate", help="translate TEXT arguments, or stdin lines with '-' or no TEXT")
+    _checkpoint_args(tr)
+    tr.add_argument("text", nargs="*")
+    tr.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy (default 4)")
+    tr.set_defaults(run=_translate)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a decoder-only model")
+    _checkpoint_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.set_defaults(run=_generate)
+
+    ev = sub.add_parser("eval", help="score a checkpoint on a parallel file (BLEU, chrF) or a text (perplexity)")
+    _checkpoint_args(ev)
+    ev.add_argument("--data", required=True, help="TSV/JSONL pairs for translation, plain text for an LM")
+    ev.add_argument("--limit", type=int, help="use at most this many pairs / windows")
+    ev.add_argument("--beam", type=int, default=1)
+    ev.set_defaults(run=_eval)
+
+    data = sub.add_parser("data", help="download public corpora (needs a network)")
+    data.add_argument("action", choices=["download", "list"])
+    data.add_argument("name", nargs="?", help="corpus name (see `moeformer data list`)")
+    data.add_argument("--dest", default="data", help="folder to download into (default ./data)")
+    data.add_argument("--quiet", action="store_true")
+    data.set_defaults(run=_data)
+
     info = sub.add_parser("info", help="build the model of a TOML config and print its layers and size")
     info.add_argument("config")
     info.set_defaults(run=_info)
@@ -67,12 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "steps", 1) < 1:
-        print("moeformer: error: --steps must be >= 1", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "data" and args.action == "download" and not args.name:
+        parser.error("data download needs a corpus NAME (see `moeformer data list`)")
+    if args.command == "translate" and args.text == ["-"]:
+        args.text = []
     try:
         return args.run(args)
     except ConfigError as err:
         print(f"moeformer: config error: {err}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"moeformer: error: {err}", file=sys.stderr)
+        return 1

@@ -1,105 +1,141 @@
-"""``moeformer demo``: the article's running example, end to end, in seconds on a CPU.
+"""``moeformer demo``: train a small DeepSeekMoE Transformer translator, then show what it learned.
 
-Builds a small encoder-decoder Transformer with DeepSeekMoE feed-forward layers, translates
-"Are you OK?" before training (noise), overfits a dozen English -> Chinese pairs in the spirit of the article's example
-("Are you OK ?" -> "你好吗？"), then translates again with greedy decoding over the KV cache.
-It shows the pieces working together; real training on real corpora is ``moeformer train``.
+By default it needs nothing but this package: the corpus is generated (English -> Chinese
+numbers, dates, times and quantities: "at 3:45 pm on May 2nd" -> "5月2日下午3点45分", a real
+reordering and numeral-system task); a few minutes on a laptop CPU reach a high BLEU on
+held-out generated pairs. ``--corpus tatoeba`` trains the same model on the real Tatoeba
+English-Mandarin pairs instead (the article's "Are you OK?" -> "你好吗？").
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
-from torch.nn import functional as F
-from tqdm.auto import tqdm
+from moeformer.config import Config, config_from_dict
+from moeformer.inference import translate
+from moeformer.runtime import keep_freed_memory
+from moeformer.train.run import run_training
 
-from moeformer.data.char_tokenizer import CharTokenizer
-from moeformer.decode.greedy import greedy_translate
-from moeformer.models.seq2seq import Seq2SeqTransformer
-from moeformer.presets import preset
-
-PAIRS = [
-    ("Are you OK?", "你好吗？"),
-    ("I am fine.", "我很好。"),
-    ("Thank you.", "谢谢你。"),
-    ("Good morning.", "早上好。"),
-    ("I love you.", "我爱你。"),
-    ("Where are you?", "你在哪里？"),
-    ("I am a student.", "我是学生。"),
-    ("The river is too wide.", "这条河太宽了。"),
-    ("It is too tired.", "它太累了。"),
-    ("See you tomorrow.", "明天见。"),
-    ("What is your name?", "你叫什么名字？"),
-    ("I like tea.", "我喜欢茶。"),
-]
+# A post-norm encoder-decoder (the paper's layout) whose FFNs are DeepSeekMoE layers: 1 shared and
+# 7 routed experts of 128, top-3 (m = 4 segmentation of 2 coarse experts of 512, top-1).
+MODEL = {
+    "preset": "transformer-tiny",
+    "vocab_size": 100,
+    "d_model": 128,
+    "n_layers": 3,
+    "dropout": 0.1,
+    "share_embeddings": True,
+    "max_seq_len": 128,
+    "attention": {"n_heads": 4},
+    "ffn": {"d_ff": 512, "activation": "swiglu", "bias": False},
+    "moe": {"kind": "deepseek", "n_experts": 7, "top_k": 3, "expert_hidden": 128, "n_shared": 1, "balance_loss": 0.01},
+}
+EXAMPLES = {
+    "synthetic": ["at 3:45 pm on May 2nd", "I have 3 books.", "on June 1st, 2021 at 9:05 am", "She is 21 years old."],
+    "tatoeba": ["Are you OK?", "I love you.", "What is your name?", "The weather is nice today."],
+}
+TATOEBA_DEFAULT = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "cmn-eng" / "cmn.txt"
 
 
 @dataclass
 class DemoReport:
+    corpus: str
+    run_dir: Path
     parameters: int
-    config_summary: str
-    before: list[tuple[str, str]]  # (source, translation) of the untrained model
-    after: list[tuple[str, str]]
-    losses: list[float] = field(default_factory=list)
-    expert_load: dict[str, list[float]] = field(default_factory=dict)  # last step, by layer
+    steps: int
+    test_pairs: int
+    test_bleu: float
+    test_chrf: float
+    held_out: list[tuple[str, str, str]] = field(default_factory=list)  # (source, reference, output)
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (source, output)
+
+    def __str__(self) -> str:
+        lines = [
+            f"DeepSeekMoE Transformer ({self.parameters:,} parameters) trained {self.steps} steps on the "
+            f"{self.corpus} corpus; run directory: {self.run_dir}",
+            f"Held-out test set ({self.test_pairs} pairs): BLEU {self.test_bleu:.1f} (sacrebleu, zh tokenizer), "
+            f"chrF {self.test_chrf:.1f}",
+            "",
+            "Held-out translations (output | reference):",
+            *(f"  {s!r:40} -> {h} | {r}" for s, r, h in self.held_out),
+            "",
+            "More:",
+            *(f"  {s!r:40} -> {h}" for s, h in self.examples),
+            "",
+        ]
+        if self.corpus == "synthetic":
+            lines.append(
+                "The real corpus: moeformer demo --corpus tatoeba [--data PATH/cmn.txt]  (or moeformer "
+                "train configs/tatoeba-en-zh-deepseek.toml)"
+            )
+        lines.append(f'Translate with it: moeformer translate {self.run_dir} "Are you OK?"')
+        return "\n".join(lines)
 
 
-def _batch(tok: CharTokenizer, texts: list[str], *, bos: bool, eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = [tok.encode(t, bos=bos, eos=eos) for t in texts]
-    width = max(len(i) for i in ids)
-    out = torch.full((len(ids), width), tok.pad_id, dtype=torch.long)
-    for row, seq in enumerate(ids):
-        out[row, : len(seq)] = torch.tensor(seq)
-    return out, out == tok.pad_id
+def demo_config(corpus: str, data: str | None, minutes: float, steps: int | None) -> Config:
+    if corpus == "synthetic":
+        data_table = {"corpus": "synthetic", "synthetic_pairs": 20000, "valid_size": 300, "test_size": 500}
+    else:
+        path = Path(data) if data else Path(os.environ.get("MOEFORMER_DATA", "")) / "cmn-eng" / "cmn.txt"
+        if not data and not path.is_file():
+            path = TATOEBA_DEFAULT.resolve()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no Tatoeba file at {path}; pass --data PATH/cmn.txt, or fetch it with `moeformer data download "
+                "tatoeba-cmn` (needs a network)"
+            )
+        data_table = {
+            "corpus": "tatoeba",
+            "path": str(path),
+            "tokenizer": "bpe",
+            "vocab_size": 8000,
+            "valid_size": 500,
+            "test_size": 1000,
+        }
+    train = {
+        "steps": steps or 1_000_000,
+        "max_minutes": minutes,
+        "eval_every": 200,
+        "log_every": 20,
+        "bleu_samples": 200,
+        "batch_tokens": 3000,
+        "lr": 2e-3,
+        "warmup_steps": 100,
+    }
+    if steps:
+        train.update(max_minutes=None, eval_every=max(1, min(200, steps)))
+    return config_from_dict({"model": MODEL, "data": data_table, "train": train})
 
 
-def _translate(model: Seq2SeqTransformer, tok: CharTokenizer, texts: list[str]) -> list[tuple[str, str]]:
-    model.eval()
-    src, src_pad = _batch(tok, texts, bos=False, eos=True)
-    ids = greedy_translate(model, src, src_padding_mask=src_pad, bos_id=tok.bos_id, eos_id=tok.eos_id, max_len=16)
-    return [(t, tok.decode(row.tolist())) for t, row in zip(texts, ids)]
+def run_demo(
+    *,
+    corpus: str = "synthetic",
+    data: str | None = None,
+    minutes: float = 3.0,
+    steps: int | None = None,
+    run_dir: Path = Path("runs/demo"),
+    progress: bool = True,
+) -> DemoReport:
+    """Train for ``minutes`` (or ``steps`` updates), score the best checkpoint on the test split."""
+    config = demo_config(corpus, data, minutes, steps)
+    keep_freed_memory()
+    run_dir = Path(run_dir) / corpus
+    outcome = run_training(config, run_dir, progress=progress)
+    from moeformer.inference import load_model
 
-
-def run_demo(*, steps: int = 300, seed: int = 0, progress: bool = True) -> DemoReport:
-    """Train the small model for ``steps`` full-batch Adam steps; returns what to show."""
-    torch.manual_seed(seed)
-    tok = CharTokenizer.train(s for pair in PAIRS for s in pair)
-    config = preset(
-        "transformer-tiny",
-        vocab_size=tok.vocab_size,
-        d_model=64,
-        share_embeddings=True,
-        attention={"n_heads": 4},
-        ffn={"d_ff": 128, "activation": "swiglu", "bias": False},
-        # DeepSeekMoE: 2 coarse experts of 128, top-1, split 4 ways, one shared expert
-        moe={"kind": "deepseek", "n_experts": 7, "top_k": 3, "expert_hidden": 32, "n_shared": 1, "balance_loss": 0.01},
+    loaded = load_model(run_dir)
+    examples = EXAMPLES[corpus]
+    outputs = translate(loaded.model, loaded.tokenizers, examples, beam_size=4)
+    return DemoReport(
+        corpus=corpus,
+        run_dir=run_dir,
+        parameters=loaded.model.num_parameters(),
+        steps=outcome.result.step,
+        test_pairs=int(outcome.test_scores.get("test_pairs", 0)),
+        test_bleu=outcome.test_scores.get("test_bleu", 0.0),
+        test_chrf=outcome.test_scores.get("test_chrf", 0.0),
+        held_out=outcome.samples[:8],
+        examples=list(zip(examples, outputs)),
     )
-    model = Seq2SeqTransformer(config)
-    shown = [PAIRS[0][0], PAIRS[7][0], PAIRS[8][0]]
-    report = DemoReport(
-        parameters=model.num_parameters(),
-        config_summary=(
-            f"d_model={config.d_model} heads={config.attention.n_heads} layers={config.encoder_layers}+"
-            f"{config.n_layers} vocab={config.vocab_size} ({config.norm_position}-norm); FFNs: DeepSeekMoE, "
-            f"{config.moe.n_shared} shared + {config.moe.n_experts} routed experts of {config.moe.expert_hidden}, "
-            f"top-{config.moe.top_k}"
-        ),
-        before=_translate(model, tok, shown),
-        after=[],
-    )
-    src, src_pad = _batch(tok, [p[0] for p in PAIRS], bos=False, eos=True)
-    tgt, tgt_pad = _batch(tok, [p[1] for p in PAIRS], bos=True, eos=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in tqdm(range(steps), desc="training on the demo pairs", disable=not progress):
-        out = model(src, tgt[:, :-1], src_padding_mask=src_pad, tgt_padding_mask=tgt_pad[:, :-1])
-        loss = F.cross_entropy(out.logits.transpose(1, 2), tgt[:, 1:], ignore_index=tok.pad_id)
-        loss = loss + out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        report.losses.append(loss.item())
-        report.expert_load = {k: v["tokens_per_expert"].tolist() for k, v in out.reports.stats.items()}
-    report.after = _translate(model, tok, shown)
-    return report
