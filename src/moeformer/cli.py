@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from moeformer.config import ConfigError
+from moeformer.data.download import DownloadError
+from moeformer.train.checkpoint import CheckpointError
+from moeformer.train.trainer import TrainingDiverged
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -208,6 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"moeformer: config error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, CheckpointError, TrainingDiverged, DownloadError) as err:
         print(f"moeformer: error: {err}", file=sys.stderr)
         return 1
