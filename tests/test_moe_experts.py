@@ -224,3 +224,19 @@ def test_auto_backend_on_cpu_is_grouped_mm_when_torch_has_it():
     auto = make_experts(E, D, H, "gelu", True, "auto")
     same = make_experts(E, D, H, "gelu", True, expected)
     assert torch.equal(auto(x, index, weights), same(x, index, weights))
+
+
+@pytest.mark.parametrize("backend", ["auto", "loop", "bmm"])
+def test_experts_compute_in_bf16_under_autocast(backend):
+    """Under CPU bf16 autocast the expert products run in bf16 (close to float32), grads stay float32."""
+    torch.manual_seed(0)
+    ex = Experts(4, 16, 8, activation="swiglu", backend=backend)
+    x = torch.randn(10, 16, requires_grad=True)
+    index = torch.randint(0, 4, (10, 2))
+    weights = torch.rand(10, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ex(x, index, weights)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ex.forward_reference(x, index, weights), atol=5e-2, rtol=5e-2)
+    out.float().sum().backward()
+    assert ex.gate_up_proj.grad.dtype == torch.float32 and x.grad.dtype == torch.float32

@@ -84,11 +84,14 @@ class Experts(nn.Module):
         token = order // K
         gate = weights.reshape(-1)[order, None].to(x.dtype)
         offsets = counts_t.cumsum(0).to(torch.int32)
-        backend = _auto_backend(x, self.down_proj) if self.backend == "auto" else self.backend
+        w_first, w_down = self.first_weight, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):
+            # grouped_mm and mm(out=) are outside autocast's op lists: cast here, as autocast would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w_first, w_down, gate = x.to(dtype), w_first.to(dtype), w_down.to(dtype), gate.to(dtype)
+        backend = _auto_backend(x, w_down) if self.backend == "auto" else self.backend
         if backend != "bmm" and self.up_bias is None:
-            return GroupedExperts.apply(
-                x, self.first_weight, self.down_proj, gate, token, counts, offsets, self.activation, backend
-            )
+            return GroupedExperts.apply(x, w_first, w_down, gate, token, counts, offsets, self.activation, backend)
         return self._composed(x, token, gate, flat[order], counts_t, backend)
 
     def _composed(
@@ -106,6 +109,7 @@ class Experts(nn.Module):
 
     def _grouped_linear(self, xs: Tensor, w: Tensor, counts: Tensor, backend: str) -> Tensor:
         """Rows of expert e (a contiguous slice) times w[e]^T: (V, in) -> (V, out), under autograd."""
+        w = w.to(xs.dtype)  # under autocast the rows arrive in the autocast dtype
         if backend == "grouped_mm":
             return F.grouped_mm(xs, w.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
         sizes = counts.tolist()

@@ -32,4 +32,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(
     model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
 ) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    groups = parameter_groups(model, weight_decay)
+    # The fused kernel updates every tensor in one pass: on a 2-core CPU it cut AdamW from 52 to
+    # 18 ms per step for a 27M-parameter model (BENCHMARKS.md); results are the same update.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
