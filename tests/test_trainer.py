@@ -129,3 +129,9 @@ def test_old_checkpoints_pruned_but_best_kept(tmp_path):
     best = (tmp_path / "best").read_text().strip().split("/")[-1]
     latest = (tmp_path / "latest").read_text().strip().split("/")[-1]
     assert latest == "step-00000012" and best in kept and latest in kept and len(kept) <= 2
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional; metrics.jsonl is always written")
+    Trainer(lm(0.0), copy_task(), cfg(steps=2, eval_every=2), tmp_path, progress=False).train()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moeformer.moe.balancing import LoadTracker
-from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint, write_atomic
+from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
 from moeformer.train.loss import smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
@@ -134,6 +134,7 @@ class Trainer:
         stream, tracker = self._stream(), LoadTracker()
         start, tokens_seen, window_start = time.monotonic(), 0, time.monotonic()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.progress, unit="step")
+        board = _tensorboard(self.run_dir)
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log:
             while self.step < cfg.steps:
                 loss, nll, aux, n_tokens = self._update(stream, tracker)
@@ -155,6 +156,7 @@ class Trainer:
                     result.metrics.append(row)
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                    _board_write(board, "train", row, self.step)
                     bar.set_postfix(
                         loss=f"{loss:.3f}",
                         lr=f"{row['lr']:.2e}",
@@ -166,6 +168,7 @@ class Trainer:
                     evaluation = self._evaluate()
                     result.evals.append(evaluation)
                     log.write(json.dumps({"step": self.step, **evaluation}) + "\n")
+                    _board_write(board, "valid", evaluation, self.step)
                     improved = evaluation["valid_loss"] < self.best_loss
                     if improved:
                         self.best_loss = evaluation["valid_loss"]
@@ -177,6 +180,8 @@ class Trainer:
                     result.stopped_by = "max_minutes"
                     break
         bar.close()
+        if board is not None:
+            board.close()
         result.step = self.step
         return result
 
@@ -241,11 +246,18 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
 
-def write_summary(run_dir: Path, result: TrainResult) -> None:
-    summary = {
-        "step": result.step,
-        "best": result.best,
-        "stopped_by": result.stopped_by,
-        "last_eval": result.evals[-1] if result.evals else None,
-    }
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+def _tensorboard(run_dir: Path):  # noqa: ANN202
+    """A SummaryWriter into run_dir/tensorboard when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _board_write(board, prefix: str, row: dict[str, float], step: int) -> None:  # noqa: ANN001
+    if board is None:
+        return
+    for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)):
+            board.add_scalar(f"{prefix}/{key}", value, step)
