@@ -30,10 +30,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from moeformer.config import load_config
     from moeformer.runtime import keep_freed_memory
-    from moeformer.train.run import load_run_config, run_training
+    from moeformer.train.run import run_training
 
-    config = load_run_config(args.config, args.set)
+    config = load_config(args.config, args.set)
     run_dir = Path(args.resume or args.out or Path("runs") / Path(args.config).stem)
     keep_freed_memory()
     outcome = run_training(config, run_dir, resume=args.resume is not None, progress=not args.quiet)

@@ -13,6 +13,7 @@ A ``preset`` key in ``[model]`` starts from a named size in :mod:`moeformer.pres
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,8 +308,30 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a TOML file; errors name the file and the key."""
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["model.moe.top_k=2", 'data.path="x.tsv"']`` set into a copy of a TOML table; values parse as
+    TOML, falling back to a plain string."""
+    table = json.loads(json.dumps(table))  # deep copy
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, "an override is KEY=VALUE, e.g. model.moe.top_k=2")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = table
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"{part} is a value, not a table")
+        node[parts[-1]] = value
+    return table
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file, apply ``KEY=VALUE`` overrides; errors name the file and the key."""
     path = Path(path)
     try:
         with path.open("rb") as fh:
@@ -318,7 +341,7 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(str(path), f"not valid TOML: {err}") from None
     try:
-        return config_from_dict(data)
+        return config_from_dict(apply_overrides(data, overrides or []))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err.key}", err.message) from None
 

@@ -8,24 +8,18 @@ and chrF of the best checkpoint on the held-out test split).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moeformer.config import Config, ConfigError, config_from_dict, config_to_dict
+from moeformer.config import Config, ConfigError, config_to_dict
 from moeformer.data.pipeline import PreparedData, prepare
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.models import build_model
 from moeformer.train.checkpoint import load_weights, read_checkpoint, write_atomic
 from moeformer.train.trainer import Trainer, TrainResult
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 @dataclass
@@ -34,43 +28,6 @@ class RunOutcome:
     data_report: dict[str, Any]
     test_scores: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (source, reference, hypothesis)
-
-
-def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["model.moe.top_k=2", 'data.path="x.tsv"']`` set into a (TOML) dict; values parse as TOML,
-    falling back to a plain string."""
-    table = json.loads(json.dumps(table))  # deep copy
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(item, "an override is KEY=VALUE, e.g. model.moe.top_k=2")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        node = table
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(key, f"{part} is a value, not a table")
-        node[parts[-1]] = value
-    return table
-
-
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            table = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(str(path), "no such config file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(str(path), f"not valid TOML: {err}") from None
-    try:
-        return config_from_dict(apply_overrides(table, overrides or []))
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err.key}", err.message) from None
 
 
 def run_training(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> RunOutcome:
