@@ -1,6 +1,10 @@
-"""Shared fixtures: factories for tiny models built with a fixed seed, in eval mode."""
+"""Shared fixtures: factories for tiny models built with a fixed seed, in eval mode; the real corpora."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +46,17 @@ def make_lm():
         return DecoderLM(config).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Callable[..., Path]:
+    """Locator for a file of the real corpora (MOEFORMER_DATA or ../shared/data); skips when absent."""
+    root = Path(os.environ.get("MOEFORMER_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+    def locate(*parts: str) -> Path:
+        path = root.joinpath(*parts)
+        if not path.exists():
+            pytest.skip(f"real corpus {path} not found; set MOEFORMER_DATA to the folder holding {parts[0]}/")
+        return path
+
+    return locate

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from moeformer.config import ConfigError
 from moeformer.data.cleaning import CleaningConfig, clean_pairs, clean_text
 from moeformer.data.readers import read_tsv
-
-
-def shared_data(*parts: str) -> Path:
-    """A file of the real corpora (MOEFORMER_DATA or ../shared/data), or skip the test."""
-    root = Path(os.environ.get("MOEFORMER_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    path = root.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real corpus {path} not found; set MOEFORMER_DATA to the folder holding {parts[0]}/")
-    return path
 
 
 @pytest.mark.parametrize(
@@ -94,7 +82,7 @@ def test_config_rejects_unknown_and_positional_arguments():
         CleaningConfig("NFKC")  # type: ignore[misc]
 
 
-def test_clean_real_tatoeba():
+def test_clean_real_tatoeba(shared_data):
     """On cmn.txt the defaults keep almost everything, and every kept pair meets the limits."""
     pairs, _ = read_tsv(shared_data("cmn-eng", "cmn.txt"))
     config = CleaningConfig()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from moeformer.data.readers import (
     read_parallel,
     read_tsv,
 )
-
-
-def shared_data(*parts: str) -> Path:
-    """A file of the real corpora (MOEFORMER_DATA or ../shared/data), or skip the test."""
-    root = Path(os.environ.get("MOEFORMER_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    path = root.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real corpus {path} not found; set MOEFORMER_DATA to the folder holding {parts[0]}/")
-    return path
 
 
 def write_bytes(tmp_path: Path, name: str, lines: list[bytes]) -> Path:
@@ -180,7 +170,7 @@ def test_documents_from_a_list_and_a_missing_path(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_tatoeba_cmn_real_file():
+def test_tatoeba_cmn_real_file(shared_data):
     """cmn.txt: 29,391 pairs kept; the one line with a space instead of a tab is reported, not fatal."""
     pairs, report = read_tsv(shared_data("cmn-eng", "cmn.txt"))
     assert report.kept == len(pairs) == 29_391
@@ -189,7 +179,7 @@ def test_tatoeba_cmn_real_file():
     assert all(s and t and "\t" not in s + t for s, t in pairs)
 
 
-def test_tinyshakespeare_real_file():
+def test_tinyshakespeare_real_file(shared_data):
     """input.txt reads as one document equal to the file's text (its final newline aside)."""
     path = shared_data("tinyshakespeare", "input.txt")
     documents, report = read_documents(path)

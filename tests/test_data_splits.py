@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from moeformer.data.readers import read_tsv
 from moeformer.data.splits import key_position, normalize_key, split_indices, split_pairs
-
-
-def shared_data(*parts: str) -> Path:
-    """A file of the real corpora (MOEFORMER_DATA or ../shared/data), or skip the test."""
-    root = Path(os.environ.get("MOEFORMER_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    path = root.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real corpus {path} not found; set MOEFORMER_DATA to the folder holding {parts[0]}/")
-    return path
 
 
 def numbered(n: int) -> list[str]:
@@ -117,7 +106,7 @@ def test_bad_sizes(options, error, message):
         split_indices(numbered(10), **options)
 
 
-def test_tatoeba_test_split_of_a_thousand():
+def test_tatoeba_test_split_of_a_thousand(shared_data):
     """cmn.txt: a test split of >= 1,000 pairs; no English sentence in two splits."""
     pairs, _ = read_tsv(shared_data("cmn-eng", "cmn.txt"))
     splits = split_pairs(pairs, valid=1000, test=1000)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import os
 import socket
 import threading
 import zipfile
@@ -56,15 +55,6 @@ def closed_port_url():
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
-
-
-def shared_data(*parts: str) -> Path:
-    """A file of the real corpora (MOEFORMER_DATA or ../shared/data), or skip the test."""
-    root = Path(os.environ.get("MOEFORMER_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    path = root.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real corpus {path} not found; set MOEFORMER_DATA to the folder holding {parts[0]}/")
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +199,7 @@ def test_download_unreachable(closed_port_url, monkeypatch, tmp_path):
         ("wikitext-2", "test.txt", ("wikitext-2", "test.txt")),
     ],
 )
-def test_recorded_checksums_match_the_shared_copies(corpus, file, shared):
+def test_recorded_checksums_match_the_shared_copies(shared_data, corpus, file, shared):
     """The sha256 recorded for a corpus file is that of the project's verified local copy."""
     remote = next(f for f in CORPORA[corpus].files if f.name == file)
     assert remote.sha256 == sha256_of(shared_data(*shared))

@@ -4,9 +4,7 @@ special ids, saving and loading, on tricky strings and on the real corpora."""
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -36,28 +34,19 @@ TRICKY = [
 SMALL_CORPUS = ["Hello world, hello there.", "我爱北京天安门。", "The river is too wide.", "这条河太宽了。"] * 20
 
 
-def shared_data(*parts: str) -> Path:
-    """A file of the real corpora (MOEFORMER_DATA or ../shared/data), or skip the test."""
-    root = Path(os.environ.get("MOEFORMER_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    path = root.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real corpus {path} not found; set MOEFORMER_DATA to the folder holding {parts[0]}/")
-    return path
-
-
 @pytest.fixture(scope="module")
 def small_bpe() -> BPETokenizer:
     return BPETokenizer.train(SMALL_CORPUS, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
-def cmn_texts() -> list[str]:
+def cmn_texts(shared_data) -> list[str]:
     pairs, _ = read_tsv(shared_data("cmn-eng", "cmn.txt"))
     return [text for pair in pairs for text in pair]
 
 
 @pytest.fixture(scope="module")
-def shakespeare_lines() -> list[str]:
+def shakespeare_lines(shared_data) -> list[str]:
     return shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8").split("\n")[:5000]
 
 

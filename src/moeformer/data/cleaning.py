@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from moeformer.data.readers import ReadReport
 from moeformer.validation import ConfigError, check_field_types
 
 Pair = tuple[str, str]
@@ -53,19 +54,10 @@ class CleaningConfig:
 
 
 @dataclass
-class CleaningReport:
+class CleaningReport(ReadReport):
     """Pairs kept, pairs dropped by reason, and how many kept pairs the clean-up changed."""
 
-    kept: int = 0
     changed: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
-    @property
-    def n_rejected(self) -> int:
-        return sum(self.rejected.values())
 
 
 def clean_text(text: str, unicode_form: Literal["NFKC", "NFC", "none"] = "NFKC") -> str:

@@ -86,6 +86,7 @@ class Trainer:
         self.position = (0, 0)  # (epoch, index of the next batch in that epoch)
         self.best_loss = math.inf
         self.last_checkpoint: Path | None = None
+        self._last_loads: dict[str, Tensor] = {}  # tokens per expert in the last update, by layer
 
     # -- state ------------------------------------------------------------------------------
     def resume(self, ckpt: Checkpoint) -> None:
@@ -217,7 +218,7 @@ class Trainer:
 
     def _balance(self) -> dict[str, float]:
         """max / mean tokens per expert over the MoE layers of the last update (1.0 = balanced)."""
-        loads = getattr(self, "_last_loads", {})
+        loads = self._last_loads
         if not loads:
             return {}
         ratios = [float(v.max() / v.mean().clamp_min(1e-9)) for v in loads.values()]
