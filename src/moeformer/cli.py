@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from moeformer.cli_refusal import add_refusal_commands
 from moeformer.config import ConfigError
 from moeformer.data.download import DownloadError
 from moeformer.train.checkpoint import CheckpointError
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
     presets = sub.add_parser("presets", help="list the named model sizes")
     presets.set_defaults(run=_presets)
+    add_refusal_commands(sub)
     return parser
 
 

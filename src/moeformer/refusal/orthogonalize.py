@@ -1,0 +1,84 @@
+"""Weight orthogonalization (Arditi et al. 2024, section 4.1): bake directional ablation into the weights.
+
+Every matrix that writes to the residual stream is replaced by W_out <- W_out - r_hat r_hat^T W_out
+(and every such bias b <- b - r_hat r_hat^T b): the embedding, each attention output projection,
+each MLP / routed expert / shared expert down projection. No component can then write along
+r_hat, which is what ablating it at every layer does, so the edited model computes the same
+function as the hook-ablated one without any hook.
+
+Tied input/output embeddings are untied first: the output layer reads the (normed) residual
+stream and must keep its original weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moeformer.refusal.interventions import edit_sites, unit
+from moeformer.refusal.lm import Batch, ChatLM, RefusalError
+
+
+@dataclass
+class Orthogonalized:
+    edited: list[str]  # names of the tensors changed
+    untied: bool  # whether tied embeddings had to be split
+    leak: float  # max |x . r_hat| / ||x|| over the residual stream of a check prompt (should be ~0)
+
+
+@torch.no_grad()
+def orthogonalize_weights(lm: ChatLM, direction: Tensor) -> tuple[list[str], bool]:
+    """Edit ``lm.model`` in place; returns the edited tensor names and whether embeddings were untied."""
+    r_hat = unit(lm.check_direction(direction))
+    writers = lm.writer_weights()  # may refuse (post-norm, sinusoidal positions) before anything changes
+    untied = lm.untie_embeddings()
+    for w in writers:
+        moved = w.param.data.movedim(w.axis, -1)
+        edited = moved.float() - (moved.float() @ r_hat).unsqueeze(-1) * r_hat
+        moved.copy_(edited.to(moved.dtype))
+    return [w.name for w in writers], untied
+
+
+@torch.no_grad()
+def residual_leak(lm: ChatLM, batch: Batch, direction: Tensor) -> float:
+    """Largest |x . r_hat| / ||x|| over real tokens at every layer's input and after the last layer."""
+    r_hat = unit(lm.check_direction(direction))
+    worst = torch.zeros((), device=lm.device)
+
+    def measure(x: Tensor) -> Tensor:
+        nonlocal worst
+        xf = x.float()[batch.mask] if x.shape[:2] == batch.mask.shape else x.float().reshape(-1, x.shape[-1])
+        ratio = (xf @ r_hat).abs() / xf.norm(dim=-1).clamp_min(1e-12)
+        worst = torch.maximum(worst, ratio.max())
+        return x
+
+    with edit_sites(lm.layer_sites() + [lm.final_site()], measure):
+        lm.forward_logits(batch)
+    return float(worst)
+
+
+def orthogonalize(
+    lm: ChatLM, direction: Tensor, check_prompts: list[str], *, tolerance: float | None = None
+) -> Orthogonalized:
+    """Orthogonalize in place, then verify on ``check_prompts`` that nothing writes along r_hat.
+
+    tolerance: the largest |cos(x, r_hat)| accepted; default 1e-4 for float32 weights, 1e-2 for
+    16-bit ones (rounding the edited weights back to 16 bits leaves a small component).
+
+    Raises RefusalError when some component still writes along the direction (an architecture
+    whose residual writers this module does not know, e.g. norms after each sublayer).
+    """
+    if tolerance is None:
+        tolerance = 1e-4 if next(lm.model.parameters()).dtype in (torch.float32, torch.float64) else 1e-2
+    edited, untied = orthogonalize_weights(lm, direction)
+    leak = residual_leak(lm, lm.batch(check_prompts), direction)
+    if leak > tolerance:
+        raise RefusalError(
+            f"after orthogonalizing {len(edited)} tensors the residual stream of this {lm.family} model still has "
+            f"a component along the direction (|cos| up to {leak:.2e} > {tolerance:g}): some component writes to "
+            "the residual stream in a way weight orthogonalization cannot remove (e.g. a norm after each sublayer); "
+            "use hook-based ablation for it"
+        )
+    return Orthogonalized(edited, untied, leak)
