@@ -82,9 +82,10 @@ def hf_model(family: str, seed: int = 0, **extra):
 
 def hf_chat_lm(family: str, seed: int = 0, **extra) -> HFChatLM:
     model, tok = hf_model(family, seed, **extra)
-    fmt = PromptFormat.from_chat_template(
-        lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    )
+    def render(text: str) -> str:
+        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+    fmt = PromptFormat.from_chat_template(render)
     return HFChatLM(model, tok, fmt)
 
 
@@ -99,6 +100,49 @@ def native_chat_lm(seed: int = 0, moe: bool = True, **overrides) -> NativeChatLM
     tok = CharTokenizer.train([" ".join(WORDS) + " ?:\nUA"])
     torch.manual_seed(seed)
     if moe:
-        overrides.setdefault("moe", {"kind": "deepseek", "n_experts": 6, "top_k": 2, "expert_hidden": 16, "n_shared": 1})
+        moe = {"kind": "deepseek", "n_experts": 6, "top_k": 2, "expert_hidden": 16, "n_shared": 1}
+        overrides.setdefault("moe", moe)
     config = preset("lm-tiny", vocab_size=tok.vocab_size, n_layers=3, max_seq_len=128, **overrides)
     return NativeChatLM(DecoderLM(config).eval(), tok, PromptFormat.from_template("U: {instruction}\nA:"))
+
+
+OTHER = ["how", "do", "i", "make", "a", "the", "tell", "explain", "write", "about"]
+PLANTED_HARMFUL = [f"{a} {b} bomb" for a in OTHER for b in OTHER]
+PLANTED_HARMLESS = [f"{a} {b} cake" for a in OTHER for b in OTHER]  # same words, other marker
+
+
+@torch.no_grad()
+def planted_llama(seed: int = 0) -> tuple[HFChatLM, torch.Tensor]:
+    """A 3-layer Llama whose residual stream differs between the two planted prompt sets only along
+    a known unit vector v, and which says "sorry" when v is present: a toy refusal direction.
+
+    All embeddings have norm 1, so the first RMSNorm scales every token alike; layer 0's queries
+    are zero, so its attention averages (identity value and output maps) the normalised prefix;
+    every other writer is zero. The markers "bomb" / "cake" are u cos(t) +- v sin(t), u orthogonal
+    to v: the eoi positions of paired prompts differ by a multiple of v from layer 1 on. The
+    output row of "sorry" is 20 v, so its logit has the sign of the prompt's v component.
+    """
+    lm = hf_chat_lm("llama", seed, num_key_value_heads=4)
+    model, tok, D = lm.model, lm.tokenizer, lm.d_model
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(len(tok), D, generator=g)
+    emb /= emb.norm(dim=-1, keepdim=True)
+    v = torch.randn(D, generator=g)
+    v /= v.norm()
+    u = torch.randn(D, generator=g)
+    u -= (u @ v) * v
+    u /= u.norm()
+    bomb, cake, sorry = (tok.convert_tokens_to_ids(w) for w in ("bomb", "cake", "sorry"))
+    emb[bomb], emb[cake] = 0.6 * u + 0.8 * v, 0.6 * u - 0.8 * v
+    model.get_input_embeddings().weight.copy_(emb)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        attn.q_proj.weight.zero_()
+        attn.v_proj.weight.copy_(torch.eye(D))
+        attn.o_proj.weight.copy_(torch.eye(D) if i == 0 else torch.zeros(D, D))
+        layer.mlp.down_proj.weight.zero_()
+    head = torch.randn(len(tok), D, generator=g) * 0.3
+    head -= (head @ v)[:, None] * v  # only "sorry" reads v
+    head[sorry] = 20 * v
+    model.lm_head.weight.copy_(head)
+    return lm, v

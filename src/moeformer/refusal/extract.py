@@ -1,0 +1,194 @@
+"""The paper's extraction pipeline end to end, and its files.
+
+    result = extract(lm, harmful_train, harmless_train, harmful_val, harmless_val, ExtractOptions())
+    save_extraction(result, "out/llama-refusal")
+
+Steps (Arditi et al. 2024, section 2 and appendix C): sample n_train / n_val prompts per side;
+optionally keep only the harmful train prompts the model refuses (metric > 0) and the harmless
+ones it does not (metric < 0); candidate directions by difference in means; score, filter and
+choose on the validation prompts.
+
+Files written to the output directory (atomically, as one directory rename):
+  direction.safetensors   the chosen direction ("direction", (d_model,)) with its position and layer
+  candidates.safetensors  every candidate ("directions", (n_eoi, n_layers, d_model)) and both means
+  scores.json             bypass / induce / kl of every candidate, why each was discarded
+  summary.json            the choice, the baseline metrics, prompt counts, options, the model
+  scores.png              the three scores over layers, one line per eoi position
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+from moeformer.refusal.directions import Candidates, candidate_directions
+from moeformer.refusal.instructions import sample_instructions
+from moeformer.refusal.lm import ChatLM, RefusalError
+from moeformer.refusal.selection import Selection, last_logits, refusal_metric, refusal_token_ids, select_direction
+
+DIRECTION_FILE = "direction.safetensors"
+
+
+@dataclass
+class ExtractOptions:
+    n_train: int = 128  # per side, as in the paper
+    n_val: int = 32
+    batch_size: int = 32
+    seed: int = 0
+    filter_train: bool = True
+    refusal_tokens: list[str] | None = None  # default: the family's (see selection.REFUSAL_TOKENS)
+    max_layer_fraction: float = 0.8
+    kl_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_val", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RefusalError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.max_layer_fraction <= 1:
+            raise RefusalError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
+        if self.kl_threshold <= 0:
+            raise RefusalError(f"kl_threshold must be > 0, got {self.kl_threshold}")
+
+
+@dataclass
+class Extraction:
+    candidates: Candidates
+    selection: Selection
+    counts: dict[str, int]  # prompts used per split after sampling and filtering
+    options: ExtractOptions
+    model: dict[str, Any] = field(default_factory=dict)  # family, layers, hidden size, source
+
+
+def filter_by_refusal(
+    lm: ChatLM, instructions: Sequence[str], refusal_ids: Sequence[int], *, refused: bool, batch_size: int
+) -> list[str]:
+    """Keep the instructions whose refusal metric is > 0 (``refused``) or < 0 (not refused)."""
+    metric = refusal_metric(last_logits(lm, instructions, batch_size=batch_size), refusal_ids)
+    keep = metric > 0 if refused else metric < 0
+    return [text for text, k in zip(instructions, keep.tolist()) if k]
+
+
+def extract(
+    lm: ChatLM,
+    harmful_train: Sequence[str],
+    harmless_train: Sequence[str],
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    options: ExtractOptions | None = None,
+    *,
+    progress: bool = False,
+) -> Extraction:
+    """Candidates from the train prompts, the chosen direction from the validation prompts."""
+    o = options or ExtractOptions()
+    refusal_ids = refusal_token_ids(lm, o.refusal_tokens)
+    splits = {
+        "harmful_train": sample_instructions(list(harmful_train), o.n_train, o.seed),
+        "harmless_train": sample_instructions(list(harmless_train), o.n_train, o.seed),
+        "harmful_val": sample_instructions(list(harmful_val), o.n_val, o.seed),
+        "harmless_val": sample_instructions(list(harmless_val), o.n_val, o.seed),
+    }
+    if o.filter_train:
+        for name, refused in (("harmful_train", True), ("harmless_train", False)):
+            kept = filter_by_refusal(lm, splits[name], refusal_ids, refused=refused, batch_size=o.batch_size)
+            if not kept:
+                raise RefusalError(
+                    f"filtering left no {name} prompts (the model {'refuses none' if refused else 'refuses all'} "
+                    "of them by the refusal-token metric); check --refusal-tokens and the template, or --no-filter"
+                )
+            splits[name] = kept
+    candidates = candidate_directions(
+        lm, splits["harmful_train"], splits["harmless_train"], batch_size=o.batch_size, progress=progress
+    )
+    selection = select_direction(
+        lm, candidates, splits["harmful_val"], splits["harmless_val"], refusal_ids,
+        batch_size=o.batch_size, max_layer_fraction=o.max_layer_fraction, kl_threshold=o.kl_threshold,
+        progress=progress,
+    )  # fmt: skip
+    model = {"family": lm.family, "n_layers": lm.n_layers, "d_model": lm.d_model, "n_eoi": lm.n_eoi,
+             "refusal_token_ids": refusal_ids}  # fmt: skip
+    return Extraction(candidates, selection, {k: len(v) for k, v in splits.items()}, o, model)
+
+
+def prepare_output(out: str | Path, *, force: bool) -> tuple[Path, Path]:
+    """(final, temporary) directories; refuses an existing ``out`` unless ``force``."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise RefusalError(f"{out} already exists; choose another --out or pass --force to replace it")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return out, tmp
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished temporary directory into place; an old ``out`` is removed only then."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def save_extraction(result: Extraction, out: str | Path, *, force: bool = False, plot: bool = True) -> Path:
+    """Write the files listed in the module docstring; nothing is written if anything fails."""
+    out, tmp = prepare_output(out, force=force)
+    s, c = result.selection, result.candidates
+    chosen = s.chosen
+    meta = {"position": str(chosen.position), "layer": str(chosen.layer), "family": result.model.get("family", "")}
+    safetensors.torch.save_file({"direction": s.direction.contiguous()}, str(tmp / DIRECTION_FILE), metadata=meta)
+    safetensors.torch.save_file(
+        {"directions": c.directions.contiguous(), "harmful_mean": c.harmful_mean.contiguous(),
+         "harmless_mean": c.harmless_mean.contiguous()},
+        str(tmp / "candidates.safetensors"),
+    )  # fmt: skip
+    (tmp / "scores.json").write_text(json.dumps([x.to_dict() for x in s.scores], indent=1), encoding="utf-8")
+    summary = {
+        "chosen": chosen.to_dict(),
+        "direction_norm": float(s.direction.norm()),
+        "baseline_refusal_metric": {"harmful_val": s.baseline_harmful, "harmless_val": s.baseline_harmless},
+        "counts": result.counts,
+        "options": asdict(result.options),
+        "model": result.model,
+    }
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    if plot:
+        from moeformer.refusal.plots import plot_scores
+
+        plot_scores(s.scores, tmp / "scores.png", chosen=chosen)
+    publish(tmp, out)
+    return out
+
+
+def load_direction(path: str | Path) -> tuple[Tensor, int | None]:
+    """(direction, layer) from an extraction directory or a direction .safetensors / .pt file."""
+    path = Path(path)
+    file = path / DIRECTION_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise RefusalError(f"{path}: no direction file (expected a directory with {DIRECTION_FILE} or a file)")
+    if file.suffix == ".pt":
+        direction, layer = torch.load(file, map_location="cpu", weights_only=True), None
+    else:
+        try:
+            with safetensors.safe_open(str(file), "pt") as f:
+                meta = f.metadata() or {}
+                if "direction" not in f.keys():
+                    raise RefusalError(f"{file}: no tensor named 'direction' (found {list(f.keys())})")
+                direction = f.get_tensor("direction")
+        except safetensors.SafetensorError as err:
+            raise RefusalError(f"{file}: unreadable safetensors file ({err})") from None
+        layer = int(meta["layer"]) if "layer" in meta else None
+    if not isinstance(direction, Tensor):
+        raise RefusalError(f"{file}: does not hold a tensor")
+    return direction.float(), layer
