@@ -68,6 +68,14 @@ class Extraction:
     model: dict[str, Any] = field(default_factory=dict)  # family, layers, hidden size, source
 
 
+def holdout(items: Sequence[str], n_val: int, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val): ``n_val`` instructions drawn for validation, the rest for training."""
+    if len(items) <= n_val:
+        raise RefusalError(f"{len(items)} instructions cannot be split into train and {n_val} validation ones")
+    val = set(sample_instructions(list(range(len(items))), n_val, seed))
+    return [t for i, t in enumerate(items) if i not in val], [t for i, t in enumerate(items) if i in val]
+
+
 def filter_by_refusal(
     lm: ChatLM, instructions: Sequence[str], refusal_ids: Sequence[int], *, refused: bool, batch_size: int
 ) -> list[str]:

@@ -36,3 +36,26 @@ def plot_scores(scores: Sequence[CandidateScore], path: Path, *, chosen: Candida
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_routing(layers: Sequence[dict], path: Path) -> None:
+    """Heat map of routing frequency differences (harmful - harmless, and harmful ablated - harmful)
+    per MoE layer (rows) and expert (columns), from :meth:`LayerRouting.to_dict` entries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    diff = np.array([np.array(r["harmful"]) - np.array(r["harmless"]) for r in layers])
+    moved = np.array([np.array(r["harmful_ablated"]) - np.array(r["harmful"]) for r in layers])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.35 * len(layers)), constrained_layout=True)
+    for ax, data, title in ((axes[0], diff, "harmful - harmless"), (axes[1], moved, "harmful: ablated - baseline")):
+        limit = max(float(np.abs(data).max()), 1e-6)
+        image = ax.imshow(data, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_yticks(range(len(layers)), [f"layer {r['layer']}" for r in layers])
+        ax.set_xlabel("expert")
+        ax.set_title(f"routing frequency, {title}", fontsize=10)
+        fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
