@@ -60,6 +60,21 @@ def hf_config(family: str, vocab_size: int, **extra):
             **common, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
             num_experts_per_tok=2, decoder_sparse_step=1,
         )  # fmt: skip
+    if family == "mistral":
+        return t.MistralConfig(**common)
+    if family in ("gemma", "gemma2"):
+        config = t.GemmaConfig if family == "gemma" else t.Gemma2Config
+        return config(**common, head_dim=8)
+    if family == "qwen3_moe":
+        return t.Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                decoder_sparse_step=1, head_dim=8)  # fmt: skip
+    if family == "deepseek_v2":
+        common["num_key_value_heads"] = 4
+        return t.DeepseekV2Config(
+            **common, moe_intermediate_size=16, first_k_dense_replace=1, n_routed_experts=4, n_group=1, topk_group=1,
+            num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, topk_method="greedy",
+        )  # fmt: skip
     if family == "deepseek_v3":
         common["num_key_value_heads"] = 4
         return t.DeepseekV3Config(
@@ -70,7 +85,7 @@ def hf_config(family: str, vocab_size: int, **extra):
     raise ValueError(family)
 
 
-HF_FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "deepseek_v3")
+HF_FAMILIES = ("llama", "qwen2", "mistral", "gemma", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
 
 def hf_model(family: str, seed: int = 0, **extra):

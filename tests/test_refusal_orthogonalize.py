@@ -40,13 +40,23 @@ def test_orthogonalized_weights_equal_hook_ablation(name, single_thread):
     assert any("embed" in n for n in result.edited)
 
 
-@pytest.mark.parametrize("name", ("mixtral", "qwen2_moe", "deepseek_v3", "moeformer"))
+@pytest.mark.parametrize("name", ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "moeformer"))
 def test_every_expert_and_shared_expert_is_edited(name):
     lm = _lm(name)
     names = [w.name for w in lm.writer_weights()]
     assert any("experts.down_proj" in n for n in names), names
-    if name != "mixtral":
+    if name not in ("mixtral", "qwen3_moe"):
         assert any("shared_expert" in n for n in names), names
+
+
+def test_a_norm_after_each_sublayer_is_refused_clearly():
+    lm = hf_chat_lm("gemma2")  # Gemma-2 normalises attention / MLP outputs before adding them
+    with torch.no_grad():  # trained norm weights are not uniform (fresh ones are, which would keep r out)
+        for name, p in lm.model.named_parameters():
+            if "layernorm" in name:
+                p.normal_(0, 0.5)
+    with pytest.raises(RefusalError, match="still has a component"):
+        orthogonalize(lm, torch.randn(lm.d_model), PROMPTS)
 
 
 def test_tied_embeddings_are_untied_and_the_output_layer_kept():
