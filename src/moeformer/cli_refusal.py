@@ -75,10 +75,11 @@ def _eval(args: argparse.Namespace) -> int:
     harmful = sample_instructions(load_instructions(args.harmful, field=args.field), args.n, args.seed)
     harmless = sample_instructions(load_instructions(args.harmless, field=args.field), args.n, args.seed)
     substrings = load_substrings(args.substrings) if args.substrings else REFUSAL_SUBSTRINGS
+    loss_texts = load_instructions(args.loss_texts) if args.loss_texts else None
     if args.out:
         prepare_output(args.out, force=args.force)
     lm = load_chat_lm(args.model, template=args.template, dtype=args.dtype, device=args.device)
-    report = evaluate(lm, direction, layer, harmful, harmless, conditions=args.conditions,
+    report = evaluate(lm, direction, layer, harmful, harmless, conditions=args.conditions, loss_texts=loss_texts,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, substrings=substrings,
                       progress=not args.quiet)  # fmt: skip
     data = report.to_dict()
@@ -163,6 +164,7 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--conditions", nargs="+", default=["baseline", "ablation", "actadd", "orthogonalized"])
     ev.add_argument("--substrings", metavar="FILE", help="refusal phrases, one per line (default: the paper's)")
+    ev.add_argument("--loss-texts", metavar="FILE", help="texts for the loss column (default: the harmless prompts)")
     ev.add_argument("--out", type=Path, help="write eval.json (every completion), eval.md and routing.png here")
     ev.add_argument("--force", action="store_true")
     ev.set_defaults(run=_eval)
