@@ -56,6 +56,7 @@ class MoELayer(nn.Module):
             if config.n_shared
             else None
         )
+        self.expert_parallel: nn.Module | None = None  # set by moe.parallel.shard_experts
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> FFNOutput:
         """x: (B, T, D); padding_mask: (B, T) True at padding (not routed, left out of the losses)."""
@@ -76,7 +77,10 @@ class MoELayer(nn.Module):
             n_real = B * T if real is None else int(real.sum())
             capacity = math.ceil(self.config.capacity_factor * n_real * self.router.top_k / self.router.n_experts)
             routing, dropped = apply_capacity(routing, capacity)
-        out = self.experts(flat, routing.index, routing.weights)
+        if self.expert_parallel is None:
+            out = self.experts(flat, routing.index, routing.weights)
+        else:
+            out = self.expert_parallel(flat, routing.index, routing.weights, self.experts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat).output
         aux, stats = self._losses_and_stats(routing, chosen, dropped, real, B, T)
@@ -98,7 +102,8 @@ class MoELayer(nn.Module):
         if c.balance_loss:
             weighted["balance"] = c.balance_loss * terms["balance"]
         if c.device_loss:
-            terms["device_balance"] = losses.device_balance_loss(scores, chosen, c.n_devices)
+            devices = c.n_devices if self.expert_parallel is None else self.expert_parallel.size
+            terms["device_balance"] = losses.device_balance_loss(scores, chosen, devices)
             weighted["device_balance"] = c.device_loss * terms["device_balance"]
         if c.seq_balance_loss:
             token_mask = None if real is None else real.view(B, T)
