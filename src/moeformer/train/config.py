@@ -33,6 +33,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    world_size: int | None = None  # processes torchrun must start (None: any); checked at start-up
+    dist_timeout_s: float = 600.0  # a collective waiting longer (a dead rank) ends the run with an error
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -62,5 +64,9 @@ class TrainConfig:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ConfigError("clip_grad", f"must be positive (or absent for no clipping), got {self.clip_grad}")
+        if self.world_size is not None and self.world_size < 1:
+            raise ConfigError("world_size", f"must be >= 1 (or absent), got {self.world_size}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError("dist_timeout_s", f"must be positive, got {self.dist_timeout_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError("max_minutes", f"must be positive, got {self.max_minutes}")

@@ -19,6 +19,7 @@ from moeformer.data.pipeline import PreparedData, prepare
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.models import build_model
 from moeformer.train.checkpoint import load_weights, read_checkpoint, write_atomic
+from moeformer.train.distributed import Distributed, init_distributed
 from moeformer.train.trainer import Trainer, TrainResult
 
 
@@ -31,20 +32,28 @@ class RunOutcome:
 
 
 def run_training(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> RunOutcome:
-    torch.manual_seed(config.train.seed)
+    """Train as one process, or as one rank of a torchrun launch (rank 0 writes every file)."""
+    ctx = init_distributed(expected_world_size=config.train.world_size, timeout_s=config.train.dist_timeout_s)
+    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     ckpt = read_checkpoint(run_dir, which="latest") if resume else None
     tokenizers = TokenizerPair.from_dict(ckpt.meta["tokenizer"]) if ckpt else None
     prepared = prepare(config, tokenizers)
-    device = _device(config.train.device)
+    device = _device(config.train.device, ctx)
     model = build_model(prepared.model_config).to(device)
-    trainer = Trainer(model, _to_device(prepared, device), config.train, run_dir, progress=progress)
+    trainer = Trainer(
+        model, _to_device(prepared, device), config.train, run_dir, progress=progress, distributed=ctx
+    )
     if ckpt is not None:
         trainer.resume(ckpt)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_info = {"config": prepared.task.meta["config"], "data": prepared.report}
-    write_atomic(run_dir / "run.json", json.dumps(run_info, ensure_ascii=False, indent=1))
+    main = ctx is None or ctx.main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_info = {"config": prepared.task.meta["config"], "data": prepared.report}
+        write_atomic(run_dir / "run.json", json.dumps(run_info, ensure_ascii=False, indent=1))
     result = trainer.train()
     outcome = RunOutcome(result, prepared.report)
+    if not main:
+        return outcome
     if prepared.test_pairs:
         _score_test(outcome, prepared, model, run_dir, config)
     summary = {
@@ -77,7 +86,9 @@ def _score_test(
     outcome.samples = list(zip(sources, refs, hyps))[:10]
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, ctx: Distributed | None = None) -> torch.device:
+    if name == "auto" and ctx is not None and torch.cuda.is_available():
+        return torch.device("cuda", ctx.local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -9,6 +9,10 @@ checkpoint; every ``save_every`` updates, and at the end, it saves the latest.
 Resuming restores weights (balancing biases included), optimiser, schedule, the torch RNG and
 the position in the data, so that on a CPU the losses after ``--resume`` equal those of an
 uninterrupted run. A NaN or inf loss stops the run with the step and the last good checkpoint.
+
+With several processes (see :mod:`moeformer.train.distributed`) the model runs under
+DistributedDataParallel, each rank takes its shard of every epoch's batches, and rank 0 alone
+logs, evaluates and saves.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +34,7 @@ from tqdm.auto import tqdm
 from moeformer.moe.balancing import LoadTracker
 from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
+from moeformer.train.distributed import Distributed, reduce_loads
 from moeformer.train.loss import smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
 from moeformer.train.schedule import lr_multiplier, noam_peak
@@ -67,11 +73,21 @@ class TrainingTask:
 
 class Trainer:
     def __init__(
-        self, model: nn.Module, task: TrainingTask, config: TrainConfig, run_dir: Path, *, progress: bool = True
+        self,
+        model: nn.Module,
+        task: TrainingTask,
+        config: TrainConfig,
+        run_dir: Path,
+        *,
+        progress: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         self.model, self.task, self.config, self.run_dir = model, task, config, Path(run_dir)
-        self.progress = progress
+        self.dist = distributed
+        self.main = distributed is None or distributed.main
+        self.progress = progress and self.main
         self.device = next(model.parameters()).device
+        self.forward = model if distributed is None else _data_parallel(model, self.device)
         peak = noam_peak(model.config.d_model, config.warmup_steps) if config.schedule == "noam" else config.lr
         self.optimizer = build_optimizer(
             model, lr=peak, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2), eps=config.adam_eps
@@ -119,6 +135,8 @@ class Trainer:
         epoch, index = self.position
         while True:
             batches = self.task.train_batches(epoch)
+            if self.dist is not None:
+                batches = self.dist.shard(batches)
             if not batches:
                 raise ValueError("the training set produced no batches: is it empty after cleaning?")
             while index < len(batches):
@@ -130,13 +148,15 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         result = TrainResult(step=self.step)
         stream, tracker = self._stream(), LoadTracker()
         start, tokens_seen, window_start = time.monotonic(), 0, time.monotonic()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.progress, unit="step")
-        board = _tensorboard(self.run_dir)
-        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log:
+        board = _tensorboard(self.run_dir) if self.main else None
+        log_path = self.run_dir / "metrics.jsonl" if self.main else Path(os.devnull)
+        with log_path.open("a", encoding="utf-8") as log:
             while self.step < cfg.steps:
                 loss, nll, aux, n_tokens = self._update(stream, tracker)
                 self.step += 1
@@ -164,7 +184,12 @@ class Trainer:
                         tok_s=f"{row['tokens_per_s']:.0f}",
                         load=f"{row.get('max_over_mean_load', 1.0):.2f}",
                     )
-                out_of_time = cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes
+                out_of_time = self._out_of_time(start)
+                if not self.main:  # rank 0 evaluates and saves; the others wait at the next collective
+                    if out_of_time:
+                        result.stopped_by = "max_minutes"
+                        break
+                    continue
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:
                     evaluation = self._evaluate()
                     result.evals.append(evaluation)
@@ -186,26 +211,38 @@ class Trainer:
         result.step = self.step
         return result
 
+    def _out_of_time(self, start: float) -> bool:
+        """Whether the time budget is spent; with several ranks, rank 0's clock decides for all."""
+        if self.config.max_minutes is None:
+            return False
+        flag = torch.tensor(float(time.monotonic() - start > 60 * self.config.max_minutes), device=self.device)
+        if self.dist is not None:
+            torch.distributed.broadcast(flag, 0)
+        return bool(flag)
+
     def _update(self, stream: Iterator[Batch], tracker: LoadTracker) -> tuple[float, float, float, int]:
         """One optimiser update over ``grad_accum`` micro-batches; returns mean loss terms."""
         cfg = self.config
         self.model.train()
-        totals, n_tokens = torch.zeros(3), 0
+        totals, n_tokens = torch.zeros(4), 0
         for _ in range(cfg.grad_accum):
             batch = next(stream)
+            share = self._token_share(batch.n_tokens)
             with self._autocast():
-                out = self.model(**batch.inputs)
+                out = self.forward(**batch.inputs)
                 loss, nll = smoothed_cross_entropy(
                     out.logits, batch.target, pad_id=self.task.pad_id, eps=cfg.label_smoothing
                 )
-                total = loss + out.aux_loss
-            if not torch.isfinite(total):
-                where = self.last_checkpoint or "none saved yet"
-                raise TrainingDiverged(f"loss is {total.item()} at step {self.step + 1}; last good checkpoint: {where}")
+                total = loss * share + out.aux_loss
+            self._check_finite(total)
             (total / cfg.grad_accum).backward()
             tracker.add(out.reports.stats)
-            totals += torch.tensor([loss.item(), nll.item(), out.aux_loss.detach().item()])
+            totals += torch.tensor([loss.item() * share, nll.item() * share, out.aux_loss.detach().item(), 1.0])
             n_tokens += batch.n_tokens
+        if self.dist is not None:  # the global means, for the log
+            totals = self.dist.sum(totals) / self.dist.world_size
+            n_tokens = int(self.dist.sum(torch.tensor(n_tokens)))
+            tracker.loads = reduce_loads(tracker.loads, self.dist)
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.optimizer.step()
@@ -213,8 +250,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._last_loads = dict(tracker.loads)
         tracker.update_biases(self.model)
-        loss, nll, aux = (totals / cfg.grad_accum).tolist()
+        loss, nll, aux = (totals[:3] / cfg.grad_accum).tolist()
         return loss, nll, aux, n_tokens
+
+    def _token_share(self, n_tokens: int) -> float:
+        """world_size * this rank's share of the micro-batch's tokens: DDP's gradient average then
+        weighs every token of the global batch equally, as one process would (1.0 on one process)."""
+        if self.dist is None:
+            return 1.0
+        total = float(self.dist.sum(torch.tensor(float(n_tokens))))
+        return n_tokens * self.dist.world_size / max(total, 1.0)
+
+    def _check_finite(self, total: Tensor) -> None:
+        bad = torch.tensor(float(not torch.isfinite(total)))
+        if self.dist is not None:  # every rank stops together, none waits for a dead peer
+            bad = self.dist.sum(bad)
+        if bad > 0:
+            where = self.last_checkpoint or "none saved yet"
+            raise TrainingDiverged(f"loss is {total.item()} at step {self.step + 1}; last good checkpoint: {where}")
 
     def _balance(self) -> dict[str, float]:
         """max / mean tokens per expert over the MoE layers of the last update (1.0 = balanced)."""
@@ -245,6 +298,13 @@ class Trainer:
         if self.config.precision != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def _tensorboard(run_dir: Path):  # noqa: ANN202

@@ -1,0 +1,100 @@
+"""Data-parallel training over 2 CPU processes (gloo, DistributedDataParallel) equals one process
+training on the same global batches: losses, weights and the aux-loss-free balancing biases."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moeformer import DecoderLM, preset
+from moeformer.train.config import TrainConfig
+from moeformer.train.distributed import Distributed, init_distributed, reduce_loads
+from moeformer.train.trainer import Batch, Trainer, TrainingTask
+from moeformer.validation import ConfigError
+
+VOCAB, STEPS = 29, 4
+
+
+def _batches() -> list[Batch]:
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for i in range(2 * STEPS):
+        tokens = torch.randint(1, VOCAB, (2, 12), generator=g)
+        target = torch.randint(1, VOCAB, (2, 12), generator=g)
+        target[:, : i % 5] = 0  # padding: the ranks see different numbers of real tokens
+        out.append(Batch({"tokens": tokens}, target, n_tokens=int((target != 0).sum())))
+    return out
+
+
+def _merged() -> list[Batch]:
+    b = _batches()
+    return [
+        Batch({"tokens": torch.cat([b[i].inputs["tokens"], b[i + 1].inputs["tokens"]])},
+              torch.cat([b[i].target, b[i + 1].target]), b[i].n_tokens + b[i + 1].n_tokens)
+        for i in range(0, len(b), 2)
+    ]  # fmt: skip
+
+
+def _model() -> DecoderLM:
+    torch.manual_seed(0)
+    moe = {"kind": "deepseek", "n_experts": 4, "top_k": 2, "expert_hidden": 16, "n_shared": 1,
+           "bias_update_rate": 0.01, "score": "sigmoid"}  # fmt: skip
+    return DecoderLM(preset("lm-tiny", vocab_size=VOCAB, dropout=0.0, moe=moe))
+
+
+def _train(batches: list[Batch], run_dir, ctx: Distributed | None):
+    model = _model()
+    task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1])
+    config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=100,
+                         label_smoothing=0.1)  # fmt: skip
+    result = Trainer(model, task, config, run_dir, progress=False, distributed=ctx).train()
+    return model, [row["loss"] for row in result.metrics]
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    ctx = init_distributed(expected_world_size=2, timeout_s=60)
+    try:
+        model, losses = _train(_batches(), os.path.join(tmp, "ddp"), ctx)
+        if rank == 0:
+            ref_model, ref_losses = _train(_merged(), os.path.join(tmp, "single"), None)
+            assert len(losses) == STEPS
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=1e-5, rtol=0)
+            ref = ref_model.state_dict()
+            for name, value in model.state_dict().items():
+                torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+            assert ref_model.layers[0].ffn.router.expert_bias.abs().sum() > 0  # the biases did move
+            assert os.path.exists(os.path.join(tmp, "ddp", "metrics.jsonl"))  # written by rank 0 only
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_equals_one_process_on_the_global_batch(tmp_path):
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+
+
+def test_shards_do_not_overlap_and_have_equal_length():
+    batches = list(range(11))
+    shards = [Distributed(r, 3, r).shard(batches) for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+
+
+def test_world_size_mismatch_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="asks for 2 processes but 1 were started"):
+        init_distributed(expected_world_size=2)
+    assert init_distributed() is None
+    assert reduce_loads({"a": torch.ones(2)}, None)["a"].tolist() == [1.0, 1.0]
