@@ -11,9 +11,8 @@ travel to the experts they chose and back. With ``ep`` ranks and E experts, rank
 4. run the local experts on the received rows with the same grouped kernels as one device;
 5. send the outputs back along the reverse split, scale by the gate weights, add them up.
 
-Both transfers are :func:`torch.distributed.nn.functional.all_to_all_single`, which is
-differentiable, so the backward sends the gradients along the same routes. The router, shared
-experts and the rest of the model stay replicated (data parallel across the group).
+Both transfers are torch's differentiable functional ``all_to_all_single`` (as torchtitan
+uses), so the backward sends the gradients along the same routes. The router, shared experts and the rest of the model stay replicated (data parallel across the group).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moeformer.moe.experts import Experts
 
@@ -83,8 +82,9 @@ class ExpertParallel(nn.Module):
 
 
 def _exchange(rows: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:
-    out = rows.new_empty(sum(out_splits), rows.shape[1])
-    return all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+    """Differentiable all-to-all of rows: the backward sends the gradients along the reverse splits."""
+    out = all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group or dist.group.WORLD)
+    return torch.ops._c10d_functional.wait_tensor(out)
 
 
 @torch.no_grad()
