@@ -3,15 +3,18 @@ training on the same global batches: losses, weights and the aux-loss-free balan
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeformer import DecoderLM, preset
+from moeformer.train.checkpoint import resolve
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, init_distributed, reduce_loads
 from moeformer.train.trainer import Batch, Trainer, TrainingTask
@@ -47,31 +50,43 @@ def _model() -> DecoderLM:
     return DecoderLM(preset("lm-tiny", vocab_size=VOCAB, dropout=0.0, moe=moe))
 
 
-def _train(batches: list[Batch], run_dir, ctx: Distributed | None):
+def _train(batches: list[Batch], run_dir, ctx: Distributed | None, expert_parallel: int = 1):
     model = _model()
     task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1])
     config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=100,
-                         label_smoothing=0.1)  # fmt: skip
-    result = Trainer(model, task, config, run_dir, progress=False, distributed=ctx).train()
-    return model, [row["loss"] for row in result.metrics]
+                         label_smoothing=0.1, clip_grad=0.5, expert_parallel=expert_parallel)  # fmt: skip
+    trainer = Trainer(model, task, config, run_dir, progress=False, distributed=ctx)
+    result = trainer.train()
+    return trainer, [row["loss"] for row in result.metrics]
 
 
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+def _worker(rank: int, world: int, port: int, tmp: str, expert_parallel: int) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     ctx = init_distributed(expected_world_size=2, timeout_s=60)
     try:
-        model, losses = _train(_batches(), os.path.join(tmp, "ddp"), ctx)
+        trainer, losses = _train(_batches(), os.path.join(tmp, "ddp"), ctx, expert_parallel)
+        model = trainer.model
+        if expert_parallel > 1:
+            assert model.layers[0].ffn.experts.n_experts == 4 // expert_parallel
+        with trainer.shards.full(model) if trainer.shards else contextlib.nullcontext():
+            state = {k: v.clone() for k, v in model.state_dict().items()}  # every rank joins the gather
         if rank == 0:
-            ref_model, ref_losses = _train(_merged(), os.path.join(tmp, "single"), None)
+            ref_trainer, ref_losses = _train(_merged(), os.path.join(tmp, "single"), None)
+            ref_model = ref_trainer.model
             assert len(losses) == STEPS
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=1e-5, rtol=0)
             ref = ref_model.state_dict()
-            for name, value in model.state_dict().items():
+            for name, value in state.items():
                 torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
             assert ref_model.layers[0].ffn.router.expert_bias.abs().sum() > 0  # the biases did move
             assert os.path.exists(os.path.join(tmp, "ddp", "metrics.jsonl"))  # written by rank 0 only
+            ckpt = resolve(os.path.join(tmp, "ddp"), "latest")
+            saved = safetensors.torch.load_file(str(ckpt / "model.safetensors"))  # the full experts
+            assert set(saved) <= set(ref) and len(saved) >= len(ref) - 1  # tied weights are stored once
+            for name, value in saved.items():
+                torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0)
     finally:
         dist.destroy_process_group()
 
@@ -82,8 +97,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_equals_one_process_on_the_global_batch(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+@pytest.mark.parametrize("expert_parallel", [1, 2], ids=["ddp", "ddp+ep"])
+def test_ddp_equals_one_process_on_the_global_batch(tmp_path, expert_parallel):
+    args = (2, _free_port(), str(tmp_path), expert_parallel)
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn", join=True)
 
 
 def test_shards_do_not_overlap_and_have_equal_length():

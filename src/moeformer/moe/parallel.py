@@ -12,7 +12,8 @@ travel to the experts they chose and back. With ``ep`` ranks and E experts, rank
 5. send the outputs back along the reverse split, scale by the gate weights, add them up.
 
 Both transfers are torch's differentiable functional ``all_to_all_single`` (as torchtitan
-uses), so the backward sends the gradients along the same routes. The router, shared experts and the rest of the model stay replicated (data parallel across the group).
+uses), so the backward sends the gradients along the same routes. The router, shared experts
+and the rest of the model stay replicated (data parallel across the group).
 """
 
 from __future__ import annotations

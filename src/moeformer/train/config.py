@@ -34,6 +34,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     world_size: int | None = None  # processes torchrun must start (None: any); checked at start-up
+    expert_parallel: int = 1  # ranks per expert-parallel group (routed experts sharded over them); 1: off
     dist_timeout_s: float = 600.0  # a collective waiting longer (a dead rank) ends the run with an error
 
     def __post_init__(self) -> None:
@@ -66,6 +67,7 @@ class TrainConfig:
             raise ConfigError("clip_grad", f"must be positive (or absent for no clipping), got {self.clip_grad}")
         if self.world_size is not None and self.world_size < 1:
             raise ConfigError("world_size", f"must be >= 1 (or absent), got {self.world_size}")
+        positive("expert_parallel", self.expert_parallel)
         if self.dist_timeout_s <= 0:
             raise ConfigError("dist_timeout_s", f"must be positive, got {self.dist_timeout_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:

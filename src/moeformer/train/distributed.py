@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from moeformer.validation import ConfigError
 
@@ -73,3 +75,87 @@ def reduce_loads(loads: dict[str, Tensor], ctx: Distributed | None) -> dict[str,
     names = sorted(loads)
     flat = ctx.sum(torch.cat([loads[n].float() for n in names]))
     return dict(zip(names, flat.split([loads[n].numel() for n in names])))
+
+
+class ExpertShards:
+    """Expert parallelism inside data parallelism: the world split into expert-parallel groups of
+    ``ep_size`` consecutive ranks; each group holds every routed expert once, sharded.
+
+    Gradients: a rank's expert shard receives, through the all-to-all backward, the gradient of
+    every loss in its EP group; summing over the ranks that hold the same shard in the other
+    groups and dividing by the world size gives the mean over the whole world, as DDP does for
+    the replicated parameters (which DDP is told to leave to us).
+    """
+
+    def __init__(self, model: nn.Module, ctx: Distributed, ep_size: int) -> None:
+        from moeformer.moe.parallel import shard_experts
+
+        if ctx.world_size % ep_size:
+            raise ConfigError("train.expert_parallel", f"{ep_size} must divide the world size {ctx.world_size}")
+        self.ctx, self.ep_size = ctx, ep_size
+        n_groups = ctx.world_size // ep_size
+        ep_groups = [dist.new_group(list(range(g * ep_size, (g + 1) * ep_size))) for g in range(n_groups)]
+        replica_groups = [dist.new_group(list(range(i, ctx.world_size, ep_size))) for i in range(ep_size)]
+        self.ep_group = ep_groups[ctx.rank // ep_size]
+        self.replica_group = replica_groups[ctx.rank % ep_size]
+        try:
+            shard_experts(model, self.ep_group)
+        except ValueError as err:
+            raise ConfigError("train.expert_parallel", str(err)) from None
+        self.names = [n for n, _ in model.named_parameters() if ".experts." in n]
+        self.params = [p for n, p in model.named_parameters() if ".experts." in n]
+
+    def reduce_grads(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.replica_group)
+                p.grad /= self.ctx.world_size
+
+    def clip_grad_norm(self, params: list[Tensor], max_norm: float) -> Tensor:
+        """Clip by the norm of the whole model's gradient: replicated parts once, expert shards summed."""
+        shared = [p.grad for p in params if p.grad is not None and all(p is not q for q in self.params)]
+        local = [p.grad for p in self.params if p.grad is not None]
+        sq_experts = torch.stack([g.float().pow(2).sum() for g in local]).sum() if local else torch.zeros(())
+        dist.all_reduce(sq_experts, group=self.ep_group)
+        sq_shared = torch.stack([g.float().pow(2).sum() for g in shared]).sum() if shared else torch.zeros(())
+        norm = (sq_shared + sq_experts).sqrt()
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in shared + local:
+            g.mul_(scale.to(g.dtype))
+        return norm
+
+    @contextmanager
+    def full(self, model: nn.Module) -> Iterator[None]:
+        """Every MoE layer temporarily holds all its experts (gathered over the EP group), e.g. to
+        save or load a checkpoint that any world size can read; changes made inside are kept."""
+        from moeformer.moe.layer import MoELayer
+        from moeformer.moe.parallel import local_experts
+
+        layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.expert_parallel is not None]
+        shards = [layer.experts for layer in layers]
+        for layer in layers:
+            layer.experts = _gathered(layer.experts, layer.expert_parallel.n_experts, self.ep_group)
+        try:
+            yield
+        finally:
+            for layer, shard in zip(layers, shards):
+                ep = layer.expert_parallel
+                sliced = local_experts(layer.experts, ep.first_expert, ep.n_local)
+                with torch.no_grad():
+                    for (_, p), (_, q) in zip(shard.named_parameters(), sliced.named_parameters()):
+                        p.copy_(q)
+                layer.experts = shard
+
+
+def _gathered(shard: nn.Module, n_experts: int, group: dist.ProcessGroup) -> nn.Module:
+    from moeformer.moe.experts import Experts
+
+    full = Experts(n_experts, shard.d_model, shard.hidden, activation=shard.activation,
+                   bias=shard.up_bias is not None, backend=shard.backend)  # fmt: skip
+    full = full.to(device=shard.down_proj.device, dtype=shard.down_proj.dtype)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(shard.named_parameters(), full.named_parameters()):
+            parts = [torch.empty_like(p) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, p.detach().contiguous(), group=group)
+            q.copy_(torch.cat(parts))
+    return full

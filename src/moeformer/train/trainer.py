@@ -34,10 +34,11 @@ from tqdm.auto import tqdm
 from moeformer.moe.balancing import LoadTracker
 from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
-from moeformer.train.distributed import Distributed, reduce_loads
+from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
 from moeformer.train.loss import smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
 from moeformer.train.schedule import lr_multiplier, noam_peak
+from moeformer.validation import ConfigError
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,7 +88,13 @@ class Trainer:
         self.main = distributed is None or distributed.main
         self.progress = progress and self.main
         self.device = next(model.parameters()).device
-        self.forward = model if distributed is None else _data_parallel(model, self.device)
+        self.shards = None
+        if config.expert_parallel > 1:
+            if distributed is None:
+                raise ConfigError("train.expert_parallel", "needs several processes: launch with torchrun")
+            self.shards = ExpertShards(model, distributed, config.expert_parallel)
+        ignore = self.shards.names if self.shards is not None else []
+        self.forward = model if distributed is None else _data_parallel(model, self.device, ignore)
         peak = noam_peak(model.config.d_model, config.warmup_steps) if config.schedule == "noam" else config.lr
         self.optimizer = build_optimizer(
             model, lr=peak, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2), eps=config.adam_eps
@@ -106,6 +113,12 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def resume(self, ckpt: Checkpoint) -> None:
+        if self.shards is not None:
+            raise ConfigError(
+                "train.expert_parallel",
+                "resuming an expert-parallel run is not supported yet (its optimizer state is sharded); "
+                "its checkpoints hold the full weights for inference and evaluation",
+            )
         load_weights(self.model, ckpt)
         state = load_trainer_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -185,23 +198,20 @@ class Trainer:
                         load=f"{row.get('max_over_mean_load', 1.0):.2f}",
                     )
                 out_of_time = self._out_of_time(start)
-                if not self.main:  # rank 0 evaluates and saves; the others wait at the next collective
-                    if out_of_time:
-                        result.stopped_by = "max_minutes"
-                        break
-                    continue
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:
+                evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time
+                if evaluate and (self.main or self.shards is not None):  # EP: every rank runs the forwards
                     evaluation = self._evaluate()
-                    result.evals.append(evaluation)
-                    log.write(json.dumps({"step": self.step, **evaluation}) + "\n")
-                    _board_write(board, "valid", evaluation, self.step)
                     improved = evaluation["valid_loss"] < self.best_loss
                     if improved:
                         self.best_loss = evaluation["valid_loss"]
                         result.best = evaluation
-                    self.save(best=improved, metrics=evaluation)
+                    if self.main:
+                        result.evals.append(evaluation)
+                        log.write(json.dumps({"step": self.step, **evaluation}) + "\n")
+                        _board_write(board, "valid", evaluation, self.step)
+                    self._checkpoint(best=improved, metrics=evaluation)
                 elif self.step % cfg.save_every == 0:
-                    self.save()
+                    self._checkpoint()
                 if out_of_time:
                     result.stopped_by = "max_minutes"
                     break
@@ -210,6 +220,15 @@ class Trainer:
             board.close()
         result.step = self.step
         return result
+
+    def _checkpoint(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> None:
+        """Rank 0 saves; with expert parallelism every rank first helps gather the full experts."""
+        if self.shards is not None:
+            with self.shards.full(self.model):
+                if self.main:
+                    self.save(best=best, metrics=metrics)
+        elif self.main:
+            self.save(best=best, metrics=metrics)
 
     def _out_of_time(self, start: float) -> bool:
         """Whether the time budget is spent; with several ranks, rank 0's clock decides for all."""
@@ -243,7 +262,11 @@ class Trainer:
             totals = self.dist.sum(totals) / self.dist.world_size
             n_tokens = int(self.dist.sum(torch.tensor(n_tokens)))
             tracker.loads = reduce_loads(tracker.loads, self.dist)
-        if cfg.clip_grad is not None:
+        if self.shards is not None:
+            self.shards.reduce_grads()
+        if cfg.clip_grad is not None and self.shards is not None:
+            self.shards.clip_grad_norm(list(self.model.parameters()), cfg.clip_grad)
+        elif cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
@@ -300,9 +323,11 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
 
-def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+def _data_parallel(model: nn.Module, device: torch.device, ignore: list[str]) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
+    if ignore:  # expert shards differ per rank: ExpertShards reduces their gradients
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 
