@@ -14,9 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moeformer import DecoderLM, preset
-from moeformer.train.checkpoint import resolve
+from moeformer.train.checkpoint import read_checkpoint, resolve
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, init_distributed, reduce_loads
+from moeformer.train.sharded import full_weights
 from moeformer.train.trainer import Batch, Trainer, TrainingTask
 from moeformer.validation import ConfigError
 
@@ -50,28 +51,33 @@ def _model() -> DecoderLM:
     return DecoderLM(preset("lm-tiny", vocab_size=VOCAB, dropout=0.0, moe=moe))
 
 
-def _train(batches: list[Batch], run_dir, ctx: Distributed | None, expert_parallel: int = 1):
+def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "ddp", resume_step: int = 0):
     model = _model()
-    task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1])
-    config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=100,
-                         label_smoothing=0.1, clip_grad=0.5, expert_parallel=expert_parallel)  # fmt: skip
+    task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1], meta={"config": {}})
+    config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=2,
+                         label_smoothing=0.1, clip_grad=0.5, expert_parallel=2 if mode == "ddp+ep" else 1,
+                         parallel="fsdp" if mode == "fsdp" else "ddp")  # fmt: skip
     trainer = Trainer(model, task, config, run_dir, progress=False, distributed=ctx)
+    if resume_step:
+        trainer.resume(read_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{resume_step:08d}")))
     result = trainer.train()
     return trainer, [row["loss"] for row in result.metrics]
 
 
-def _worker(rank: int, world: int, port: int, tmp: str, expert_parallel: int) -> None:
+def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     ctx = init_distributed(expected_world_size=2, timeout_s=60)
     try:
-        trainer, losses = _train(_batches(), os.path.join(tmp, "ddp"), ctx, expert_parallel)
+        trainer, losses = _train(_batches(), os.path.join(tmp, "ddp"), ctx, mode)
         model = trainer.model
-        if expert_parallel > 1:
-            assert model.layers[0].ffn.experts.n_experts == 4 // expert_parallel
+        if mode == "ddp+ep":
+            assert model.layers[0].ffn.experts.n_experts == 2
         with trainer.shards.full(model) if trainer.shards else contextlib.nullcontext():
             state = {k: v.clone() for k, v in model.state_dict().items()}  # every rank joins the gather
+        if mode == "fsdp":
+            state = full_weights(model)
         if rank == 0:
             ref_trainer, ref_losses = _train(_merged(), os.path.join(tmp, "single"), None)
             ref_model = ref_trainer.model
@@ -87,8 +93,14 @@ def _worker(rank: int, world: int, port: int, tmp: str, expert_parallel: int) ->
             assert set(saved) <= set(ref) and len(saved) >= len(ref) - 1  # tied weights are stored once
             for name, value in saved.items():
                 torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0)
+            if mode == "fsdp":  # the 2-rank sharded checkpoint of step 2 resumes in one process
+                dist.destroy_process_group()
+                _, resumed = _train(_merged(), os.path.join(tmp, "ddp"), None, resume_step=2)
+                torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
+                return
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -97,9 +109,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("expert_parallel", [1, 2], ids=["ddp", "ddp+ep"])
-def test_ddp_equals_one_process_on_the_global_batch(tmp_path, expert_parallel):
-    args = (2, _free_port(), str(tmp_path), expert_parallel)
+@pytest.mark.parametrize("mode", ["ddp", "ddp+ep", "fsdp"])
+def test_ddp_equals_one_process_on_the_global_batch(tmp_path, mode):
+    args = (2, _free_port(), str(tmp_path), mode)
     mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn", join=True)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,11 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where :func:`save_checkpoint` assembles step ``step`` before renaming it."""
+    return run_dir / "checkpoints" / f".tmp-step-{step:08d}"
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -55,17 +61,24 @@ def save_checkpoint(
     *,
     best: bool = False,
     keep_last: int = 2,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoints/step-N and point ``latest`` (and ``best`` when asked) at it."""
+    """Write checkpoints/step-N and point ``latest`` (and ``best`` when asked) at it.
+
+    before_publish: called with the temporary directory once this function's files are in it,
+    before it becomes step-N (sharded runs write their DCP shards there from every rank).
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    tmp = staging_dir(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     safetensors.torch.save_model(model, str(tmp / WEIGHTS))
     (tmp / SIDECAR).write_text(json.dumps({**meta, "step": step}, ensure_ascii=False, indent=1), encoding="utf-8")
     torch.save(trainer_state, tmp / TRAINER)
+    if before_publish is not None:
+        before_publish(tmp)
     if final.exists():  # re-saving the same step (e.g. best and periodic at once)
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -34,6 +34,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     world_size: int | None = None  # processes torchrun must start (None: any); checked at start-up
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
     expert_parallel: int = 1  # ranks per expert-parallel group (routed experts sharded over them); 1: off
     dist_timeout_s: float = 600.0  # a collective waiting longer (a dead rank) ends the run with an error
 

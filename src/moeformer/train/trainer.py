@@ -32,12 +32,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moeformer.moe.balancing import LoadTracker
-from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
+from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint, staging_dir
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
 from moeformer.train.loss import smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
 from moeformer.train.schedule import lr_multiplier, noam_peak
+from moeformer.train.sharded import apply_fsdp, full_weights, has_sharded_state, load_sharded, save_sharded
 from moeformer.validation import ConfigError
 
 
@@ -93,8 +94,15 @@ class Trainer:
             if distributed is None:
                 raise ConfigError("train.expert_parallel", "needs several processes: launch with torchrun")
             self.shards = ExpertShards(model, distributed, config.expert_parallel)
+        self.fsdp = distributed is not None and config.parallel == "fsdp"
+        if self.fsdp and self.shards is not None:
+            raise ConfigError("train.parallel", "'fsdp' with expert_parallel > 1 is not supported yet; use 'ddp'")
+        if self.fsdp:
+            apply_fsdp(model)
+        self.collective = self.fsdp or self.shards is not None  # every rank must run every forward
         ignore = self.shards.names if self.shards is not None else []
-        self.forward = model if distributed is None else _data_parallel(model, self.device, ignore)
+        plain = distributed is None or self.fsdp
+        self.forward = model if plain else _data_parallel(model, self.device, ignore)
         peak = noam_peak(model.config.d_model, config.warmup_steps) if config.schedule == "noam" else config.lr
         self.optimizer = build_optimizer(
             model, lr=peak, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2), eps=config.adam_eps
@@ -119,16 +127,22 @@ class Trainer:
                 "resuming an expert-parallel run is not supported yet (its optimizer state is sharded); "
                 "its checkpoints hold the full weights for inference and evaluation",
             )
-        load_weights(self.model, ckpt)
         state = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if has_sharded_state(ckpt.path):  # saved by FSDP ranks: DCP re-shards to this world size
+            load_sharded(self.model, self.optimizer, ckpt.path)
+        else:
+            load_weights(self.model, ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step, self.position = int(state["step"]), tuple(state["position"])
         self.best_loss = float(state["best_loss"])
         self.last_checkpoint = ckpt.path
 
-    def save(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> Path:
+    def save(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> Path | None:
+        """Write a checkpoint (rank 0); under FSDP every rank calls this and writes its shards."""
+        if self.fsdp:
+            return self._save_sharded(best, metrics)
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -141,6 +155,30 @@ class Trainer:
         self.last_checkpoint = save_checkpoint(
             self.run_dir, self.step, self.model, meta, state, best=best, keep_last=self.config.keep_last
         )
+        return self.last_checkpoint
+
+    def _save_sharded(self, best: bool, metrics: dict[str, float] | None) -> Path | None:
+        from moeformer.models import build_model
+
+        full = full_weights(self.model)  # collective
+
+        def write_shards(tmp: Path) -> None:
+            torch.distributed.barrier()  # rank 0 has created the staging directory
+            save_sharded(self.model, self.optimizer, tmp)
+            torch.distributed.barrier()
+
+        if not self.main:
+            write_shards(staging_dir(self.run_dir, self.step))
+            return None
+        plain = build_model(self.model.config)
+        plain.load_state_dict(full)
+        state = {"optimizer": None, "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                 "step": self.step, "position": list(self.position), "best_loss": self.best_loss}  # fmt: skip
+        meta = {**self.task.meta, "metrics": metrics or {}}
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir, self.step, plain, meta, state, best=best, keep_last=self.config.keep_last,
+            before_publish=write_shards,
+        )  # fmt: skip
         return self.last_checkpoint
 
     # -- data -------------------------------------------------------------------------------
@@ -199,7 +237,7 @@ class Trainer:
                     )
                 out_of_time = self._out_of_time(start)
                 evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time
-                if evaluate and (self.main or self.shards is not None):  # EP: every rank runs the forwards
+                if evaluate and (self.main or self.collective):
                     evaluation = self._evaluate()
                     improved = evaluation["valid_loss"] < self.best_loss
                     if improved:
@@ -227,7 +265,7 @@ class Trainer:
             with self.shards.full(self.model):
                 if self.main:
                     self.save(best=best, metrics=metrics)
-        elif self.main:
+        elif self.main or self.fsdp:
             self.save(best=best, metrics=metrics)
 
     def _out_of_time(self, start: float) -> bool:
