@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import spawn
 
 from moeformer.moe.layer import build_moe
 from moeformer.moe.parallel import shard_experts
@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, init_file: str, case: str) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_expert_parallel_equals_one_process(case, tmp_path):
     init = tmp_path / "init"
-    mp.start_processes(_worker, args=(2, str(init), case), nprocs=2, start_method="spawn", join=True)
+    spawn(_worker, (2, str(init), case))
 
 
 def _uneven_worker(rank: int, world: int, init_file: str) -> None:
@@ -82,7 +82,7 @@ def _uneven_worker(rank: int, world: int, init_file: str) -> None:
 
 
 def test_experts_must_divide_the_group(tmp_path):
-    mp.start_processes(_uneven_worker, args=(2, str(tmp_path / "init")), nprocs=2, start_method="spawn", join=True)
+    spawn(_uneven_worker, (2, str(tmp_path / "init")))
 
 
 if os.name == "nt":  # pragma: no cover

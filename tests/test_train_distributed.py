@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import spawn
 
 from moeformer import DecoderLM, preset
 from moeformer.train.checkpoint import read_checkpoint, resolve
@@ -112,7 +112,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("mode", ["ddp", "ddp+ep", "fsdp"])
 def test_ddp_equals_one_process_on_the_global_batch(tmp_path, mode):
     args = (2, _free_port(), str(tmp_path), mode)
-    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn", join=True)
+    spawn(_worker, args)
 
 
 def test_shards_do_not_overlap_and_have_equal_length():
