@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 
 import pytest
 import safetensors.torch
@@ -127,3 +128,18 @@ def test_world_size_mismatch_is_a_config_error(monkeypatch):
         init_distributed(expected_world_size=2)
     assert init_distributed() is None
     assert reduce_loads({"a": torch.ones(2)}, None)["a"].tolist() == [1.0, 1.0]
+
+
+def _dead_peer_worker(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    init_distributed(timeout_s=5)
+    if rank == 1:
+        os._exit(0)  # dies without a word
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        dist.all_reduce(torch.ones(1))
+    assert time.monotonic() - start < 60  # an error after the timeout, not a hang
+
+
+def test_a_dead_rank_ends_the_collective_with_an_error():
+    spawn(_dead_peer_worker, (2, _free_port()), timeout_s=120)
