@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/refusal/splits"))
     parser.add_argument("--out", type=Path, default=Path("runs/refusal-chat"))
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--n-eval", type=int, default=100)
     args = parser.parse_args()
     split = {name: [t for t in load_instructions(args.data / f"{name}.json") if len(t) <= 300]  # fit the context
