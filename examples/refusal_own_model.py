@@ -19,7 +19,17 @@ import random
 from pathlib import Path
 
 from moeformer.config import load_config
-from moeformer.refusal import ExtractOptions, evaluate, extract, load_chat_lm, load_instructions, save_extraction
+from moeformer.refusal import (
+    ExtractOptions,
+    RefusalError,
+    evaluate,
+    extract,
+    load_chat_lm,
+    load_instructions,
+    save_extraction,
+    score_completions,
+)
+from moeformer.refusal.evaluation import complete
 from moeformer.refusal.routing import routing_report
 from moeformer.train.run import run_training
 
@@ -37,6 +47,10 @@ def write_corpus(harmful: list[str], harmless: list[str], path: Path, seed: int 
     rng.shuffle(dialogues)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(dialogues), encoding="utf-8")
+
+
+def evaluate_refusal(lm, instructions: list[str]) -> float:  # noqa: ANN001
+    return score_completions(complete(lm, instructions, max_new_tokens=12)).refusal_score
 
 
 def main() -> None:
@@ -58,8 +72,14 @@ def main() -> None:
 
     lm = load_chat_lm(args.out / "run", template=TEMPLATE)
     options = ExtractOptions(refusal_tokens=[" I", " As"], batch_size=32)
-    result = extract(lm, split["harmful_train"], harmless_dir, split["harmful_val"], split["harmless_val"], options,
-                     progress=True)  # fmt: skip
+    for name in ("harmful_train", "harmful_val", "harmless_val"):  # does the model refuse beyond its training set?
+        done = evaluate_refusal(lm, split[name][:32])
+        print(f"refusal score on 32 {name} prompts before any intervention: {done:.2f}")
+    try:
+        result = extract(lm, split["harmful_train"], harmless_dir, split["harmful_val"], split["harmless_val"],
+                         options, progress=True)  # fmt: skip
+    except RefusalError as err:
+        raise SystemExit(f"no direction selected: {err}") from None
     save_extraction(result, args.out / "direction", force=True)
     c = result.selection.chosen
     print(f"chosen: position {c.position}, layer {c.layer} (bypass {c.bypass:.2f}, induce {c.induce:.2f}, "
