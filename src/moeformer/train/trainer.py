@@ -11,8 +11,9 @@ the position in the data, so that on a CPU the losses after ``--resume`` equal t
 uninterrupted run. A NaN or inf loss stops the run with the step and the last good checkpoint.
 
 With several processes (see :mod:`moeformer.train.distributed`) the model runs under
-DistributedDataParallel, each rank takes its shard of every epoch's batches, and rank 0 alone
-logs, evaluates and saves.
+DistributedDataParallel (or FSDP2, :mod:`moeformer.train.sharded`; experts may be sharded too,
+``train.expert_parallel``), each rank takes its shard of every epoch's batches, and rank 0 alone
+logs and writes files; under FSDP or expert parallelism every rank runs the evaluation forwards.
 """
 
 from __future__ import annotations
