@@ -3,6 +3,7 @@ instead of stalling the suite."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 
@@ -19,3 +20,10 @@ def spawn(fn: Callable, args: tuple, nprocs: int = 2, timeout_s: float = 300.0) 
                 if process.is_alive():
                     process.kill()
             pytest.fail(f"{nprocs} spawned processes did not finish within {timeout_s:.0f} s")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 
 import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
-from spawn import spawn
+from spawn import free_port, spawn
 
 from moeformer import DecoderLM, preset
 from moeformer.train.checkpoint import read_checkpoint, resolve
@@ -104,15 +103,9 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["ddp", "ddp+ep", "fsdp"])
 def test_ddp_equals_one_process_on_the_global_batch(tmp_path, mode):
-    args = (2, _free_port(), str(tmp_path), mode)
+    args = (2, free_port(), str(tmp_path), mode)
     spawn(_worker, args)
 
 
@@ -142,4 +135,4 @@ def _dead_peer_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_a_dead_rank_ends_the_collective_with_an_error():
-    spawn(_dead_peer_worker, (2, _free_port()), timeout_s=120)
+    spawn(_dead_peer_worker, (2, free_port()), timeout_s=120)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -40,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(args.resume or args.out or Path("runs") / Path(args.config).stem)
     keep_freed_memory()
     outcome = run_training(config, run_dir, resume=args.resume is not None, progress=not args.quiet)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+    if not outcome.main:  # under torchrun, rank 0 reports
         return 0
     print(f"trained {outcome.result.step} steps ({outcome.result.stopped_by}); run directory: {run_dir}")
     if outcome.result.best:

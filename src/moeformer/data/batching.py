@@ -89,10 +89,14 @@ def padded_size(batch: Sequence[int], lengths: Sequence[int]) -> int:
     return len(batch) * max((lengths[i] for i in batch), default=0)
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists into ``ids`` (B, T) long and ``padding`` (B, T) bool, True at padding.
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, *, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (or, with ``left``, left-pad) id lists into ``ids`` (B, T) long and ``padding``
+    (B, T) bool, True at padding.
 
-    T is the longest sequence; the mask is what ``src_padding_mask`` and the losses expect.
+    T is the longest sequence; the mask is what ``src_padding_mask`` and the losses expect. Left
+    padding puts the last tokens of every row at the same positions, as prompt decoding needs.
     """
     if not sequences:
         raise ValueError("pad_batch needs at least one sequence, got none")
@@ -100,6 +104,7 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     padding = torch.ones((len(sequences), width), dtype=torch.bool)
     for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        padding[row, : len(seq)] = False
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        padding[row, span] = False
     return ids, padding

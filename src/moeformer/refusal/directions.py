@@ -55,10 +55,10 @@ def mean_activations(
 
         return keep
 
-    for chunk in tqdm(iter_batches(instructions, batch_size), desc=desc, disable=not progress, unit="batch"):
-        with ExitStack() as stack:
-            for layer, site in enumerate(lm.layer_sites()):
-                stack.enter_context(edit_sites([site], accumulate(layer)))
+    with ExitStack() as stack:
+        for layer, site in enumerate(lm.layer_sites()):
+            stack.enter_context(edit_sites([site], accumulate(layer)))
+        for chunk in tqdm(iter_batches(instructions, batch_size), desc=desc, disable=not progress, unit="batch"):
             lm.forward_logits(lm.batch(chunk))
     return (sums / len(instructions)).float()
 

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from moeformer.data.batching import pad_batch
+
 INSTRUCTION = "{instruction}"
 _SENTINEL = "\u2063INSTRUCTION\u2063"  # invisible separators: never part of a real chat template
 
@@ -178,13 +180,8 @@ class ChatLM(ABC):
         rows = [self.encode(self.prompt_format(t) if chat else t, special_tokens=special) for t in texts]
         if any(not row for row in rows):
             raise RefusalError("a prompt encodes to zero tokens; give non-empty instructions")
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = True
-        return Batch(ids.to(self.device), mask.to(self.device))
+        ids, padding = pad_batch(rows, self.pad_id, left=True)
+        return Batch(ids.to(self.device), (~padding).to(self.device))
 
     def token_id(self, text: str) -> int:
         """The first token of ``text`` as the model would generate it (e.g. "I" for refusal tokens)."""

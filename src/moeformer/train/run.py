@@ -29,6 +29,7 @@ class RunOutcome:
     data_report: dict[str, Any]
     test_scores: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[str, str, str]] = field(default_factory=list)  # (source, reference, hypothesis)
+    main: bool = True  # False on the ranks other than 0 of a distributed run (they report nothing)
 
 
 def run_training(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> RunOutcome:
@@ -51,7 +52,7 @@ def run_training(config: Config, run_dir: Path, *, resume: bool = False, progres
         run_info = {"config": prepared.task.meta["config"], "data": prepared.report}
         write_atomic(run_dir / "run.json", json.dumps(run_info, ensure_ascii=False, indent=1))
     result = trainer.train()
-    outcome = RunOutcome(result, prepared.report)
+    outcome = RunOutcome(result, prepared.report, main=main)
     if not main:
         return outcome
     if prepared.test_pairs:
