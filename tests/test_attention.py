@@ -616,3 +616,12 @@ def test_dropout_acts_on_attention_weights():
     dropped = w_train == 0
     assert dropped.any() and (~dropped).any()
     torch.testing.assert_close(w_train[~dropped], w_eval[~dropped] / (1 - p))
+
+
+def test_qkv_bias_apart_from_out_bias():
+    """Qwen2's layout: biases on q/k/v, none on the output projection."""
+    mha = MultiHeadAttention(16, 4, bias=False, qkv_bias=True)
+    assert all(getattr(mha, n).bias is not None for n in ("q_proj", "k_proj", "v_proj"))
+    assert mha.out_proj.bias is None
+    plain = MultiHeadAttention(16, 4, bias=False)
+    assert plain.q_proj.bias is None

@@ -56,6 +56,7 @@ class AttentionConfig:
     n_heads: int = 8
     n_kv_heads: int | None = None  # None: one K/V head per query head (plain multi-head)
     bias: bool = True  # biases on q/k/v/out projections (paper: yes; Llama-style LMs: no)
+    qkv_bias: bool | None = None  # q/k/v biases alone; None: same as bias (Qwen2: True with bias=False)
     dropout: float = 0.0  # dropout on the attention weights
     backend: Literal["sdpa", "reference"] = "sdpa"  # torch's fused kernel or the readable math
     rope_theta: float = 10000.0  # RoPE base, used when the model's position is "rope"

@@ -116,9 +116,11 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads: int | None = None,
         dropout: float = 0.0,
         bias: bool = True,
+        qkv_bias: bool | None = None,
         backend: Backend = "sdpa",
         kv_dim: int | None = None,
     ) -> None:
+        """``qkv_bias`` (default: ``bias``) sets the q/k/v biases apart from out_proj's (Qwen2)."""
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
@@ -131,9 +133,10 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads
         self.dropout, self.backend = dropout, backend
         kv_dim = d_model if kv_dim is None else kv_dim
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(kv_dim, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(kv_dim, n_kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(kv_dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(kv_dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
 
     def forward(

@@ -42,7 +42,13 @@ class LayerCache:
 def _attention(config: ModelConfig) -> MultiHeadAttention:
     a = config.attention
     return MultiHeadAttention(
-        config.d_model, a.n_heads, n_kv_heads=a.n_kv_heads, dropout=a.dropout, bias=a.bias, backend=a.backend
+        config.d_model,
+        a.n_heads,
+        n_kv_heads=a.n_kv_heads,
+        dropout=a.dropout,
+        bias=a.bias,
+        qkv_bias=a.qkv_bias,
+        backend=a.backend,
     )
 
 
