@@ -466,6 +466,9 @@ BAD_MOE = [
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(capacity_factor=-1.0), "capacity_factor"),
     (dict(kind="topk", n_shared=1), "n_shared"),
+    (dict(kind="deepseek", shared_gate=True), "shared_gate"),
+    (dict(kind="deepseek", shared_hidden=24), "shared_hidden"),
+    (dict(kind="deepseek", n_shared=1, shared_hidden=0), "shared_hidden"),
     (dict(kind="sparse"), "kind"),
 ]
 

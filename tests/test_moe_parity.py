@@ -234,3 +234,65 @@ def test_deepseek_without_segmentation_or_shared_equals_topk(options):
     assert b.stats.keys() == a.stats.keys()
     for key in a.stats:
         torch.testing.assert_close(b.stats[key], a.stats[key])
+
+
+def qwen2_moe_pair(hf, backend: str):
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    config = Qwen2MoeConfig(
+        hidden_size=32,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=False,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+    )
+    theirs = Qwen2MoeSparseMoeBlock(config).eval()
+    randomise(theirs, seed=4)
+    ours = build_moe(
+        kind="deepseek",
+        d_model=32,
+        n_experts=8,
+        top_k=3,
+        expert_hidden=16,
+        n_shared=1,
+        shared_hidden=40,
+        shared_gate=True,
+        normalize=False,
+        backend=backend,
+    ).eval()
+    with torch.no_grad():
+        ours.router.weight.copy_(theirs.gate.weight)
+        ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
+        ours.experts.down_proj.copy_(theirs.experts.down_proj)
+        ours.shared_expert_gate.weight.copy_(theirs.shared_expert_gate.weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(ours.shared_experts, name).weight.copy_(getattr(theirs.shared_expert, name).weight)
+    return config, ours, theirs
+
+
+@pytest.mark.parametrize("backend", OUR_BACKENDS)
+def test_gated_shared_expert_equals_qwen2_moe_block(hf, backend):
+    """deepseek kind with shared_gate and shared_hidden equals Qwen2MoeSparseMoeBlock, forward and backward."""
+    config, ours, theirs = qwen2_moe_pair(hf, backend)
+    set_hf_implementation(hf, config, "eager")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 32, generator=g)
+    upstream = torch.randn(2, 9, 32, generator=g)
+    hf_out, hf_dx = run_hf(theirs, x, upstream, "eager")
+    our_out, our_dx = forward_backward(ours, x, upstream, ours=True)
+    assert hf_out.abs().max() > 0.1
+    assert max_err(our_out, hf_out) < ATOL
+    assert max_err(our_dx, hf_dx) < ATOL
+    assert max_err(ours.shared_expert_gate.weight.grad, theirs.shared_expert_gate.weight.grad) < ATOL
+    assert max_err(ours.router.weight.grad, theirs.gate.weight.grad) < ATOL
+    with torch.no_grad():  # the gate scales exactly the shared expert's part: sigmoid(0) halves it
+        gate = torch.sigmoid(x @ ours.shared_expert_gate.weight.t())
+        ungated = ours.shared_experts(x.reshape(-1, 32)).output.view_as(x)
+        ours.shared_expert_gate.weight.zero_()
+        half = ours(x).output
+        assert max_err(our_out - half, (gate - 0.5) * ungated) < ATOL
+        assert ((gate - 0.5).abs() * ungated.abs()).max() > 0.01

@@ -102,6 +102,8 @@ class MoEConfig:
     expert_hidden: int | None = None  # None: the model's ffn.d_ff
     granularity: int = 1  # DeepSeekMoE fine-grained segmentation factor m
     n_shared: int = 0  # DeepSeekMoE shared experts (deepseek kind only)
+    shared_hidden: int | None = None  # hidden size of all shared experts together; None: n_shared * expert's
+    shared_gate: bool = False  # Qwen2-MoE: the shared output is scaled by sigmoid(x . w), w: (D,)
     score: Literal["softmax", "sigmoid"] = "softmax"  # router affinity; DeepSeek-V3: sigmoid
     normalize: bool = True  # renormalise the k selected weights to sum 1 (Mixtral, GShard, V3)
     noisy: bool = False  # Shazeer et al. 2017 noisy top-k gating (trainable noise scale)
@@ -160,6 +162,9 @@ class MoEConfig:
                 f"hierarchical routing takes top_k / topk_group experts per chosen group; "
                 f"top_k={self.top_k} is not divisible by topk_group={self.topk_group}",
             )
+        positive("shared_hidden", self.shared_hidden)
+        if (self.shared_hidden is not None or self.shared_gate) and not self.n_shared:
+            raise ConfigError("shared_gate" if self.shared_gate else "shared_hidden", "needs n_shared >= 1")
         if self.n_shared and self.kind != "deepseek":
             raise ConfigError("n_shared", f"shared experts belong to kind 'deepseek', not {self.kind!r}")
         if self.granularity > 1 and self.kind != "deepseek":

@@ -8,6 +8,7 @@
 - ``deepseek``: DeepSeekMoE (Dai et al. 2024, arXiv 2401.06066): fine-grained experts
   (each of N experts split into m, route to mK of mN) plus K_s shared experts every token uses:
   y = sum_{i<=K_s} FFN_i(x) + sum_{i in TopK} g_i FFN_i(x); DeepSeek-V3 routing by options.
+  Qwen2-MoE's variant gates the shared part per token: sigmoid(x . w_s) * sum_{i<=K_s} FFN_i(x).
 
 Every layer maps x (B, T, D) to an :class:`~moeformer.layers.feedforward.FFNOutput` whose
 ``aux_losses`` hold the enabled, weighted balance terms and whose ``stats`` hold per-expert
@@ -51,11 +52,12 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, n_experts, top_k, config)
         self.router_logits = HookPoint()
         self.experts = Experts(n_experts, d_model, hidden, activation=activation, bias=bias, backend=config.backend)
+        shared_hidden = config.shared_hidden or config.n_shared * hidden
         self.shared_experts = (
-            FeedForward(d_model, config.n_shared * hidden, activation=activation, bias=bias)
-            if config.n_shared
-            else None
+            FeedForward(d_model, shared_hidden, activation=activation, bias=bias) if config.n_shared else None
         )
+        if config.shared_gate:  # Qwen2-MoE: a per-token sigmoid gate on the shared output
+            self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
         self.expert_parallel: nn.Module | None = None  # set by moe.parallel.shard_experts
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> FFNOutput:
@@ -82,9 +84,16 @@ class MoELayer(nn.Module):
         else:
             out = self.expert_parallel(flat, routing.index, routing.weights, self.experts)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat).output
+            out = out + self.shared_output(flat)
         aux, stats = self._losses_and_stats(routing, chosen, dropped, real, B, T)
         return FFNOutput(out.view(B, T, D), aux, stats)
+
+    def shared_output(self, flat: Tensor) -> Tensor:
+        """flat: (N, D) -> the shared experts' (gated) contribution (N, D)."""
+        shared = self.shared_experts(flat).output
+        if self.config.shared_gate:
+            shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        return shared
 
     def _losses_and_stats(
         self, routing: Routing, chosen: Tensor, dropped: Tensor, real: Tensor | None, B: int, T: int
