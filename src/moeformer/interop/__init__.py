@@ -1,0 +1,20 @@
+"""Hugging Face transformers interop: import Llama, Qwen2, Mixtral, Qwen2-MoE and DeepSeek-V3
+checkpoints as :class:`~moeformer.models.decoder.DecoderLM`, and export DecoderLMs back.
+
+Reading and writing use ``safetensors`` and JSON only; transformers itself is needed only to load
+the exported directory (and by the tests that check logits against it).
+"""
+
+from moeformer.interop.convert import export_hf, import_hf, read_hf_config
+from moeformer.interop.hf_config import FAMILIES, InteropError, config_from_hf, config_to_hf, family_for
+
+__all__ = [
+    "FAMILIES",
+    "InteropError",
+    "config_from_hf",
+    "config_to_hf",
+    "export_hf",
+    "family_for",
+    "import_hf",
+    "read_hf_config",
+]

@@ -1,0 +1,182 @@
+"""Reading and writing Hugging Face checkpoints: a local transformers directory <-> a DecoderLM.
+
+    model = import_hf("path/to/Qwen2-MoE")            # config.json + *.safetensors, no transformers needed
+    export_hf(model, "out/qwen2-moe", tokenizer=tok)   # loadable by AutoModelForCausalLM.from_pretrained
+
+Both check everything they can before touching a tensor: the config is mapped (or refused with
+the reason) first, then every tensor name the model needs is looked up in the checkpoint's index,
+then the tensors are read. Writes go to a temporary directory renamed into place, so an
+interrupted export leaves no half-written checkpoint, and an existing directory is replaced only
+with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from moeformer.config import ModelConfig
+from moeformer.interop.hf_config import InteropError, config_from_hf, config_to_hf, family_for, model_type
+from moeformer.interop.hf_weights import build_rules
+from moeformer.models.decoder import DecoderLM
+
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a transformers checkpoint directory, with errors that name the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InteropError(f"{path}: no such checkpoint directory")
+    file = path / "config.json"
+    if not file.exists():
+        raise InteropError(f"{path}: no config.json; a transformers checkpoint directory has config.json + *.safetensors")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InteropError(f"{file}: not valid JSON ({err})") from None
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (one file, or shards listed by the index)."""
+    if (path / INDEX).exists():
+        try:
+            weight_map = json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise InteropError(f"{path / INDEX}: not a safetensors index ({err})") from None
+        return {name: path / file for name, file in weight_map.items()}
+    if (path / WEIGHTS).exists():
+        try:
+            with safetensors.safe_open(str(path / WEIGHTS), "pt") as f:
+                return {name: path / WEIGHTS for name in f.keys()}
+        except (safetensors.SafetensorError, OSError) as err:
+            raise InteropError(f"{path / WEIGHTS}: unreadable or truncated safetensors file ({err})") from None
+    found = sorted(p.name for p in path.iterdir())
+    raise InteropError(f"{path}: no {WEIGHTS} or {INDEX} (found {found[:6]}); only safetensors checkpoints are read")
+
+
+def import_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> DecoderLM:
+    """A DecoderLM (in eval mode) with the weights of the transformers checkpoint at ``path``."""
+    path = Path(path)
+    hf = read_hf_config(path)
+    config = config_from_hf(hf)
+    family = model_type(hf)
+    rules = build_rules(config, family, rope_interleave=bool(hf.get("rope_interleave", True))).rules
+    files = tensor_files(path)
+    missing = [name for rule in rules for name in rule.theirs if name not in files]
+    if missing:
+        raise InteropError(f"{path}: {len(missing)} tensors the {family} config needs are missing, e.g. {missing[:4]}")
+    used = {name for rule in rules for name in rule.theirs}
+    extra = [name for name in files if name not in used and not _ignorable(name, config, hf)]
+    if extra:
+        raise InteropError(f"{path}: {len(extra)} tensors have no place in the model, e.g. {sorted(extra)[:4]}")
+    tensors = _read(files, used)
+    state = {rule.ours: rule.join([tensors[name] for name in rule.theirs]) for rule in rules}
+    model = DecoderLM(config)
+    missing_ours, unexpected = model.load_state_dict(state, strict=False)
+    left = [k for k in missing_ours if not k.endswith("router.expert_bias") and k != "lm_head.weight"]
+    if left or unexpected:  # a bug in the rules, not in the file
+        raise InteropError(f"internal: weights not mapped for {family}: missing {left[:4]}, unexpected {unexpected[:4]}")
+    return model.to(dtype).eval()
+
+
+def _ignorable(name: str, config: ModelConfig, hf: dict[str, Any]) -> bool:
+    """Tensors a faithful import may leave out: RoPE tables, a tied head, DeepSeek's MTP layers."""
+    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
+        return True
+    parts = name.split(".")
+    if name.startswith("model.layers.") and int(parts[2]) >= config.n_layers:
+        return bool(hf.get("num_nextn_predict_layers"))  # multi-token prediction heads, training only
+    return False
+
+
+def _read(files: dict[str, Path], names: set[str]) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for file, keys in by_file.items():
+        try:
+            with safetensors.safe_open(str(file), "pt") as f:
+                for key in keys:
+                    out[key] = f.get_tensor(key).float()
+        except (safetensors.SafetensorError, OSError) as err:
+            raise InteropError(f"{file}: unreadable or truncated safetensors file ({err})") from None
+    return out
+
+
+def export_hf(model: DecoderLM, out: str | Path, *, tokenizer: Any = None, force: bool = False) -> str:
+    """Write ``model`` as a transformers checkpoint directory; returns the family (``model_type``).
+
+    ``tokenizer``: a moeformer BPE tokenizer, saved as ``tokenizer.json`` for
+    ``AutoTokenizer.from_pretrained``. Refuses (InteropError) a model no family can compute.
+    """
+    out = Path(out)
+    config = model.config
+    family = family_for(config)
+    if out.exists() and not force:
+        raise InteropError(f"{out} exists; pass force=True (--force) to replace it")
+    state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    _check_bias(state, family)
+    hf_config = config_to_hf(config, family)
+    tensors: dict[str, torch.Tensor] = {}
+    for rule in build_rules(config, family).rules:
+        for name, tensor in zip(rule.theirs, rule.split(state[rule.ours]), strict=True):
+            tensors[name] = tensor.contiguous().clone()
+    if family == "qwen2_moe" and not config.moe.shared_gate:
+        _open_shared_gates(tensors, config)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    safetensors.torch.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    if tokenizer is not None:
+        hf_config.update(_write_tokenizer(tmp, tokenizer))
+    hf_config["dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return family
+
+
+def _check_bias(state: dict[str, torch.Tensor], family: str) -> None:
+    if family == "deepseek_v3":
+        return
+    for name, value in state.items():
+        if name.endswith("router.expert_bias") and value.abs().max() > 0:
+            raise InteropError(
+                f"{name} is non-zero (auxiliary-loss-free balancing): it steers expert choice, and {family} "
+                "has no such bias; only DeepSeek-V3 (MLA + sigmoid routing) keeps it"
+            )
+
+
+def _open_shared_gates(tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Ungated shared experts as Qwen2-MoE's gated one, exactly: gate weight 0 gives sigmoid(0) = 1/2,
+    and doubling down_proj (a power of two: no rounding) restores the full contribution."""
+    for i in range(config.n_layers):
+        if not config.moe.is_moe_layer(i):
+            continue
+        block = f"model.layers.{i}.mlp."
+        tensors[block + "shared_expert_gate.weight"] = torch.zeros(1, config.d_model)
+        tensors[block + "shared_expert.down_proj.weight"] *= 2
+
+
+def _write_tokenizer(directory: Path, tokenizer: Any) -> dict[str, Any]:
+    """tokenizer.json + tokenizer_config.json of a moeformer BPE tokenizer; returns the special ids."""
+    from moeformer.data.bpe_tokenizer import SPECIALS, BPETokenizer
+
+    if not isinstance(tokenizer, BPETokenizer):
+        raise InteropError(f"only a BPE tokenizer can be saved for transformers, got {type(tokenizer).__name__}")
+    (directory / "tokenizer.json").write_text(tokenizer.backend.to_str(), encoding="utf-8")
+    pad, bos, eos, unk = SPECIALS
+    meta = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "bos_token": bos}
+    meta.update(eos_token=eos, unk_token=unk, clean_up_tokenization_spaces=False)
+    (directory / "tokenizer_config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}

@@ -1,0 +1,286 @@
+"""Hugging Face interop: import tiny random checkpoints of five families with equal logits, export ours
+back to transformers with equal logits, and refuse what has no counterpart, naming why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeformer import DecoderLM
+from moeformer.config import model_config_from_dict
+from moeformer.interop import InteropError, export_hf, family_for, import_hf
+
+transformers = pytest.importorskip("transformers", reason="interop tests compare logits with transformers' models")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ATOL = 1e-4
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
+HF_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=True),
+    "llama-biases": lambda: transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON),
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **COMMON,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=False,
+        mlp_only_layers=[0],
+    ),
+    "qwen2_moe-every-other": lambda: transformers.Qwen2MoeConfig(
+        **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=2,
+        norm_topk_prob=True,
+    ),
+}
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """N(0, 0.1^2) everywhere (HF zero-initialises routers and biases), norms around 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(1.0 + noise if "norm" in name else noise)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand(b.shape, generator=g) * 0.2)
+
+
+def hf_model(config, seed: int = 0):
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    randomise(model, seed)
+    return model
+
+
+def token_batch(vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 11), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens, attention_mask=attention_mask).logits
+
+
+def our_logits(model: DecoderLM, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens, padding_mask=padding_mask).logits
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_import_gives_transformers_logits(name, tmp_path):
+    theirs = hf_model(HF_CONFIGS[name]())
+    theirs.save_pretrained(tmp_path)
+    ours = import_hf(tmp_path)
+    tokens = token_batch(theirs.config.vocab_size)
+    expected = hf_logits(theirs, tokens)
+    assert expected.std() > 0.05  # random weights, not an all-zero model
+    assert (our_logits(ours, tokens) - expected).abs().max() < ATOL
+
+
+def test_import_maps_each_family_to_its_parts(tmp_path):
+    hf_model(HF_CONFIGS["qwen2_moe"]()).save_pretrained(tmp_path)
+    config = import_hf(tmp_path).config
+    assert config.attention.qkv_bias is True and config.attention.bias is False
+    moe = config.moe
+    assert (moe.kind, moe.n_experts, moe.top_k, moe.n_shared, moe.shared_hidden) == ("deepseek", 6, 2, 1, 40)
+    assert moe.shared_gate and not moe.normalize and moe.first_dense == 1
+
+
+def test_import_left_padded_batch_matches_transformers(tmp_path):
+    theirs = hf_model(HF_CONFIGS["mixtral"]())
+    theirs.save_pretrained(tmp_path)
+    ours = import_hf(tmp_path)
+    tokens = token_batch(theirs.config.vocab_size)
+    padding = torch.zeros_like(tokens, dtype=torch.bool)
+    padding[0, :3] = True
+    position_ids = ((~padding).long().cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        expected = theirs(input_ids=tokens, attention_mask=(~padding).long(), position_ids=position_ids).logits
+    got = our_logits(ours, tokens, padding)
+    assert (got[~padding] - expected[~padding]).abs().max() < ATOL
+
+
+def lm_config(**overrides):
+    base = {
+        "arch": "decoder",
+        "vocab_size": 61,
+        "d_model": 32,
+        "n_layers": 3,
+        "dropout": 0.0,
+        "norm": "rmsnorm",
+        "norm_position": "pre",
+        "position": "rope",
+        "max_seq_len": 64,
+        "scale_embeddings": False,
+        "tie_embeddings": False,
+        "attention": {"n_heads": 4, "n_kv_heads": 2, "bias": False, "rope_theta": 5000.0},
+        "ffn": {"activation": "swiglu", "d_ff": 48, "bias": False},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return model_config_from_dict(base)
+
+
+EXPORTABLE = {
+    "dense": ({}, "llama"),
+    "dense-tied-biases": ({"tie_embeddings": True, "attention": {"bias": True}, "ffn": {"bias": True}}, "llama"),
+    "qwen2": ({"attention": {"qkv_bias": True}}, "qwen2"),
+    "topk": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "expert_hidden": 16}}, "mixtral"),
+    "deepseek-fine-grained-shared": (
+        {
+            "attention": {"qkv_bias": True},
+            "moe": {"kind": "deepseek", "n_experts": 4, "top_k": 2, "granularity": 2, "n_shared": 2, "first_dense": 1},
+        },
+        "qwen2_moe",
+    ),
+    "deepseek-gated-every-other": (
+        {
+            "moe": {
+                "kind": "deepseek",
+                "n_experts": 4,
+                "top_k": 1,
+                "n_shared": 1,
+                "shared_hidden": 24,
+                "shared_gate": True,
+                "normalize": False,
+                "placement": "every_other",
+            }
+        },
+        "qwen2_moe",
+    ),
+}
+
+
+def our_model(config, seed: int = 3) -> DecoderLM:
+    model = DecoderLM(config).eval()
+    randomise(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("name", list(EXPORTABLE))
+def test_export_loads_in_transformers_with_equal_logits(name, tmp_path):
+    overrides, family = EXPORTABLE[name]
+    ours = our_model(lm_config(**overrides))
+    assert export_hf(ours, tmp_path / "hf") == family
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.model_type == family
+    tokens = token_batch(ours.config.vocab_size)
+    expected = our_logits(ours, tokens)
+    assert expected.std() > 0.05
+    assert (hf_logits(theirs, tokens) - expected).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("name", ["dense", "topk", "deepseek-gated-every-other"])
+def test_export_then_import_is_the_same_model(name, tmp_path):
+    ours = our_model(lm_config(**EXPORTABLE[name][0]))
+    export_hf(ours, tmp_path / "hf")
+    back = import_hf(tmp_path / "hf")
+    assert back.state_dict().keys() == ours.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    tokens = token_batch(ours.config.vocab_size)
+    assert torch.equal(our_logits(back, tokens), our_logits(ours, tokens))
+
+
+def test_export_writes_a_tokenizer_transformers_reads(tmp_path):
+    from moeformer.data.bpe_tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["Are you OK? 你好吗？"] * 20, vocab_size=300)
+    ours = our_model(lm_config(vocab_size=tok.vocab_size))
+    export_hf(ours, tmp_path / "hf", tokenizer=tok)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs("Are you OK? 你好吗？", add_special_tokens=False)["input_ids"] == tok.encode("Are you OK? 你好吗？")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == tok.eos_id
+
+
+REFUSED = {
+    "soft": ({"moe": {"kind": "soft", "n_experts": 4}}, "soft"),
+    "post-norm": ({"norm_position": "post"}, "pre-norm"),
+    "sinusoidal": ({"position": "sinusoidal"}, "position"),
+    "relu": ({"ffn": {"activation": "relu"}}, "swiglu"),
+    "sigmoid-without-mla": (
+        {"moe": {"kind": "deepseek", "n_experts": 4, "top_k": 2, "n_shared": 1, "score": "sigmoid"}},
+        "MLA",
+    ),
+    "capacity": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}, "capacity"),
+    "topk-unnormalised": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "normalize": False}}, "Mixtral"),
+    "mixtral-with-biases": ({"attention": {"qkv_bias": True}, "moe": {"kind": "topk", "n_experts": 4}}, "biases"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_export_refuses_what_transformers_cannot_compute(name, tmp_path):
+    overrides, words = REFUSED[name]
+    with pytest.raises(InteropError, match=words):
+        export_hf(DecoderLM(lm_config(**overrides)), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_a_trained_balancing_bias_without_sigmoid_routing(tmp_path):
+    ours = our_model(lm_config(moe={"kind": "topk", "n_experts": 4, "top_k": 2}))
+    with torch.no_grad():
+        ours.layers[1].ffn.router.expert_bias[0] = 0.01
+    with pytest.raises(InteropError, match="layers.1.ffn.router.expert_bias"):
+        export_hf(ours, tmp_path / "hf")
+
+
+def test_export_never_overwrites_without_force(tmp_path):
+    ours = our_model(lm_config())
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    with pytest.raises(InteropError, match="exists"):
+        export_hf(ours, tmp_path / "hf")
+    assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+    export_hf(ours, tmp_path / "hf", force=True)
+    assert (tmp_path / "hf" / "config.json").exists() and not (tmp_path / "hf" / "keep.txt").exists()
+
+
+def test_family_is_chosen_from_the_config():
+    assert family_for(lm_config()) == "llama"
+    assert family_for(lm_config(moe={"kind": "topk", "n_experts": 4})) == "mixtral"
+
+
+def test_import_errors_name_the_problem(tmp_path):
+    with pytest.raises(InteropError, match="no such checkpoint directory"):
+        import_hf(tmp_path / "absent")
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(InteropError, match="no config.json"):
+        import_hf(tmp_path / "empty")
+    hf_model(HF_CONFIGS["llama"]()).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for change, words in [
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope type 'llama3'"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"head_dim": 4}, "head_dim"),
+    ]:
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(InteropError, match=words):
+            import_hf(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    with pytest.raises(InteropError, match="tensors the llama config needs are missing"):
+        import_hf(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(InteropError, match="have no place in the model"):
+        import_hf(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InteropError, match="unreadable or truncated"):
+        import_hf(tmp_path / "m")
