@@ -37,7 +37,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
         raise InteropError(f"{path}: no such checkpoint directory")
     file = path / "config.json"
     if not file.exists():
-        raise InteropError(f"{path}: no config.json; a transformers checkpoint directory has config.json + *.safetensors")
+        raise InteropError(f"{path}: no config.json (a transformers checkpoint has config.json + *.safetensors)")
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -83,7 +83,7 @@ def import_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Decode
     missing_ours, unexpected = model.load_state_dict(state, strict=False)
     left = [k for k in missing_ours if not k.endswith("router.expert_bias") and k != "lm_head.weight"]
     if left or unexpected:  # a bug in the rules, not in the file
-        raise InteropError(f"internal: weights not mapped for {family}: missing {left[:4]}, unexpected {unexpected[:4]}")
+        raise InteropError(f"internal: {family} weights not mapped: missing {left[:4]}, unexpected {unexpected[:4]}")
     return model.to(dtype).eval()
 
 

@@ -184,7 +184,7 @@ def family_for(config: ModelConfig) -> str:
                 raise InteropError("ffn.bias: Qwen2 (q/k/v biases only) has no FFN biases; no family has both")
             return "qwen2"
         if a.qkv_bias is not None and a.qkv_bias != a.bias:
-            raise InteropError("attention.qkv_bias=False with bias=True (out_proj bias only) has no transformers family")
+            raise InteropError("attention: an out_proj bias without q/k/v biases has no transformers family")
         return "llama"
     _check_moe_exportable(config, moe)
     if moe.kind == "soft":
@@ -245,7 +245,7 @@ def _check_moe_exportable(config: ModelConfig, moe: MoEConfig) -> None:
     if config.ffn.bias:
         raise InteropError("ffn.bias: the transformers MoE families have no expert biases")
     if moe.capacity_factor is not None or moe.noisy or moe.group_routing == "hierarchical" and moe.n_group > 1:
-        raise InteropError("moe: capacity dropping, noisy gating and hierarchical routing have no transformers equivalent")
+        raise InteropError("moe: capacity dropping, noisy gating, hierarchical routing: no transformers equivalent")
 
 
 def config_to_hf(config: ModelConfig, family: str, *, pad_id: int | None = None) -> dict[str, Any]:
