@@ -128,6 +128,22 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from moeformer.interop.checkpoints import checkpoint_to_hf, hf_to_checkpoint
+
+    to = args.to or ("moeformer" if (Path(args.source) / "config.json").exists() else "hf")
+    if to == "hf":
+        done = checkpoint_to_hf(args.source, args.out, which=args.which, force=args.force)
+        target = f"a transformers {done.family} checkpoint (AutoModelForCausalLM.from_pretrained)"
+    else:
+        done = hf_to_checkpoint(args.source, args.out, force=args.force)
+        target = f"a moeformer checkpoint (from {done.family})"
+    print(f"wrote {done.out}: {target}, {done.parameters:,} parameters")
+    if not done.tokenizer:
+        print("note: no tokenizer came along (the source has no tokenizer.json form)")
+    return 0
+
+
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint directory or a run directory")
     p.add_argument("--which", choices=["best", "latest"], default="best", help="in a run directory (default best)")
@@ -200,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
     presets = sub.add_parser("presets", help="list the named model sizes")
     presets.set_defaults(run=_presets)
+    conv = sub.add_parser("convert", help="convert between a transformers checkpoint and a moeformer one")
+    conv.add_argument("source", help="a transformers directory (config.json + safetensors) or a moeformer checkpoint")
+    conv.add_argument("out", help="the directory to write")
+    conv.add_argument(
+        "--to", choices=["hf", "moeformer"], help="direction (default: moeformer if SOURCE has config.json, else hf)"
+    )
+    conv.add_argument("--which", choices=["best", "latest"], default="best", help="in a run directory (default best)")
+    conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    conv.set_defaults(run=_convert)
     add_refusal_commands(sub)
     return parser
 

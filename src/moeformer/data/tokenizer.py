@@ -52,7 +52,11 @@ def tokenizer_from_dict(data: dict[str, object]) -> Tokenizer:
         return CharTokenizer.from_dict(data)
     if kind == "bpe":
         return BPETokenizer.from_dict(data)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; allowed kinds: {', '.join(map(repr, KINDS))}")
+    if kind == "hub":  # an imported Hugging Face model's own tokenizer
+        from moeformer.data.hub_tokenizer import HubTokenizer
+
+        return HubTokenizer.from_dict(data)
+    raise ValueError(f"unknown tokenizer kind {kind!r}; allowed kinds: {', '.join(map(repr, KINDS))}, 'hub'")
 
 
 def train_tokenizer(texts: Iterable[str], *, kind: TokenizerKind = "bpe", vocab_size: int = 8000) -> Tokenizer:

@@ -169,14 +169,19 @@ def _open_shared_gates(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
 
 
 def _write_tokenizer(directory: Path, tokenizer: Any) -> dict[str, Any]:
-    """tokenizer.json + tokenizer_config.json of a moeformer BPE tokenizer; returns the special ids."""
-    from moeformer.data.bpe_tokenizer import SPECIALS, BPETokenizer
-
-    if not isinstance(tokenizer, BPETokenizer):
-        raise InteropError(f"only a BPE tokenizer can be saved for transformers, got {type(tokenizer).__name__}")
-    (directory / "tokenizer.json").write_text(tokenizer.backend.to_str(), encoding="utf-8")
-    pad, bos, eos, unk = SPECIALS
-    meta = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad, "bos_token": bos}
-    meta.update(eos_token=eos, unk_token=unk, clean_up_tokenization_spaces=False)
+    """tokenizer.json + tokenizer_config.json of a tokenizers-backed tokenizer (moeformer's BPE, or
+    an imported model's own); returns the special ids for config.json."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        raise InteropError(f"a {type(tokenizer).__name__} has no tokenizer.json form; export without a tokenizer")
+    (directory / "tokenizer.json").write_text(backend.to_str(), encoding="utf-8")
+    meta: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    ids: dict[str, Any] = {}
+    for name in ("pad", "bos", "eos", "unk"):
+        token_id = getattr(tokenizer, f"{name}_id")
+        if token_id >= 0:
+            meta[f"{name}_token"] = backend.id_to_token(token_id)
+            if name != "unk":
+                ids[f"{name}_token_id"] = token_id
     (directory / "tokenizer_config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    return ids

@@ -1,0 +1,101 @@
+"""`moeformer convert` both ways: transformers dir -> moeformer checkpoint (with the model's own tokenizer)
+and back, logits equal at each hop; existing or overlapping outputs refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from moeformer.cli import main
+from moeformer.config import config_to_dict
+from moeformer.data.bpe_tokenizer import BPETokenizer
+from moeformer.data.hub_tokenizer import HubTokenizer
+from moeformer.data.tokenizer import TokenizerPair
+from moeformer.inference import load_model
+from moeformer.train.checkpoint import save_checkpoint
+
+transformers = pytest.importorskip("transformers", reason="convert tests load the results with transformers")
+
+from hf_models import HF_CONFIGS, hf_model, lm_config, our_model, token_batch  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def write_hub_tokenizer(directory, vocab_size: int) -> None:
+    """A word-level tokenizer.json whose specials sit where a Hub model's would (eos last, no bos)."""
+    words = [f"w{i}" for i in range(vocab_size - 2)]
+    vocab = {w: i for i, w in enumerate(words)} | {"<unk>": vocab_size - 2, "<|endoftext|>": vocab_size - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    settings = {"eos_token": "<|endoftext|>", "unk_token": "<unk>", "bos_token": None, "pad_token": None}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+
+
+def test_hf_to_moeformer_keeps_logits_and_tokenizer(tmp_path, capsys):
+    theirs = hf_model(HF_CONFIGS["qwen2_moe"]())
+    theirs.save_pretrained(tmp_path / "hf")
+    write_hub_tokenizer(tmp_path / "hf", theirs.config.vocab_size)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert "moeformer checkpoint (from qwen2_moe)" in capsys.readouterr().out
+    loaded = load_model(tmp_path / "ours")
+    tok = loaded.tokenizers.target
+    assert isinstance(tok, HubTokenizer)
+    assert (tok.eos_id, tok.pad_id, tok.bos_id) == (96, 96, -1)
+    assert tok.encode("w3 w5", bos=True, eos=True) == [3, 5, 96]
+    tokens = token_batch(theirs.config.vocab_size)
+    with torch.no_grad():
+        expected = theirs(input_ids=tokens).logits
+        assert (loaded.model(tokens).logits - expected).abs().max() < 1e-4
+    assert main(["generate", str(tmp_path / "ours"), "--prompt", "w1 w2", "--max-new-tokens", "3", "--seed", "0"]) == 0
+
+
+def test_moeformer_to_hf_and_back(tmp_path, capsys):
+    tok = BPETokenizer.train(["the cat sat on the mat 你好"] * 30, vocab_size=280)
+    config = lm_config(vocab_size=tok.vocab_size, moe={"kind": "topk", "n_experts": 4, "top_k": 2})
+    model = our_model(config)
+    meta = {"config": {"model": config_to_dict(config)}, "tokenizer": TokenizerPair(tok, tok).to_dict()}
+    save_checkpoint(tmp_path / "run", 7, model, meta, {}, best=True)
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert "transformers mixtral checkpoint" in capsys.readouterr().out
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tok("the cat 你好", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == tok.encode("the cat 你好")
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - model(ids).logits).abs().max() < 1e-4
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back")
+    with torch.no_grad():
+        assert torch.equal(back.model(ids).logits, model.eval()(ids).logits)
+    assert back.tokenizers.target.encode("the cat 你好") == tok.encode("the cat 你好")
+
+
+def test_convert_refuses_existing_and_overlapping_outputs(tmp_path, capsys):
+    hf_model(HF_CONFIGS["llama"]()).save_pretrained(tmp_path / "hf")
+    (tmp_path / "taken").mkdir()
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "taken")]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "hf" / "inside")]) == 1
+    assert "overlaps the source" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "taken"), "--force"]) == 0
+    note = capsys.readouterr().out
+    assert "no tokenizer came along" in note
+
+
+def test_convert_refuses_a_model_without_counterpart(tmp_path, capsys):
+    tok = BPETokenizer.train(["a b c"] * 5, vocab_size=270)
+    config = lm_config(vocab_size=tok.vocab_size, moe={"kind": "soft", "n_experts": 4})
+    meta = {"config": {"model": config_to_dict(config)}, "tokenizer": TokenizerPair(tok, tok).to_dict()}
+    save_checkpoint(tmp_path / "run", 1, our_model(config), meta, {}, best=True)
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf"]) == 1
+    assert "'soft'" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
