@@ -29,6 +29,7 @@ from moeformer.train.config import TrainConfig
 from moeformer.validation import (
     ConfigError,
     check_field_types,
+    check_latent_fields,
     from_dict,
     positive,
     probability,
@@ -51,8 +52,14 @@ __all__ = [
 
 @dataclass(kw_only=True)
 class AttentionConfig:
-    """Multi-head attention (paper section 3.2.2); ``n_kv_heads < n_heads`` is grouped-query attention."""
+    """Multi-head attention (paper section 3.2.2); ``n_kv_heads < n_heads`` is grouped-query attention.
 
+    ``kind = "mla"`` is DeepSeek-V2/V3 multi-head latent attention (:mod:`moeformer.layers.mla`):
+    decoder-only with RoPE, its head sizes set by the fields below (DeepSeek-V2/V3: q_lora_rank
+    1536, kv_lora_rank 512, qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128).
+    """
+
+    kind: Literal["mha", "mla"] = "mha"
     n_heads: int = 8
     n_kv_heads: int | None = None  # None: one K/V head per query head (plain multi-head)
     bias: bool = True  # biases on q/k/v/out projections (paper: yes; Llama-style LMs: no)
@@ -60,9 +67,16 @@ class AttentionConfig:
     dropout: float = 0.0  # dropout on the attention weights
     backend: Literal["sdpa", "reference"] = "sdpa"  # torch's fused kernel or the readable math
     rope_theta: float = 10000.0  # RoPE base, used when the model's position is "rope"
+    # kind "mla" only; all but q_lora_rank required there. C + Dr numbers per token are cached.
+    q_lora_rank: int | None = None  # query latent width; None: one full q_proj (V2-Lite)
+    kv_lora_rank: int | None = None  # C: the key/value latent width
+    qk_nope_head_dim: int | None = None  # Dn: per-head query/key width without RoPE
+    qk_rope_head_dim: int | None = None  # Dr: RoPE part of each query and of the one shared key (even)
+    v_head_dim: int | None = None  # Dv: per-head value width
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        check_latent_fields(self)
         positive("n_heads", self.n_heads)
         positive("n_kv_heads", self.n_kv_heads)
         probability("dropout", self.dropout)
@@ -228,12 +242,17 @@ class ModelConfig:
         probability("dropout", self.dropout)
         if self.norm_eps <= 0:
             raise ConfigError("norm_eps", f"must be positive, got {self.norm_eps}")
-        if self.d_model % self.attention.n_heads:
+        if self.attention.kind == "mla" and (self.arch != "decoder" or self.position != "rope"):
+            raise ConfigError(
+                "attention.kind",
+                f"'mla' needs arch 'decoder' and position 'rope', got {self.arch!r} and {self.position!r}",
+            )
+        if self.d_model % self.attention.n_heads and self.attention.kind == "mha":  # MLA sets its own sizes
             raise ConfigError(
                 "d_model",
                 f"must be divisible by attention.n_heads ({self.attention.n_heads}), got {self.d_model}",
             )
-        if self.position == "rope" and self.head_dim % 2:
+        if self.position == "rope" and self.rotary_dim % 2:
             raise ConfigError("position", f"'rope' needs an even head size (d_model / n_heads), got {self.head_dim}")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ConfigError("pad_id", f"must be in [0, vocab_size={self.vocab_size}), got {self.pad_id}")
@@ -254,7 +273,14 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """d_model / n_heads, the head size of kind 'mha' (MLA's sizes are its own fields)."""
         return self.d_model // self.attention.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dimensions of each query/key RoPE rotates: the head size, or MLA's Dr."""
+        a = self.attention
+        return a.qk_rope_head_dim if a.kind == "mla" and a.qk_rope_head_dim else self.head_dim
 
     @property
     def source_vocab_size(self) -> int:

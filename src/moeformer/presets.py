@@ -83,6 +83,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         attention={"n_heads": 4, "n_kv_heads": 2},
         ffn={"d_ff": 64},
     ),
+    "lm-tiny-mla": _with(  # DeepSeek-V2/V3 proportions: Dr = Dn / 2, C = 2 * Dn (V3: 4 * Dn)
+        _LM,
+        d_model=32,
+        n_layers=2,
+        max_seq_len=64,
+        attention={
+            "kind": "mla",
+            "n_heads": 4,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 4,
+            "v_head_dim": 8,
+        },
+        ffn={"d_ff": 64},
+    ),
     "lm-small": _with(
         _LM,
         d_model=384,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from moeformer.config import AttentionConfig
 
 T = TypeVar("T")
 
@@ -69,6 +72,44 @@ def positive(name: str, value: int | None) -> None:
 def probability(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ConfigError(name, f"must be in [0, 1), got {value}")
+
+
+_LATENT_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def check_latent_fields(attention: AttentionConfig) -> None:
+    """Multi-head latent attention's fields: required (q_lora_rank optional) with kind 'mla', refused
+    otherwise; fields of multi-head attention that mean nothing to MLA are refused too."""
+    mla = attention.kind == "mla"
+    for name in _LATENT_FIELDS:
+        value = getattr(attention, name)
+        positive(name, value)
+        if value is not None and not mla:
+            raise ConfigError(
+                name, "belongs to kind 'mla' (multi-head latent attention); set kind = \"mla\" or remove it"
+            )
+        if value is None and mla and name != "q_lora_rank":
+            raise ConfigError(
+                name,
+                "required with kind 'mla' (DeepSeek-V2/V3: kv_lora_rank 512, qk_nope_head_dim 128, "
+                "qk_rope_head_dim 64, v_head_dim 128)",
+            )
+    if not mla:
+        return
+    if attention.qk_rope_head_dim is not None and attention.qk_rope_head_dim % 2:
+        raise ConfigError("qk_rope_head_dim", f"RoPE rotates pairs: must be even, got {attention.qk_rope_head_dim}")
+    if attention.n_kv_heads is not None:
+        raise ConfigError(
+            "n_kv_heads",
+            "means nothing with kind 'mla': every head's keys and values come from one "
+            "shared latent (kv_lora_rank); remove it",
+        )
+    if attention.qkv_bias is not None:
+        raise ConfigError(
+            "qkv_bias",
+            "kind 'mla' has no q/k/v projections; `bias` sets the biases of q_a_proj, "
+            "kv_a_proj_with_mqa and out_proj (DeepSeek's attention_bias)",
+        )
 
 
 def from_dict(cls: type[T], data: Any, prefix: str) -> T:

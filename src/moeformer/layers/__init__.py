@@ -8,6 +8,7 @@ from moeformer.layers.attention import (
 )
 from moeformer.layers.embedding import TokenEmbedding
 from moeformer.layers.feedforward import FeedForward, FFNOutput
+from moeformer.layers.mla import LatentKVCache, MultiHeadLatentAttention
 from moeformer.layers.norm import RMSNorm, build_norm
 from moeformer.layers.position import (
     LearnedPositionalEmbedding,
@@ -23,8 +24,10 @@ __all__ = [
     "FFNOutput",
     "FeedForward",
     "KVCache",
+    "LatentKVCache",
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
+    "MultiHeadLatentAttention",
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositionalEncoding",

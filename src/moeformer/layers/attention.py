@@ -80,6 +80,17 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.key is None else self.key.shape[-2]
 
+    @property
+    def elements_per_token(self) -> int:
+        """Numbers stored per token of one sequence: 2 * G * Dh (0 while empty)."""
+        if self.key is None or self.value is None:
+            return 0
+        return self.key.shape[1] * self.key.shape[3] + self.value.shape[1] * self.value.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
+
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         if self.key is None or self.static:
             self.key, self.value = key, value
@@ -99,6 +110,105 @@ class KVCache:
 class AttentionOutput:
     output: Tensor  # (B, T, D)
     weights: Tensor | None = None  # (B, H, T, S) when asked for
+
+
+def build_attention_mask(
+    B: int,
+    T: int,
+    S: int,
+    n_heads: int,
+    device: torch.device,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+) -> tuple[Tensor | None, bool]:
+    """Merge padding, explicit and causal masks into one (B or 1, H or 1, T, S) mask.
+
+    Returns (mask, causal_fast): when the only constraint is a square causal one, the fused
+    kernel's own ``is_causal`` path is used instead of materialising the mask.
+    """
+    if is_causal and key_padding_mask is None and attn_mask is None and T == S:
+        return None, True
+    mask: Tensor | None = None
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, S):
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor of shape (batch, keys) = ({B}, {S}) "
+                f"with True at padding, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        mask = ~key_padding_mask[:, None, None, :]
+    if is_causal:
+        # Query t is the (S - T + t)-th key: with a cache, the T new tokens come last.
+        rows = torch.arange(T, device=device)[:, None] + (S - T)
+        causal = rows >= torch.arange(S, device=device)[None, :]
+        mask = causal if mask is None else mask & causal
+    if attn_mask is not None:
+        attn_mask = _check_attn_mask(attn_mask, B, T, S, n_heads)
+        if attn_mask.dtype == torch.bool:
+            mask = attn_mask if mask is None else mask & attn_mask
+        elif mask is not None:
+            mask = attn_mask.masked_fill(~mask, float("-inf"))
+        else:
+            mask = attn_mask
+    return mask, False
+
+
+def _check_attn_mask(attn_mask: Tensor, B: int, T: int, S: int, n_heads: int) -> Tensor:
+    allowed = [(T, S), (B, T, S), (B, 1, T, S), (B, n_heads, T, S), (1, 1, T, S)]
+    if tuple(attn_mask.shape) not in allowed:
+        raise ValueError(
+            f"attn_mask has shape {tuple(attn_mask.shape)}; allowed: (queries, keys) = "
+            f"({T}, {S}), (batch, queries, keys) or (batch, heads|1, queries, keys)"
+        )
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(f"attn_mask must be bool (True = may attend) or float, got {attn_mask.dtype}")
+    return attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    need_weights: bool,
+    *,
+    backend: Backend,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """q: (B, H, T, Dk), k: (B, G, S, Dk), v: (B, G, S, Dv) -> (B, H, T, Dv), weights (B, H, T, S) or None.
+
+    ``mask`` and ``causal`` come from :func:`build_attention_mask`; G divides H (grouped-query).
+    Queries whose mask allows no key get a zero output on both backends.
+    """
+    dead = None
+    if mask is not None:
+        allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+        dead = ~allowed.any(-1, keepdim=True)  # queries that may attend to nothing
+    if need_weights or backend == "reference":
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        out, weights = scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p, scale=scale
+        )
+        return out, (weights if need_weights else None)
+    if dead is not None:  # let dead rows attend anywhere (no NaN), then zero them below
+        mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=causal,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    if dead is not None:
+        out = out.masked_fill(dead, 0.0)
+    return out, None
 
 
 class MultiHeadAttention(nn.Module):
@@ -175,90 +285,13 @@ class MultiHeadAttention(nn.Module):
                 k, v = cache.update(k, v)  # (B, G, S_total, Dh)
         if rotary is not None:
             q = apply_rotary(q, *rotary)
-        mask, causal_fast = self._build_mask(B, T, k.shape[-2], query.device, key_padding_mask, attn_mask, is_causal)
-        out, weights = self._attend(q, k, v, mask, causal_fast, need_weights)
+        mask, causal_fast = build_attention_mask(
+            B, T, k.shape[-2], self.n_heads, query.device, key_padding_mask, attn_mask, is_causal
+        )
+        dropout_p = self.dropout if self.training else 0.0
+        out, weights = attend(q, k, v, mask, causal_fast, need_weights, backend=self.backend, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # concat heads
         return AttentionOutput(self.out_proj(out), weights)
-
-    def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, need_weights: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        dropout_p = self.dropout if self.training else 0.0
-        dead = None
-        if mask is not None:
-            allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
-            dead = ~allowed.any(-1, keepdim=True)  # queries that may attend to nothing
-        if need_weights or self.backend == "reference":
-            groups = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-            out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
-            return out, (weights if need_weights else None)
-        if dead is not None:  # let dead rows attend anywhere (no NaN), then zero them below
-            mask = mask | dead if mask.dtype == torch.bool else mask.masked_fill(dead, 0.0)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            dropout_p=dropout_p,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        if dead is not None:
-            out = out.masked_fill(dead, 0.0)
-        return out, None
-
-    def _build_mask(
-        self,
-        B: int,
-        T: int,
-        S: int,
-        device: torch.device,
-        key_padding_mask: Tensor | None,
-        attn_mask: Tensor | None,
-        is_causal: bool,
-    ) -> tuple[Tensor | None, bool]:
-        """Merge padding, explicit and causal masks into one (B or 1, H or 1, T, S) mask.
-
-        Returns (mask, causal_fast): when the only constraint is a square causal one, the fused
-        kernel's own ``is_causal`` path is used instead of materialising the mask.
-        """
-        if is_causal and key_padding_mask is None and attn_mask is None and T == S:
-            return None, True
-        mask: Tensor | None = None
-        if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, S):
-                raise ValueError(
-                    f"key_padding_mask must be a bool tensor of shape (batch, keys) = ({B}, {S}) "
-                    f"with True at padding, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-                )
-            mask = ~key_padding_mask[:, None, None, :]
-        if is_causal:
-            # Query t is the (S - T + t)-th key: with a cache, the T new tokens come last.
-            rows = torch.arange(T, device=device)[:, None] + (S - T)
-            causal = rows >= torch.arange(S, device=device)[None, :]
-            mask = causal if mask is None else mask & causal
-        if attn_mask is not None:
-            attn_mask = self._check_attn_mask(attn_mask, B, T, S)
-            if attn_mask.dtype == torch.bool:
-                mask = attn_mask if mask is None else mask & attn_mask
-            elif mask is not None:
-                mask = attn_mask.masked_fill(~mask, float("-inf"))
-            else:
-                mask = attn_mask
-        return mask, False
-
-    def _check_attn_mask(self, attn_mask: Tensor, B: int, T: int, S: int) -> Tensor:
-        allowed = [(T, S), (B, T, S), (B, 1, T, S), (B, self.n_heads, T, S), (1, 1, T, S)]
-        if tuple(attn_mask.shape) not in allowed:
-            raise ValueError(
-                f"attn_mask has shape {tuple(attn_mask.shape)}; allowed: (queries, keys) = "
-                f"({T}, {S}), (batch, queries, keys) or (batch, heads|1, queries, keys)"
-            )
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"attn_mask must be bool (True = may attend) or float, got {attn_mask.dtype}")
-        return attn_mask[:, None] if attn_mask.dim() == 3 else attn_mask
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         for name, t in (("query", query), ("key", key), ("value", value)):

@@ -22,6 +22,7 @@ from moeformer.config import ModelConfig
 from moeformer.hooks import HookPoint
 from moeformer.layers.attention import KVCache, MultiHeadAttention
 from moeformer.layers.feedforward import FFNOutput
+from moeformer.layers.mla import LatentKVCache, MultiHeadLatentAttention
 from moeformer.layers.norm import build_norm
 
 
@@ -35,12 +36,14 @@ class BlockOutput:
 class LayerCache:
     """Incremental-decoding state of one decoder block."""
 
-    self_attn: KVCache
+    self_attn: KVCache | LatentKVCache  # LatentKVCache with attention.kind "mla"
     cross_attn: KVCache | None = None
 
 
-def _attention(config: ModelConfig) -> MultiHeadAttention:
+def _attention(config: ModelConfig) -> MultiHeadAttention | MultiHeadLatentAttention:
     a = config.attention
+    if a.kind == "mla":
+        return _latent_attention(config)
     return MultiHeadAttention(
         config.d_model,
         a.n_heads,
@@ -49,6 +52,25 @@ def _attention(config: ModelConfig) -> MultiHeadAttention:
         bias=a.bias,
         qkv_bias=a.qkv_bias,
         backend=a.backend,
+    )
+
+
+def _latent_attention(config: ModelConfig) -> MultiHeadLatentAttention:
+    a = config.attention
+    if a.kv_lora_rank is None or a.qk_nope_head_dim is None or a.qk_rope_head_dim is None or a.v_head_dim is None:
+        raise ValueError("attention.kind 'mla' needs kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim")
+    return MultiHeadLatentAttention(
+        config.d_model,
+        a.n_heads,
+        kv_lora_rank=a.kv_lora_rank,
+        qk_nope_head_dim=a.qk_nope_head_dim,
+        qk_rope_head_dim=a.qk_rope_head_dim,
+        v_head_dim=a.v_head_dim,
+        q_lora_rank=a.q_lora_rank,
+        dropout=a.dropout,
+        bias=a.bias,
+        backend=a.backend,
+        norm_eps=config.norm_eps,
     )
 
 
@@ -163,4 +185,5 @@ class DecoderBlock(_Block):
         return BlockOutput(self.resid_post(x), ffn)
 
     def new_cache(self) -> LayerCache:
-        return LayerCache(KVCache(), KVCache(static=True) if self.has_cross else None)
+        latent = isinstance(self.self_attn, MultiHeadLatentAttention)
+        return LayerCache(LatentKVCache() if latent else KVCache(), KVCache(static=True) if self.has_cross else None)

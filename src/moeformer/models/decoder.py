@@ -2,7 +2,8 @@
 
 The encoder-decoder's decoder without cross-attention, with the choices of modern LMs
 (GPT-2 / Llama): pre-norm RMSNorm, rotary positions, SwiGLU FFNs, optional grouped-query
-attention (``attention.n_kv_heads``), and a final norm before the output projection.
+attention (``attention.n_kv_heads``) or DeepSeek's multi-head latent attention (``attention.kind =
+"mla"``), and a final norm before the output projection.
 
     h_0 = Embed(tokens);  h_l = Block_l(h_{l-1});  logits = Norm(h_L) W_out
 

@@ -31,7 +31,7 @@ class InputEmbedding(nn.Module):
         elif config.position == "learned":
             self.positions = LearnedPositionalEmbedding(config.max_seq_len, config.d_model)
         elif config.position == "rope":
-            self.rotary = RotaryEmbedding(config.head_dim, config.attention.rope_theta)
+            self.rotary = RotaryEmbedding(config.rotary_dim, config.attention.rope_theta)
 
     def forward(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         x = self.embed(ids)
