@@ -34,6 +34,54 @@ HF_CONFIGS = {
         norm_topk_prob=False,
         mlp_only_layers=[0],
     ),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **{**COMMON, "num_key_value_heads": 4},  # MLA: every head reads the shared latent
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=16,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=12,
+    ),
+    "deepseek_v3-full-q-biases": lambda: transformers.DeepseekV3Config(
+        **{**COMMON, "num_key_value_heads": 4},  # MLA: every head reads the shared latent
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        q_lora_rank=None,
+        kv_lora_rank=12,
+        qk_nope_head_dim=6,
+        qk_rope_head_dim=6,
+        v_head_dim=8,
+        attention_bias=True,
+        norm_topk_prob=False,
+    ),
+    "deepseek_v3-not-interleaved": lambda: transformers.DeepseekV3Config(
+        **{**COMMON, "num_key_value_heads": 4},  # MLA: every head reads the shared latent
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        rope_interleave=False,
+    ),
     "qwen2_moe-every-other": lambda: transformers.Qwen2MoeConfig(
         **COMMON,
         num_experts=4,
@@ -92,6 +140,13 @@ def lm_config(**overrides):
 
 
 def our_model(config, seed: int = 3) -> DecoderLM:
+    """Random weights; with sigmoid routing also a random balancing bias (DeepSeek-V3 keeps it)."""
     model = DecoderLM(config).eval()
     randomise(model, seed)
+    if config.moe is not None and config.moe.score == "sigmoid":
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name.endswith("expert_bias"):
+                    b.copy_(torch.rand(b.shape, generator=g) * 0.2)
     return model

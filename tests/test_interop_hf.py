@@ -64,7 +64,28 @@ def test_import_left_padded_batch_matches_transformers(tmp_path):
     assert (got[~padding] - expected[~padding]).abs().max() < ATOL
 
 
+MLA = {"kind": "mla", "n_kv_heads": None, "kv_lora_rank": 16, "qk_nope_head_dim": 8}
+MLA.update(qk_rope_head_dim=4, v_head_dim=8)
 EXPORTABLE = {
+    "mla-dense": ({"norm_eps": 1e-6, "attention": {**MLA, "q_lora_rank": 12}}, "deepseek_v3"),
+    "mla-deepseek-v3": (
+        {
+            "norm_eps": 1e-6,
+            "attention": MLA,
+            "moe": {
+                "kind": "deepseek",
+                "n_experts": 8,
+                "top_k": 2,
+                "n_shared": 1,
+                "score": "sigmoid",
+                "n_group": 4,
+                "topk_group": 2,
+                "routed_scaling": 2.5,
+                "first_dense": 1,
+            },
+        },
+        "deepseek_v3",
+    ),
     "dense": ({}, "llama"),
     "dense-tied-biases": ({"tie_embeddings": True, "attention": {"bias": True}, "ffn": {"bias": True}}, "llama"),
     "qwen2": ({"attention": {"qkv_bias": True}}, "qwen2"),
@@ -107,7 +128,7 @@ def test_export_loads_in_transformers_with_equal_logits(name, tmp_path):
     assert (hf_logits(theirs, tokens) - expected).abs().max() < ATOL
 
 
-@pytest.mark.parametrize("name", ["dense", "topk", "deepseek-gated-every-other"])
+@pytest.mark.parametrize("name", ["dense", "topk", "deepseek-gated-every-other", "mla-deepseek-v3"])
 def test_export_then_import_is_the_same_model(name, tmp_path):
     ours = our_model(lm_config(**EXPORTABLE[name][0]))
     export_hf(ours, tmp_path / "hf")
@@ -139,6 +160,7 @@ REFUSED = {
         {"moe": {"kind": "deepseek", "n_experts": 4, "top_k": 2, "n_shared": 1, "score": "sigmoid"}},
         "MLA",
     ),
+    "mla-eps": ({"attention": MLA}, "norm_eps"),
     "capacity": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}, "capacity"),
     "topk-unnormalised": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "normalize": False}}, "Mixtral"),
     "mixtral-with-biases": ({"attention": {"qkv_bias": True}, "moe": {"kind": "topk", "n_experts": 4}}, "biases"),

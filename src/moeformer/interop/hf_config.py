@@ -153,6 +153,8 @@ def _qwen2_moe(hf: dict[str, Any]) -> dict[str, Any]:
 def _deepseek_v3(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("topk_method", "noaux_tc") != "noaux_tc" or hf.get("scoring_func", "sigmoid") != "sigmoid":
         raise InteropError("config.json: DeepSeek-V3 routing other than sigmoid + noaux_tc is not supported")
+    if hf.get("rms_norm_eps", 1e-6) != 1e-6:  # transformers fixes the latent norms' eps at 1e-6
+        raise InteropError(f"config.json: rms_norm_eps {hf['rms_norm_eps']}; DeepSeek-V3 import needs 1e-6")
     if hf.get("quantization_config"):
         raise InteropError("config.json: quantized (e.g. FP8) checkpoints are not supported; dequantize first")
     moe = {
@@ -175,7 +177,9 @@ def family_for(config: ModelConfig) -> str:
     """The transformers family that computes exactly what ``config`` does, or InteropError saying why none."""
     _check_exportable(config)
     a, moe = config.attention, config.moe
-    mla = getattr(a, "kind", "mha") == "mla"
+    mla = a.kind == "mla"
+    if mla and config.norm_eps != 1e-6:
+        raise InteropError("norm_eps: DeepSeek-V3's latent norms use 1e-6 in transformers; set norm_eps = 1e-6")
     if moe is None or moe.kind == "dense":
         if mla:
             return "deepseek_v3"

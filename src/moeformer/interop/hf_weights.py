@@ -88,7 +88,7 @@ def build_rules(config: ModelConfig, family: str, *, rope_interleave: bool = Tru
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
         rules.add(ours + "attn_norm.weight", theirs + "input_layernorm.weight")
         rules.add(ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight")
-        if getattr(config.attention, "kind", "mha") == "mla":
+        if config.attention.kind == "mla":
             _mla_rules(rules, config, ours + "self_attn.", theirs + "self_attn.", rope_interleave)
         else:
             _mha_rules(rules, config, ours + "self_attn.", theirs + "self_attn.")
