@@ -15,11 +15,22 @@ from refusal_models import HARMFUL, HARMLESS, HF_FAMILIES, hf_chat_lm, native_ch
 PROMPTS = HARMFUL[:2] + HARMLESS[:2]
 
 
+NATIVE = {
+    "moeformer": {},
+    "moeformer-mla-gated-shared": {
+        "attention": {"kind": "mla", "n_heads": 4, "n_kv_heads": None, "bias": False, "kv_lora_rank": 8}
+        | {"q_lora_rank": 12, "qk_nope_head_dim": 6, "qk_rope_head_dim": 4, "v_head_dim": 6},
+        "moe": {"kind": "deepseek", "n_experts": 6, "top_k": 2, "expert_hidden": 16, "n_shared": 1}
+        | {"shared_hidden": 20, "shared_gate": True},
+    },
+}
+
+
 def _lm(name: str, **extra):
-    return native_chat_lm(**extra) if name == "moeformer" else hf_chat_lm(name, **extra)
+    return native_chat_lm(**NATIVE[name], **extra) if name in NATIVE else hf_chat_lm(name, **extra)
 
 
-@pytest.mark.parametrize("name", (*HF_FAMILIES, "moeformer"))
+@pytest.mark.parametrize("name", (*HF_FAMILIES, *NATIVE))
 def test_orthogonalized_weights_equal_hook_ablation(name, single_thread):
     lm = _lm(name)
     torch.manual_seed(1)
