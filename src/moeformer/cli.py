@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from moeformer.cli_inspect import add_inspect_commands
 from moeformer.cli_refusal import add_refusal_commands
 from moeformer.config import ConfigError
 from moeformer.data.download import DownloadError
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.set_defaults(run=_convert)
     add_refusal_commands(sub)
+    add_inspect_commands(sub)
     return parser
 
 

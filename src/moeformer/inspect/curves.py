@@ -1,0 +1,94 @@
+"""The run's training curves from its ``metrics.jsonl``: loss, learning rate, balance, expert load.
+
+The trainer writes one JSON object per logged step (``loss``, ``nll``, ``aux_loss`` = the
+weighted MoE balance terms, ``lr``, ``tokens_per_s``, ``max_over_mean_load`` = the busiest
+expert's load over the mean, worst layer) and one per evaluation (``valid_loss``, ``bleu``, ...).
+Per-expert loads are not logged, so "expert load over training" is that max/mean ratio; any
+further ``loss_*`` / ``*load*`` keys a newer trainer logs are drawn in the same panels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeformer.inspect.files import figure_png
+from moeformer.inspect.fonts import plot_style
+
+LOG_NAME = "metrics.jsonl"
+# panel title -> which numeric keys it draws
+PANELS: dict[str, Callable[[str], bool]] = {
+    "loss": lambda k: k in ("loss", "nll", "valid_loss"),
+    "learning rate": lambda k: k == "lr",
+    "MoE balance terms (weighted sum and unweighted terms)": lambda k: k == "aux_loss" or k.startswith("loss_"),
+    "expert load: busiest expert / mean (1 = balanced)": lambda k: "load" in k,
+    "translation quality (validation sample)": lambda k: k in ("bleu", "chrf"),
+}
+
+
+@dataclass
+class TrainingLog:
+    path: Path
+    train: list[dict[str, float]] = field(default_factory=list)  # rows with "loss"
+    evals: list[dict[str, float]] = field(default_factory=list)  # rows with "valid_loss"
+    skipped: int = 0  # lines that were not JSON objects with a step
+
+
+def find_log(checkpoint_dir: Path) -> Path | None:
+    """``metrics.jsonl`` of the run a checkpoint belongs to (run/checkpoints/step-N -> run/)."""
+    for folder in (checkpoint_dir, checkpoint_dir.parent, checkpoint_dir.parent.parent):
+        if (folder / LOG_NAME).is_file():
+            return folder / LOG_NAME
+    return None
+
+
+def read_log(path: Path) -> TrainingLog:
+    """Rows of a metrics log; lines that are not JSON objects with a ``step`` are skipped and counted."""
+    log = TrainingLog(Path(path))
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            log.skipped += bool(line.strip())
+            continue
+        numeric = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        (log.train if "loss" in row else log.evals).append(numeric)
+    return log
+
+
+def plot_curves(log: TrainingLog) -> bytes | None:
+    """One panel per group of logged values that is present; None when the log has no rows."""
+    import matplotlib.pyplot as plt
+
+    panels = {title: _series(log, wanted) for title, wanted in PANELS.items()}
+    panels = {title: series for title, series in panels.items() if series}
+    if not panels:
+        return None
+    with plot_style():
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, layout="constrained")
+        for ax, (title, series) in zip(axes[0], panels.items()):
+            for label, (steps, values) in series.items():
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            if title == "loss":
+                ax.set_yscale("log")
+        return figure_png(fig)
+
+
+def _series(log: TrainingLog, wanted: Callable[[str], bool]) -> dict[str, tuple[list[float], list[float]]]:
+    """key -> (steps, values) of every logged key ``wanted`` accepts."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for row in (*log.train, *log.evals):
+        for key, value in row.items():
+            if key != "step" and wanted(key):
+                steps, values = out.setdefault(key, ([], []))
+                steps.append(row["step"])
+                values.append(value)
+    return out
