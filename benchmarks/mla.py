@@ -95,15 +95,22 @@ def decode_table(device: str, dtype: torch.dtype, repeats: int) -> list[str]:
             out = model(prompt, cache=cache)
             return cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
-        def decode(model: DecoderLM = model) -> None:
-            cache, token = prefill(model)
+        def decode(model: DecoderLM = model) -> float:
+            cache, token = prefill(model)  # not timed: each repeat decodes from a fresh prefill
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
             for _ in range(N):
                 token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
 
         cache, _ = prefill()
         per_token = cache_bytes(cache) / (B * T)
         prefill_s = timed(prefill, repeats, device)
-        decode_s = timed(decode, repeats, device) - prefill_s
+        decode(model)  # warm-up
+        decode_s = statistics.median(decode(model) for _ in range(repeats))
         rate = B * N / decode_s
         base_bytes = base_bytes or per_token
         base_rate = base_rate or rate

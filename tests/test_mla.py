@@ -229,6 +229,30 @@ def test_cached_decoding_equals_full_pass(chunk, backend):
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=ATOL)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_decoding_steps_attend_in_the_latent_space(backend, monkeypatch):
+    """Once more tokens are cached than fed, keys and values are never expanded, yet the outputs
+    and attention weights equal the expanded computation of a full pass."""
+    mla = make_mla(backend=backend)
+    B, T = 2, 6
+    x = torch.randn(B, T, D)
+    positions = torch.arange(T).expand(B, T)
+    full = mla(x, x, x, is_causal=True, rotary=rotary(positions), need_weights=True)
+    cache = LatentKVCache()
+    prompt = x[:, :4]
+    mla(prompt, prompt, prompt, is_causal=True, cache=cache, rotary=rotary(positions[:, :4]))
+    expanded = []
+    monkeypatch.setattr(mla, "_expand", lambda *a: expanded.append(1) or pytest.fail("expanded while decoding"))
+    for t in (4, 5):
+        step = x[:, t : t + 1]
+        out = mla(
+            step, step, step, is_causal=True, cache=cache, rotary=rotary(positions[:, t : t + 1]), need_weights=True
+        )
+        assert (out.output - full.output[:, t : t + 1]).abs().max() < ATOL
+        assert (out.weights - full.weights[:, :, t : t + 1, : t + 1]).abs().max() < ATOL
+    assert not expanded
+
+
 def test_cache_holds_the_latent_and_one_rope_key_per_token():
     """Per token and layer: C + Dr numbers, against 2 * H * Dh for multi-head attention."""
     mla = make_mla()

@@ -40,9 +40,9 @@ class LatentKVCache:
     """MLA's cache for incremental decoding: per token, C + Dr numbers instead of 2 * H * Dh.
 
     Holds the normalised latent c_KV (B, S, C) and the already rotated shared key k^R (B, S, Dr).
-    Each step expands the whole latent through ``kv_b_proj`` again, which is exact and simple.
-    The inference optimisation of the paper, absorbing W^UK into the queries and W^UV into the
-    output projection so that attention runs in the latent space, is left out.
+    Decoding steps attend in the latent space (W^UK absorbed into the queries, W^UV applied after
+    the weighted sum: :meth:`MultiHeadLatentAttention._absorbed`), so the cache is read as it is
+    and never expanded to per-head keys and values.
     """
 
     latent: Tensor | None = None  # (B, S, C)
@@ -156,15 +156,25 @@ class MultiHeadLatentAttention(nn.Module):
             k_rope = apply_rotary(k_rope[:, None], *rotary)[:, 0]
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope)  # (B, S, C), (B, S, Dr)
-        k, v = self._expand(latent, k_rope)  # (B, H, S, Dn + Dr), (B, H, S, Dv)
-        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, Dn + Dr)
+        S = latent.shape[1]
         mask, causal_fast = build_attention_mask(
-            B, T, k.shape[-2], self.n_heads, query.device, key_padding_mask, attn_mask, is_causal
+            B, T, S, self.n_heads, query.device, key_padding_mask, attn_mask, is_causal
         )
-        dropout_p = self.dropout if self.training else 0.0
-        out, weights = attend(
-            q, k, v, mask, causal_fast, need_weights, backend=self.backend, dropout_p=dropout_p, scale=self.scale
-        )
+        options = {"backend": self.backend, "dropout_p": self.dropout if self.training else 0.0, "scale": self.scale}
+        if cache is not None and S - T >= T:  # decoding: fewer new tokens than cached ones
+            q, k, v = self._absorbed(q_nope, q_rope, latent, k_rope)
+            # Every head reads the same key and value: fold the heads into the query rows, so one
+            # single-head kernel runs and nothing is copied per head.
+            H, C = self.n_heads, self.kv_lora_rank
+            if mask is not None:
+                mask = mask.expand(B, H, T, S).reshape(B, 1, H * T, S)
+            out, weights = attend(q.reshape(B, 1, H * T, -1), k, v, mask, causal_fast, need_weights, **options)
+            out = torch.einsum("bhtc,hvc->bhtv", out.view(B, H, T, C), self._up_weights()[1])
+            weights = None if weights is None else weights.view(B, H, T, S)
+        else:
+            k, v = self._expand(latent, k_rope)  # (B, H, S, Dn + Dr), (B, H, S, Dv)
+            q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, Dn + Dr)
+            out, weights = attend(q, k, v, mask, causal_fast, need_weights, **options)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)  # concat heads
         return AttentionOutput(self.out_proj(out), weights)
 
@@ -191,6 +201,26 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_rope = k_rope[:, None].expand(B, self.n_heads, S, self.qk_rope_head_dim)  # shared by all heads
         return torch.cat([k_nope, k_rope], dim=-1), v
+
+    def _up_weights(self) -> tuple[Tensor, Tensor]:
+        """kv_b_proj split per head: W^UK (H, Dn, C) and W^UV (H, Dv, C)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _absorbed(
+        self, q_nope: Tensor, q_rope: Tensor, latent: Tensor, k_rope: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Attention in the latent space (DeepSeek-V2 section 2.1.2): q^C_i . (W^UK_i c) = (W^UK_i^T q^C_i) . c,
+        and sum_s p_s W^UV_i c_s = W^UV_i (sum_s p_s c_s), so no key or value is ever decompressed.
+
+        Returns one query per head (B, H, T, C + Dr) and a single shared key (B, 1, S, C + Dr) and
+        value (B, 1, S, C): S x (C + Dr) reads per head instead of S x C x H(Dn + Dv) to expand.
+        """
+        w_uk = self._up_weights()[0]
+        q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)
+        q = torch.cat([q_latent, q_rope], dim=-1)
+        k = torch.cat([latent, k_rope], dim=-1)[:, None]
+        return q, k, latent[:, None]
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor, rotary: tuple[Tensor, Tensor] | None) -> None:
         if key is not query or value is not query:
