@@ -42,7 +42,9 @@ def save_run(run_dir: Path, loaded: LoadedModel, *, log_rows: int = 5) -> Path:
     """``loaded`` as a run directory (checkpoint + best/latest + a metrics.jsonl of ``log_rows`` steps)."""
     meta = {k: v for k, v in loaded.meta.items() if k != "step"}
     save_checkpoint(run_dir, 7, loaded.model, {**meta, "metrics": {"valid_loss": 2.5}}, {}, best=True)
-    rows = [{"step": s, "loss": 4.0 / s, "nll": 3.9 / s, "aux_loss": 0.01, "lr": 1e-3, "max_over_mean_load": 1.5}
+    moe = any(hasattr(m, "router") for m in loaded.model.modules())
+    loads = {"max_over_mean_load": 1.5, "expert_load": {"decoder.0": [0.5, 0.25, 0.25]}} if moe else {}
+    rows = [{"step": s, "loss": 4.0 / s, "nll": 3.9 / s, "aux_loss": 0.01, "lr": 1e-3, **loads}
             for s in range(1, log_rows + 1)]  # fmt: skip
     rows.append({"step": log_rows, "valid_loss": 2.5, "bleu": 1.0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

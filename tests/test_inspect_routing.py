@@ -144,3 +144,13 @@ def test_cli_fails_before_loading_on_empty_data_and_on_a_dense_model(tmp_path, c
     assert main(["inspect", "routing", str(dense), "--data", str(data), "--out", str(tmp_path / "o")]) == 1
     assert "no MoE layer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_corpus_sample_spans_a_sorted_file_and_the_example_is_typical():
+    """Tatoeba is sorted by length: a limit takes items from the whole file, not its short head."""
+    from moeformer.inspect.corpus import Item, example_item, spread
+
+    values = list(range(100))
+    assert spread(values, 4) == [0, 25, 50, 75] and spread(values, None) == values and spread(values, 500) == values
+    items = [Item("x" * n) for n in (1, 9, 3, 7, 5)]
+    assert example_item(items).source == "xxxxx"

@@ -449,3 +449,11 @@ def test_mla_config_round_trips_and_loads_from_toml(tmp_path):
     c = load_config(path).model
     assert (c.attention.kind, c.attention.q_lora_rank, c.attention.kv_lora_rank) == ("mla", 8, 16)
     assert model_config_from_dict(config_to_dict(c)) == c
+
+
+def test_an_mha_preset_switched_to_mla_drops_its_kv_head_count():
+    """preset lm-tiny has n_kv_heads = 2; asking for kind 'mla' on top of it must not inherit that."""
+    config = model_config_from_dict({"preset": "lm-tiny", "vocab_size": 20, "attention": MLA})
+    assert config.attention.kind == "mla" and config.attention.n_kv_heads is None
+    with pytest.raises(ConfigError, match="n_kv_heads"):  # said by the user: still an error
+        model_config_from_dict({"preset": "lm-tiny", "vocab_size": 20, "attention": {**MLA, "n_kv_heads": 2}})

@@ -5,6 +5,7 @@ training-log reader it relies on."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import warnings
@@ -15,7 +16,7 @@ from inspect_models import PAIRS, save_run, tiny_loaded, write_pairs
 
 from moeformer.cli import main
 from moeformer.inspect import fonts
-from moeformer.inspect.curves import find_log, plot_curves, read_log
+from moeformer.inspect.curves import find_log, plot_curves, plot_expert_load, read_log
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,11 +27,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    """A report of a tiny MoE translator; the data's first pair holds markup that must be escaped."""
+    """A report of a tiny MoE translator; its example sentence holds markup that must be escaped."""
     root = tmp_path_factory.mktemp("report")
     run = save_run(root / "run", tiny_loaded())
     data = write_pairs(root / "pairs.tsv", [("<b>Tom</b> & Mary?", "<汤姆>和玛丽？"), *PAIRS])
-    assert main(["report", str(run), "--data", str(data), "--out", str(root / "out"), "--quiet"]) == 0
+    sentence = ["--text", "<b>Tom</b> & Mary?", "--target", "<汤姆>和玛丽？"]
+    assert main(["report", str(run), "--data", str(data), "--out", str(root / "out"), "--quiet", *sentence]) == 0
     return root / "out" / "report.html"
 
 
@@ -42,7 +44,7 @@ def test_the_page_is_self_contained_and_escaped(report):
     assert "http://" not in page and "https://" not in page  # ":" is not a base64 character
     assert not re.search(r"<(script|link|iframe)\b", page)
     assert "&lt;b&gt;Tom&lt;/b&gt; &amp; Mary?" in page and "<b>Tom</b>" not in page
-    assert "&lt;汤姆&gt;和玛丽?" in page  # NFKC-cleaned as training data is: ？ -> ?
+    assert "&lt;汤姆&gt;和玛丽？" in page
     assert '@font-face { font-family: "moeformer-cjk"; src: url("data:font/otf;base64,' in page
     for section in ("Model", "Training", "Attention", "Expert routing"):
         assert f"<h2>{section}</h2>" in page
@@ -130,3 +132,13 @@ def test_the_training_log_reader_skips_bad_lines(tmp_path):
     assert find_log(tmp_path / "checkpoints" / "step-1") == log_file
     log_file.write_text("garbage\n")
     assert plot_curves(read_log(log_file)) is None
+    assert plot_expert_load(read_log(log_file)) is None
+
+
+def test_expert_load_over_training_is_read_per_layer(tmp_path):
+    log_file = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0, "expert_load": {"layers.1": [0.5, 0.25, 0.25], "layers.3": "bad"}} for s in (1, 2)]
+    log_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = read_log(log_file)
+    assert log.expert_load == {"layers.1": ([1.0, 2.0], [[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]])}
+    assert plot_expert_load(log).startswith(b"\x89PNG")

@@ -63,6 +63,10 @@ def test_loss_goes_down(tmp_path):
     assert last < 0.8 * first
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("valid_loss" in r for r in rows) and any("max_over_mean_load" in r for r in rows)
+    loads = [r["expert_load"] for r in rows if "expert_load" in r]
+    assert loads and set(loads[-1]) == {"layers.0", "layers.1"}  # every MoE layer, every logged step
+    for shares in loads[-1].values():
+        assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-3 and min(shares) >= 0
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):

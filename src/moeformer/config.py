@@ -313,7 +313,12 @@ def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> Model
             base = preset_dict(preset)
         except KeyError as err:
             raise ConfigError(f"{prefix}.preset", str(err.args[0])) from None
+        own_attention = data.get("attention") or {}
         data = _merge(base, data)
+        if own_attention.get("kind") == "mla":  # an MHA preset's K/V head count means nothing for MLA
+            for key in ("n_kv_heads", "qkv_bias"):
+                if key not in own_attention:
+                    data["attention"].pop(key, None)
     return from_dict(ModelConfig, data, prefix)
 
 

@@ -62,18 +62,32 @@ def check_data_file(path: str | Path) -> Path:
     return path
 
 
+def spread(values: list, limit: int | None) -> list:
+    """At most ``limit`` of ``values``, evenly spaced: corpora are often sorted (Tatoeba by length),
+    so the first ``limit`` would describe only the shortest sentences."""
+    if limit is None or len(values) <= limit:
+        return values
+    return [values[i * len(values) // limit] for i in range(limit)]
+
+
+def example_item(items: list[Item]) -> Item:
+    """A typical sentence for the pictures: the one of median length."""
+    return sorted(items, key=lambda item: len(item.source))[len(items) // 2]
+
+
 def read_items(path: str | Path, arch: str, *, limit: int | None = None) -> list[Item]:
-    """Up to ``limit`` pairs (seq2seq), or lines / pair sides (LM), cleaned as training data is."""
+    """Up to ``limit`` pairs (seq2seq), or lines / pair sides (LM), cleaned as training data is,
+    evenly spaced over the file."""
     path = check_data_file(path)
     if arch == "seq2seq" or _looks_parallel(path):
         pairs, report = read_parallel(path)
-        pairs = [(clean_text(s), clean_text(t)) for s, t in pairs][:limit]
+        pairs = spread([(clean_text(s), clean_text(t)) for s, t in pairs], limit)
         if not pairs:
             raise InspectError(f"{path}: no readable source/target pairs (rejected lines: {dict(report.rejected)})")
         if arch == "seq2seq":
             return [Item(s, t) for s, t in pairs]
         return [Item(text, None, side) for s, t in pairs for side, text in enumerate((s, t))]
-    lines = [clean_text(line) for line in iter_lines(path, ReadReport()) if line.strip()][:limit]
+    lines = spread([clean_text(line) for line in iter_lines(path, ReadReport()) if line.strip()], limit)
     if not lines:
         raise InspectError(f"{path}: no non-empty line of text")
     return [Item(line) for line in lines]

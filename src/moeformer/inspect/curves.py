@@ -2,9 +2,9 @@
 
 The trainer writes one JSON object per logged step (``loss``, ``nll``, ``aux_loss`` = the
 weighted MoE balance terms, ``lr``, ``tokens_per_s``, ``max_over_mean_load`` = the busiest
-expert's load over the mean, worst layer) and one per evaluation (``valid_loss``, ``bleu``, ...).
-Per-expert loads are not logged, so "expert load over training" is that max/mean ratio; any
-further ``loss_*`` / ``*load*`` keys a newer trainer logs are drawn in the same panels.
+expert's load over the mean, worst layer; ``expert_load`` = each MoE layer's share of the
+assignments per expert) and one per evaluation (``valid_loss``, ``bleu``, ...). Logs of older
+runs lack ``expert_load``; their expert load over training is the max/mean ratio alone.
 """
 
 from __future__ import annotations
@@ -34,6 +34,17 @@ class TrainingLog:
     train: list[dict[str, float]] = field(default_factory=list)  # rows with "loss"
     evals: list[dict[str, float]] = field(default_factory=list)  # rows with "valid_loss"
     skipped: int = 0  # lines that were not JSON objects with a step
+    expert_load: dict[str, tuple[list[float], list[list[float]]]] = field(default_factory=dict)  # layer -> rows
+
+
+def _add_expert_load(log: TrainingLog, step: float, loads: object) -> None:
+    if not isinstance(loads, dict):
+        return
+    for layer, shares in loads.items():
+        if isinstance(shares, list) and shares and all(isinstance(x, (int, float)) for x in shares):
+            steps, rows = log.expert_load.setdefault(str(layer), ([], []))
+            steps.append(step)
+            rows.append([float(x) for x in shares])
 
 
 def find_log(checkpoint_dir: Path) -> Path | None:
@@ -56,6 +67,7 @@ def read_log(path: Path) -> TrainingLog:
             log.skipped += bool(line.strip())
             continue
         numeric = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        _add_expert_load(log, numeric["step"], row.get("expert_load"))
         (log.train if "loss" in row else log.evals).append(numeric)
     return log
 
@@ -92,3 +104,29 @@ def _series(log: TrainingLog, wanted: Callable[[str], bool]) -> dict[str, tuple[
                 steps.append(row["step"])
                 values.append(value)
     return out
+
+
+def plot_expert_load(log: TrainingLog) -> bytes | None:
+    """Per MoE layer, load x E of every expert (rows) at every logged step (columns); 1 = uniform."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = {k: v for k, v in log.expert_load.items() if len({len(r) for r in v[1]}) == 1}
+    if not layers:
+        return None
+    cols = min(3, len(layers))
+    rows = -(-len(layers) // cols)
+    with plot_style():
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 2.6 * rows), squeeze=False, layout="constrained")
+        image = None
+        for ax, (layer, (steps, shares)) in zip(axes.flat, layers.items()):
+            grid = np.array(shares).T * len(shares[0])  # (experts, steps), 1 = a uniform share
+            image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest",
+                              extent=(steps[0], steps[-1], grid.shape[0] - 0.5, -0.5))  # fmt: skip
+            ax.set_title(layer, fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("expert")
+        for ax in list(axes.flat)[len(layers) :]:
+            ax.axis("off")
+        fig.colorbar(image, ax=axes, shrink=0.8, label="load x E (1 = uniform)")
+        return figure_png(fig)

@@ -20,7 +20,7 @@ from typing import Any
 from moeformer.inference import LoadedModel
 from moeformer.inspect.attention import KIND_TITLES, attention_maps
 from moeformer.inspect.corpus import InspectError, Item
-from moeformer.inspect.curves import find_log, plot_curves, read_log
+from moeformer.inspect.curves import find_log, plot_curves, plot_expert_load, read_log
 from moeformer.inspect.fonts import font_subset
 from moeformer.inspect.pictures import attention_pictures, routing_result
 from moeformer.inspect.routing import moe_layers
@@ -176,6 +176,12 @@ def _training_section(loaded: LoadedModel) -> Section:
     section.notes.append(note + (f" ({log.skipped} unreadable lines skipped)." if log.skipped else "."))
     section.figures.append(Figure("training curves", png, "expert load is the busiest expert's load over the mean, "
                                   "worst MoE layer, as the trainer logs it"))  # fmt: skip
+    load_png = plot_expert_load(log)
+    if load_png is not None:
+        caption = "each MoE layer's share of the assignments per expert at every logged step, times E: 1 is uniform"
+        section.figures.append(Figure("expert load over training", load_png, caption))
+    elif log.train and "max_over_mean_load" in log.train[-1]:
+        section.notes.append("This run's log predates per-expert loads; only the max/mean ratio is drawn.")
     return section
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from moeformer.inference import load_model
 from moeformer.inspect.attention import attention_maps, sentence_item
-from moeformer.inspect.corpus import InspectError, Item, check_data_file, read_items
+from moeformer.inspect.corpus import InspectError, Item, check_data_file, example_item, read_items
 from moeformer.inspect.files import write_bytes, write_npz, write_text
 from moeformer.inspect.pictures import attention_pictures, routing_result
 from moeformer.inspect.report import build_report
@@ -68,12 +68,12 @@ def inspect_routing(
     progress: bool = False,
     font: str | Path | None = None,
 ) -> Written:
-    """Routing of every MoE layer over ``data``; the per-token picture shows ``text`` or the first item."""
+    """Routing of every MoE layer over ``data``; the per-token picture shows ``text`` or a median-length item."""
     check_data_file(data)
     loaded = load_model(checkpoint, which=which)
     moe_layers(loaded.model)  # a dense model fails here, before the corpus is read
     items = read_items(data, loaded.model.config.arch, limit=limit)
-    sentence = sentence_item(loaded, text, target) if text else items[0]
+    sentence = sentence_item(loaded, text, target) if text else example_item(items)
     result = routing_result(loaded, items, sentence, batch_size=batch_size, progress=progress, font=font)
     out = _out_dir(out)
     info = {"checkpoint": str(loaded.checkpoint.path), "data": str(data), "items": len(items),
@@ -116,7 +116,7 @@ def write_report(
     check_data_file(data)
     loaded = load_model(checkpoint, which=which)
     items = read_items(data, loaded.model.config.arch, limit=limit)
-    sentence = sentence_item(loaded, text, target) if text else items[0]
+    sentence = sentence_item(loaded, text, target) if text else example_item(items)
     html = build_report(
         loaded, items, sentence, data=Path(data), max_tokens=max_tokens, batch_size=batch_size,
         progress=progress, font=font,

@@ -331,13 +331,15 @@ class Trainer:
             where = self.last_checkpoint or "none saved yet"
             raise TrainingDiverged(f"loss is {total.item()} at step {self.step + 1}; last good checkpoint: {where}")
 
-    def _balance(self) -> dict[str, float]:
-        """max / mean tokens per expert over the MoE layers of the last update (1.0 = balanced)."""
+    def _balance(self) -> dict[str, Any]:
+        """max / mean tokens per expert over the MoE layers of the last update (1.0 = balanced),
+        and each layer's share of the assignments per expert (``expert_load``, for the report)."""
         loads = self._last_loads
         if not loads:
             return {}
         ratios = [float(v.max() / v.mean().clamp_min(1e-9)) for v in loads.values()]
-        return {"max_over_mean_load": max(ratios)}
+        shares = {k: [round(x, 5) for x in (v / v.sum().clamp_min(1)).tolist()] for k, v in loads.items()}
+        return {"max_over_mean_load": max(ratios), "expert_load": shares}
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
