@@ -114,7 +114,7 @@ def plot_expert_load(log: TrainingLog) -> bytes | None:
     layers = {k: v for k, v in log.expert_load.items() if len({len(r) for r in v[1]}) == 1}
     if not layers:
         return None
-    cols = min(3, len(layers))
+    cols = 2 if len(layers) == 4 else min(3, len(layers))
     rows = -(-len(layers) // cols)
     with plot_style():
         fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 2.6 * rows), squeeze=False, layout="constrained")
