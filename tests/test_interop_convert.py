@@ -51,6 +51,12 @@ def test_hf_to_moeformer_keeps_logits_and_tokenizer(tmp_path, capsys):
         expected = theirs(input_ids=tokens).logits
         assert (loaded.model(tokens).logits - expected).abs().max() < 1e-4
     assert main(["generate", str(tmp_path / "ours"), "--prompt", "w1 w2", "--max-new-tokens", "3", "--seed", "0"]) == 0
+    (tmp_path / "text.txt").write_text("w1 w2 w3\nw4 w5 w6 w7\n")  # the imported gated shared expert, inspected
+    assert main(["inspect", "routing", str(tmp_path / "ours"), "--data", str(tmp_path / "text.txt"),
+                 "--out", str(tmp_path / "routing"), "--quiet"]) == 0  # fmt: skip
+    layers = json.loads((tmp_path / "routing" / "routing.json").read_text())["layers"]
+    shares = [layer["shared_share"] for layer in layers]
+    assert len(shares) == 2 and all(0 < share < 1 for share in shares)
 
 
 def test_moeformer_to_hf_and_back(tmp_path, capsys):

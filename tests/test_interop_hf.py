@@ -41,6 +41,18 @@ def test_import_gives_transformers_logits(name, tmp_path):
     assert (our_logits(ours, tokens) - expected).abs().max() < ATOL
 
 
+def test_import_reads_sharded_and_bfloat16_checkpoints(tmp_path):
+    theirs = hf_model(HF_CONFIGS["mixtral"]())
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    tokens = token_batch(theirs.config.vocab_size)
+    assert (our_logits(import_hf(tmp_path / "sharded"), tokens) - hf_logits(theirs, tokens)).abs().max() < ATOL
+    theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ours = import_hf(tmp_path / "bf16")  # float32 by default: the bf16 values, exactly
+    assert torch.equal(ours.layers[0].ffn.router.weight, theirs.model.layers[0].mlp.gate.weight.float())
+    assert import_hf(tmp_path / "bf16", dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
 def test_import_maps_each_family_to_its_parts(tmp_path):
     hf_model(HF_CONFIGS["qwen2_moe"]()).save_pretrained(tmp_path)
     config = import_hf(tmp_path).config
