@@ -60,6 +60,16 @@ def run_hf(block, x, upstream, implementation):
         pytest.skip(f"transformers experts implementation {implementation!r} does not run on CPU: {err}")
 
 
+@torch.no_grad()
+def copy_moe_weights(ours, theirs, shared=None) -> None:
+    """Router and stacked experts (transformers 5 uses our layout), and the shared expert if any."""
+    ours.router.weight.copy_(theirs.gate.weight)
+    ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
+    ours.experts.down_proj.copy_(theirs.experts.down_proj)
+    for name in ("gate_proj", "up_proj", "down_proj") if shared is not None else ():
+        getattr(ours.shared_experts, name).weight.copy_(getattr(shared, name).weight)
+
+
 def mixtral_pair(hf, backend: str):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -89,10 +99,7 @@ def mixtral_pair(hf, backend: str):
         normalize=True,
         backend=backend,
     ).eval()
-    with torch.no_grad():
-        ours.router.weight.copy_(theirs.gate.weight)
-        ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
-        ours.experts.down_proj.copy_(theirs.experts.down_proj)
+    copy_moe_weights(ours, theirs)
     return config, ours, theirs
 
 
@@ -159,13 +166,9 @@ def deepseek_pair(hf, backend: str):
         routed_scaling=2.5,
         backend=backend,
     ).eval()
+    copy_moe_weights(ours, theirs, theirs.shared_experts)
     with torch.no_grad():
-        ours.router.weight.copy_(theirs.gate.weight)
         ours.router.expert_bias.copy_(theirs.gate.e_score_correction_bias)
-        ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
-        ours.experts.down_proj.copy_(theirs.experts.down_proj)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(ours.shared_experts, name).weight.copy_(getattr(theirs.shared_experts, name).weight)
     return config, ours, theirs
 
 
@@ -264,13 +267,9 @@ def qwen2_moe_pair(hf, backend: str):
         normalize=False,
         backend=backend,
     ).eval()
+    copy_moe_weights(ours, theirs, theirs.shared_expert)
     with torch.no_grad():
-        ours.router.weight.copy_(theirs.gate.weight)
-        ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
-        ours.experts.down_proj.copy_(theirs.experts.down_proj)
         ours.shared_expert_gate.weight.copy_(theirs.shared_expert_gate.weight)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(ours.shared_experts, name).weight.copy_(getattr(theirs.shared_expert, name).weight)
     return config, ours, theirs
 
 
