@@ -120,9 +120,11 @@ def _presets(args: argparse.Namespace) -> int:
 
     for name, values in PRESETS.items():
         att = values["attention"]
+        kv_heads = att.get("n_kv_heads", att["n_heads"])
+        kv = f"latent={att['kv_lora_rank']}" if att.get("kind") == "mla" else f"kv_heads={kv_heads}"
         print(
             f"{name:18} {values['arch']:8} d_model={values['d_model']:<5} layers={values['n_layers']:<3} "
-            f"heads={att['n_heads']:<3} kv_heads={att.get('n_kv_heads', att['n_heads']):<3} "
+            f"heads={att['n_heads']:<3} {kv:<12} "
             f"d_ff={values['ffn']['d_ff']:<5} {values['norm_position']}-{values['norm']} "
             f"{values['position']} {values['ffn']['activation']}"
         )
