@@ -39,6 +39,9 @@ def test_import_gives_transformers_logits(name, tmp_path):
     expected = hf_logits(theirs, tokens)
     assert expected.std() > 0.05  # random weights, not an all-zero model
     assert (our_logits(ours, tokens) - expected).abs().max() < ATOL
+    # built on the meta device and filled in place: a trainable model, tied where the config says
+    assert all(p.requires_grad and p.device.type == "cpu" for p in ours.parameters())
+    assert (ours.lm_head.weight is ours.embedding.embed.weight) == ours.config.tie_embeddings
 
 
 def test_import_reads_sharded_and_bfloat16_checkpoints(tmp_path):
@@ -47,6 +50,10 @@ def test_import_reads_sharded_and_bfloat16_checkpoints(tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     tokens = token_batch(theirs.config.vocab_size)
     assert (our_logits(import_hf(tmp_path / "sharded"), tokens) - hf_logits(theirs, tokens)).abs().max() < ATOL
+    ours = import_hf(tmp_path / "sharded")
+    with torch.no_grad():  # the weights are the model's own memory: training writes never reach the files
+        ours.norm.weight.add_(1.0)
+    assert torch.equal(import_hf(tmp_path / "sharded").norm.weight, theirs.model.norm.weight)
     theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     ours = import_hf(tmp_path / "bf16")  # float32 by default: the bf16 values, exactly
     assert torch.equal(ours.layers[0].ffn.router.weight, theirs.model.layers[0].mlp.gate.weight.float())

@@ -25,7 +25,9 @@ import torch
 from moeformer.config import ModelConfig
 from moeformer.interop.hf_config import InteropError, config_from_hf, config_to_hf, family_for, model_type
 from moeformer.interop.hf_weights import build_rules
+from moeformer.layers.position import RotaryEmbedding
 from moeformer.models.decoder import DecoderLM
+from moeformer.moe.router import Router
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -78,13 +80,31 @@ def import_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Decode
     if extra:
         raise InteropError(f"{path}: {len(extra)} tensors have no place in the model, e.g. {sorted(extra)[:4]}")
     tensors = _read(files, used)
-    state = {rule.ours: rule.join([tensors[name] for name in rule.theirs]) for rule in rules}
-    model = DecoderLM(config)
-    missing_ours, unexpected = model.load_state_dict(state, strict=False)
+    state = {}
+    for rule in rules:
+        state[rule.ours] = rule.join([tensors.pop(name) for name in rule.theirs]).to(dtype)
+    with torch.device("meta"):  # no random initialisation, no second copy of the weights
+        model = DecoderLM(config)
+    missing_ours, unexpected = model.load_state_dict(state, strict=False, assign=True)
     left = [k for k in missing_ours if not k.endswith("router.expert_bias") and k != "lm_head.weight"]
     if left or unexpected:  # a bug in the rules, not in the file
         raise InteropError(f"internal: {family} weights not mapped: missing {left[:4]}, unexpected {unexpected[:4]}")
-    return model.to(dtype).eval()
+    _materialise(model, config, dtype)
+    return model.eval()
+
+
+def _materialise(model: DecoderLM, config: ModelConfig, dtype: torch.dtype) -> None:
+    """What the checkpoint does not hold, on the CPU: the RoPE table, zero balancing biases, the tie."""
+    model.embedding.rotary = RotaryEmbedding(config.rotary_dim, config.attention.rope_theta)
+    for module in model.modules():
+        if isinstance(module, Router) and module.expert_bias.is_meta:
+            module.expert_bias = torch.zeros(module.n_experts)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embedding.embed.weight
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise InteropError(f"internal: tensors left unset by the import: {left[:4]}")
+    model.to(dtype)  # norms and buffers created above; the router bias stays float32 (Router._apply)
 
 
 def _ignorable(name: str, config: ModelConfig, hf: dict[str, Any]) -> bool:
