@@ -23,6 +23,11 @@ COMMON = dict(
 HF_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=True),
     "llama-biases": lambda: transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True),
+    "llama-rope-llama3": lambda: transformers.LlamaConfig(
+        **COMMON,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0}
+        | {"high_freq_factor": 4.0, "original_max_position_embeddings": 4},
+    ),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON),
     "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(

@@ -107,6 +107,10 @@ EXPORTABLE = {
     ),
     "dense": ({}, "llama"),
     "dense-tied-biases": ({"tie_embeddings": True, "attention": {"bias": True}, "ffn": {"bias": True}}, "llama"),
+    "llama3-rope-scaling": (
+        {"attention": {"rope_theta": 5e5, "rope_scaling": {"factor": 8.0, "original_max_seq_len": 4}}},
+        "llama",
+    ),
     "qwen2": ({"attention": {"qkv_bias": True}}, "qwen2"),
     "topk": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "expert_hidden": 16}}, "mixtral"),
     "deepseek-fine-grained-shared": (
@@ -228,7 +232,7 @@ def test_import_errors_name_the_problem(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     for change, words in [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope type 'llama3'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn'"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"head_dim": 4}, "head_dim"),
     ]:

@@ -147,3 +147,37 @@ def test_rotary_dot_product_depends_only_on_offset():
     assert by_shift[0] == pytest.approx(float(q @ k), abs=1e-5)  # no relative rotation at shift 0
     # The score really does vary with the shift (the test would be vacuous otherwise).
     assert len({round(v, 3) for v in by_shift.values()}) == len(by_shift)
+
+
+def test_llama3_rope_scaling_equals_transformers_frequencies():
+    """Our RopeScaling gives the inverse frequencies of transformers' own "llama3" initialiser."""
+    transformers = pytest.importorskip("transformers", reason="compares with transformers' RoPE initialiser")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moeformer.layers.position import RopeScaling
+
+    params = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = transformers.LlamaConfig(
+        hidden_size=256, num_attention_heads=2, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **params}
+    )
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](config)
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=64)
+    ours = RotaryEmbedding(128, 5e5, scaling).inv_freq
+    plain = RotaryEmbedding(128, 5e5).inv_freq
+    assert attention_factor == 1.0
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+    kept, stretched = ours == plain, torch.isclose(ours, plain / 8)
+    assert kept.any() and stretched.any() and (~kept & ~stretched).any()  # all three bands are exercised
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [({"factor": 0.0}, "factor"), ({"low_freq_factor": 4.0, "high_freq_factor": 4.0}, "high_freq_factor")],
+)
+def test_rope_scaling_errors_name_the_key(kwargs, key):
+    from moeformer.config import ConfigError
+    from moeformer.layers.position import RopeScaling
+
+    with pytest.raises(ConfigError) as info:
+        RopeScaling(**kwargs)
+    assert info.value.key == key

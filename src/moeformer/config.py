@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from moeformer.data.config import DataConfig
+from moeformer.layers.position import RopeScaling
 from moeformer.train.config import TrainConfig
 from moeformer.validation import (
     ConfigError,
@@ -67,6 +68,7 @@ class AttentionConfig:
     dropout: float = 0.0  # dropout on the attention weights
     backend: Literal["sdpa", "reference"] = "sdpa"  # torch's fused kernel or the readable math
     rope_theta: float = 10000.0  # RoPE base, used when the model's position is "rope"
+    rope_scaling: RopeScaling | None = None  # Llama 3.1's long-context frequency scaling
     # kind "mla" only; all but q_lora_rank required there. C + Dr numbers per token are cached.
     q_lora_rank: int | None = None  # query latent width; None: one full q_proj (V2-Lite)
     kv_lora_rank: int | None = None  # C: the key/value latent width
@@ -252,6 +254,8 @@ class ModelConfig:
                 "d_model",
                 f"must be divisible by attention.n_heads ({self.attention.n_heads}), got {self.d_model}",
             )
+        if self.attention.rope_scaling is not None and self.position != "rope":
+            raise ConfigError("attention.rope_scaling", f"scales RoPE, but position is {self.position!r}")
         if self.position == "rope" and self.rotary_dim % 2:
             raise ConfigError("position", f"'rope' needs an even head size (d_model / n_heads), got {self.head_dim}")
         if not 0 <= self.pad_id < self.vocab_size:

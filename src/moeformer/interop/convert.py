@@ -25,8 +25,8 @@ import torch
 from moeformer.config import ModelConfig
 from moeformer.interop.hf_config import InteropError, config_from_hf, config_to_hf, family_for, model_type
 from moeformer.interop.hf_weights import build_rules
-from moeformer.layers.position import RotaryEmbedding
 from moeformer.models.decoder import DecoderLM
+from moeformer.models.embedder import rotary_embedding
 from moeformer.moe.router import Router
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -95,7 +95,7 @@ def import_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Decode
 
 def _materialise(model: DecoderLM, config: ModelConfig, dtype: torch.dtype) -> None:
     """What the checkpoint does not hold, on the CPU: the RoPE table, zero balancing biases, the tie."""
-    model.embedding.rotary = RotaryEmbedding(config.rotary_dim, config.attention.rope_theta)
+    model.embedding.rotary = rotary_embedding(config)  # not a persistent buffer: rebuilt from the config
     for module in model.modules():
         if isinstance(module, Router) and module.expert_bias.is_meta:
             module.expert_bias = torch.zeros(module.n_experts)

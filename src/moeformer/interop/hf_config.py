@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeformer.config import AttentionConfig, ConfigError, FeedForwardConfig, ModelConfig, MoEConfig
+from moeformer.layers.position import RopeScaling
 
 FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "deepseek_v3")
 ARCHITECTURES = {
@@ -48,16 +49,17 @@ def model_type(hf: dict[str, Any]) -> str:
     return kind
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE base from transformers 5's ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", scaling.get("rope_type", scaling.get("type", "default"))))
-    if rope_type != "default":
-        raise InteropError(
-            f"config.json: rope type {rope_type!r} (context extension) is not supported; only 'default' RoPE"
-        )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """RoPE base and scaling from transformers 5's ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        scaling = {k: float(params[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")}
+        return theta, {**scaling, "original_max_seq_len": int(params["original_max_position_embeddings"])}
+    raise InteropError(f"config.json: rope type {rope_type!r} is not supported; supported: 'default', 'llama3'")
 
 
 def _common(hf: dict[str, Any]) -> dict[str, Any]:
@@ -93,9 +95,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of a transformers ``config.json`` dict; :class:`InteropError` if it has none."""
     kind = model_type(hf)
     base = _common(hf)
-    theta = _rope_theta(hf)
+    theta, scaling = _rope(hf)
     heads, kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
     attention = {"n_heads": heads, "n_kv_heads": kv_heads, "rope_theta": theta, "bias": False}
+    if scaling is not None:
+        attention["rope_scaling"] = scaling
     ffn = {"activation": "swiglu", "d_ff": hf["intermediate_size"], "bias": False}
     moe: dict[str, Any] | None = None
     if kind == "llama":
@@ -110,7 +114,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         attention["qkv_bias"] = bool(hf.get("qkv_bias", True))
         moe = _qwen2_moe(hf)
     else:
-        attention = {"kind": "mla", "n_heads": heads, "rope_theta": theta, "bias": bool(hf.get("attention_bias"))}
+        attention = {"kind": "mla", "n_heads": heads, "bias": bool(hf.get("attention_bias")), **_rope_fields(attention)}
         attention.update({k: hf[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim")})
         attention.update({k: hf[k] for k in ("qk_rope_head_dim", "v_head_dim")})
         moe = _deepseek_v3(hf)
@@ -120,12 +124,19 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     try:
         return ModelConfig(
             **{k: v for k, v in data.items() if k not in ("attention", "ffn", "moe")},
-            attention=AttentionConfig(**attention),
+            attention=AttentionConfig(
+                **{k: v for k, v in attention.items() if k != "rope_scaling"},
+                rope_scaling=RopeScaling(**attention["rope_scaling"]) if "rope_scaling" in attention else None,
+            ),
             ffn=FeedForwardConfig(**ffn),
             moe=None if moe is None else MoEConfig(**moe),
         )
     except ConfigError as err:
         raise InteropError(f"config.json ({kind}) gives an invalid moeformer config: {err}") from None
+
+
+def _rope_fields(attention: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attention.items() if k.startswith("rope_")}
 
 
 def _qwen2_moe(hf: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +278,7 @@ def config_to_hf(config: ModelConfig, family: str, *, pad_id: int | None = None)
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+        "rope_parameters": _rope_parameters(a),
         "rope_theta": a.rope_theta,  # for readers older than transformers 5
         "tie_word_embeddings": config.tie_embeddings,
         "attention_dropout": a.dropout,
@@ -286,6 +297,19 @@ def config_to_hf(config: ModelConfig, family: str, *, pad_id: int | None = None)
     else:
         hf.update(_deepseek_v3_fields(config))
     return hf
+
+
+def _rope_parameters(a: AttentionConfig) -> dict[str, Any]:
+    s = a.rope_scaling
+    if s is None:
+        return {"rope_type": "default", "rope_theta": a.rope_theta}
+    scaling = {"factor": s.factor, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": a.rope_theta,
+        **scaling,
+        "original_max_position_embeddings": s.original_max_seq_len,
+    }
 
 
 def _qwen2_moe_fields(config: ModelConfig, moe: MoEConfig) -> dict[str, Any]:

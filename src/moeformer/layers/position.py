@@ -18,8 +18,14 @@ incremental decoding (positions continue after the cache) use the same code.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
+
+from moeformer.validation import ConfigError, check_field_types
 
 
 def sinusoidal_table(n_positions: int, d_model: int) -> Tensor:
@@ -57,17 +63,49 @@ class LearnedPositionalEmbedding(nn.Module):
         return self.weight[positions]
 
 
+@dataclass(kw_only=True)
+class RopeScaling:
+    """Llama 3.1's RoPE frequency scaling for long contexts (transformers' ``rope_type = "llama3"``).
+
+    With L = ``original_max_seq_len`` and r_i = L / wavelength_i (how many turns of frequency i
+    fit in the original context): r_i < ``low_freq_factor`` -> theta_i / ``factor`` (stretched);
+    r_i > ``high_freq_factor`` -> theta_i (kept); in between, a linear blend of the two in r_i.
+    """
+
+    kind: Literal["llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be positive, got {getattr(self, name)}")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError("high_freq_factor", f"must exceed low_freq_factor ({self.low_freq_factor})")
+
+    def apply(self, inv_freq: Tensor) -> Tensor:
+        turns = self.original_max_seq_len * inv_freq / (2 * math.pi)  # r_i = L / wavelength_i
+        blend = ((turns - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)).clamp(0, 1)
+        return (1 - blend) * inv_freq / self.factor + blend * inv_freq
+
+
 class RotaryEmbedding(nn.Module):
     """positions: (batch, seq) -> (cos, sin), each (batch, seq, head_dim) in float32.
 
-    Frequencies theta_i = base^(-2i / head_dim) for i < head_dim / 2, repeated for both halves.
+    Frequencies theta_i = base^(-2i / head_dim) for i < head_dim / 2, repeated for both halves;
+    ``scaling`` rescales them for contexts beyond the trained one (:class:`RopeScaling`).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        if scaling is not None:
+            inv_freq = scaling.apply(inv_freq)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:

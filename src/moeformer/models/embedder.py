@@ -18,6 +18,12 @@ from moeformer.layers.position import (
 )
 
 
+def rotary_embedding(config: ModelConfig) -> RotaryEmbedding:
+    """The RoPE tables ``config`` asks for: head (or MLA rope) width, base, scaling."""
+    a = config.attention
+    return RotaryEmbedding(config.rotary_dim, a.rope_theta, a.rope_scaling)
+
+
 class InputEmbedding(nn.Module):
     """ids, positions: (B, T) -> x: (B, T, D) and RoPE angles (or None)."""
 
@@ -31,7 +37,7 @@ class InputEmbedding(nn.Module):
         elif config.position == "learned":
             self.positions = LearnedPositionalEmbedding(config.max_seq_len, config.d_model)
         elif config.position == "rope":
-            self.rotary = RotaryEmbedding(config.rotary_dim, config.attention.rope_theta)
+            self.rotary = rotary_embedding(config)
 
     def forward(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         x = self.embed(ids)
