@@ -112,6 +112,16 @@ EXPORTABLE = {
         "llama",
     ),
     "qwen2": ({"attention": {"qkv_bias": True}}, "qwen2"),
+    "mla-yarn": (
+        {
+            "norm_eps": 1e-6,
+            "attention": {
+                **MLA,
+                "rope_scaling": {"kind": "yarn", "factor": 16.0, "original_max_seq_len": 4, "mscale_all_dim": 1.0},
+            },
+        },
+        "deepseek_v3",
+    ),
     "topk": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "expert_hidden": 16}}, "mixtral"),
     "deepseek-fine-grained-shared": (
         {
@@ -232,7 +242,7 @@ def test_import_errors_name_the_problem(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     for change, words in [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope type 'longrope'"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"head_dim": 4}, "head_dim"),
     ]:

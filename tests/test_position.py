@@ -181,3 +181,32 @@ def test_rope_scaling_errors_name_the_key(kwargs, key):
     with pytest.raises(ConfigError) as info:
         RopeScaling(**kwargs)
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"factor": 4.0, "original_max_position_embeddings": 32},
+        {"factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 1.0},
+        {"factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
+        {"factor": 2.0, "original_max_position_embeddings": 128, "attention_factor": 1.3},
+    ],
+)
+def test_yarn_rope_scaling_equals_transformers_frequencies_and_factor(params):
+    """YaRN's ramped frequencies and cos/sin factor equal transformers' own "yarn" initialiser."""
+    transformers = pytest.importorskip("transformers", reason="compares with transformers' RoPE initialiser")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moeformer.layers.position import RopeScaling
+
+    config = transformers.LlamaConfig(
+        hidden_size=128, num_attention_heads=2, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, **params}
+    )
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    fields = {k: v for k, v in params.items() if k != "original_max_position_embeddings"}
+    scaling = RopeScaling(kind="yarn", original_max_seq_len=params["original_max_position_embeddings"], **fields)
+    rotary = RotaryEmbedding(64, 1e4, scaling)
+    torch.testing.assert_close(rotary.inv_freq, theirs.float(), rtol=1e-5, atol=0)
+    assert rotary.scale == pytest.approx(attention_factor, rel=1e-12)
+    plain = RotaryEmbedding(64, 1e4).inv_freq
+    assert (rotary.inv_freq < plain * 0.999).any() and torch.isclose(rotary.inv_freq[0], plain[0])

@@ -56,10 +56,28 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     if rope_type == "default":
         return theta, None
+    original = int(params.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048))
     if rope_type == "llama3":
         scaling = {k: float(params[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")}
-        return theta, {**scaling, "original_max_seq_len": int(params["original_max_position_embeddings"])}
-    raise InteropError(f"config.json: rope type {rope_type!r} is not supported; supported: 'default', 'llama3'")
+        return theta, {"kind": "llama3", **scaling, "original_max_seq_len": original}
+    if rope_type == "yarn":
+        factor = params.get("factor") or hf["max_position_embeddings"] / original
+        scaling = {"kind": "yarn", "factor": float(factor), "original_max_seq_len": original}
+        for key, default in YARN_DEFAULTS.items():
+            if params.get(key) is not None:
+                scaling[key] = type(default)(params[key]) if default is not None else float(params[key])
+        return theta, scaling
+    raise InteropError(f"config.json: rope type {rope_type!r} is not supported; supported: default, llama3, yarn")
+
+
+YARN_DEFAULTS: dict[str, Any] = {
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 0.0,
+    "mscale_all_dim": 0.0,
+    "attention_factor": None,
+    "truncate": True,
+}
 
 
 def _common(hf: dict[str, Any]) -> dict[str, Any]:
@@ -303,13 +321,11 @@ def _rope_parameters(a: AttentionConfig) -> dict[str, Any]:
     s = a.rope_scaling
     if s is None:
         return {"rope_type": "default", "rope_theta": a.rope_theta}
-    scaling = {"factor": s.factor, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
-    return {
-        "rope_type": "llama3",
-        "rope_theta": a.rope_theta,
-        **scaling,
-        "original_max_position_embeddings": s.original_max_seq_len,
-    }
+    params = {"rope_type": s.kind, "rope_theta": a.rope_theta, "factor": s.factor}
+    params["original_max_position_embeddings"] = s.original_max_seq_len
+    if s.kind == "llama3":
+        return {**params, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
+    return {**params, **{k: getattr(s, k) for k in YARN_DEFAULTS}}
 
 
 def _qwen2_moe_fields(config: ModelConfig, moe: MoEConfig) -> dict[str, Any]:

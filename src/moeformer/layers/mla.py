@@ -100,10 +100,12 @@ class MultiHeadLatentAttention(nn.Module):
         bias: bool = False,
         backend: Backend = "sdpa",
         norm_eps: float = 1e-6,
+        softmax_scale: float | None = None,
     ) -> None:
         """``bias`` (DeepSeek's attention_bias) is on q_a_proj, kv_a_proj_with_mqa and out_proj only;
         ``q_lora_rank=None`` gives one full q_proj (DeepSeek-V2-Lite); ``norm_eps`` is the latent
-        RMSNorms' epsilon (DeepSeek: 1e-6)."""
+        RMSNorms' epsilon (DeepSeek: 1e-6); ``softmax_scale`` defaults to 1 / sqrt(Dn + Dr) (YaRN
+        models multiply it: :meth:`~moeformer.layers.position.RopeScaling.softmax_scale_factor`)."""
         super().__init__()
         if backend not in ("sdpa", "reference"):
             raise ValueError(f"backend: unknown {backend!r}; allowed: 'sdpa', 'reference'")
@@ -113,7 +115,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
-        self.scale = self.qk_head_dim**-0.5  # the paper's 1 / sqrt(d_h + d_h^R)
+        self.scale = self.qk_head_dim**-0.5 if softmax_scale is None else softmax_scale  # 1 / sqrt(d_h + d_h^R)
         self.dropout, self.backend = dropout, backend
         q_width = n_heads * self.qk_head_dim
         if q_lora_rank is None:

@@ -59,6 +59,7 @@ def _latent_attention(config: ModelConfig) -> MultiHeadLatentAttention:
     a = config.attention
     if a.kv_lora_rank is None or a.qk_nope_head_dim is None or a.qk_rope_head_dim is None or a.v_head_dim is None:
         raise ValueError("attention.kind 'mla' needs kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim")
+    yarn = 1.0 if a.rope_scaling is None else a.rope_scaling.softmax_scale_factor()
     return MultiHeadLatentAttention(
         config.d_model,
         a.n_heads,
@@ -71,6 +72,7 @@ def _latent_attention(config: ModelConfig) -> MultiHeadLatentAttention:
         bias=a.bias,
         backend=a.backend,
         norm_eps=config.norm_eps,
+        softmax_scale=(a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5 * yarn,
     )
 
 
