@@ -4,6 +4,7 @@ back to transformers with equal logits, and refuse what has no counterpart, nami
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -259,3 +260,29 @@ def test_import_errors_name_the_problem(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(InteropError, match="unreadable or truncated"):
         import_hf(tmp_path / "m")
+
+
+def test_a_hub_style_deepseek_v3_config_maps_field_by_field():
+    """The field names and legacy RoPE layout of the published DeepSeek-V3 config.json (sizes shrunk)."""
+    from moeformer.interop import config_from_hf
+
+    hub = {
+        "model_type": "deepseek_v3", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 16, "num_hidden_layers": 4, "num_nextn_predict_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1, "n_routed_experts": 16,
+        "routed_scaling_factor": 2.5, "kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 8,
+        "v_head_dim": 16, "qk_nope_head_dim": 16, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+        "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+        "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "rope_theta": 10000, "attention_bias": False,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+    }  # fmt: skip
+    config = config_from_hf(hub)
+    a, moe = config.attention, config.moe
+    assert (a.kind, a.q_lora_rank, a.kv_lora_rank, a.qk_rope_head_dim) == ("mla", 48, 32, 8)
+    assert (a.rope_scaling.kind, a.rope_scaling.factor, a.rope_scaling.original_max_seq_len) == ("yarn", 40.0, 4096)
+    assert a.rope_scaling.softmax_scale_factor() == pytest.approx((0.1 * math.log(40) + 1) ** 2)
+    assert (moe.score, moe.n_group, moe.topk_group, moe.routed_scaling, moe.first_dense) == ("sigmoid", 8, 4, 2.5, 3)
+    with pytest.raises(InteropError, match="quantized"):
+        config_from_hf({**hub, "quantization_config": {"quant_method": "fp8"}})

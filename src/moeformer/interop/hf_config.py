@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeformer.config import AttentionConfig, ConfigError, FeedForwardConfig, ModelConfig, MoEConfig
-from moeformer.layers.position import RopeScaling
+from moeformer.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, model_config_from_dict
 
 FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "deepseek_v3")
 ARCHITECTURES = {
@@ -49,6 +48,16 @@ def model_type(hf: dict[str, Any]) -> str:
     return kind
 
 
+YARN_DEFAULTS: dict[str, Any] = {
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 0.0,
+    "mscale_all_dim": 0.0,
+    "attention_factor": None,
+    "truncate": True,
+}
+
+
 def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """RoPE base and scaling from transformers 5's ``rope_parameters`` or the older ``rope_theta``/``rope_scaling``."""
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
@@ -68,16 +77,6 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
                 scaling[key] = type(default)(params[key]) if default is not None else float(params[key])
         return theta, scaling
     raise InteropError(f"config.json: rope type {rope_type!r} is not supported; supported: default, llama3, yarn")
-
-
-YARN_DEFAULTS: dict[str, Any] = {
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 0.0,
-    "mscale_all_dim": 0.0,
-    "attention_factor": None,
-    "truncate": True,
-}
 
 
 def _common(hf: dict[str, Any]) -> dict[str, Any]:
@@ -140,15 +139,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if moe is not None:
         data["moe"] = moe
     try:
-        return ModelConfig(
-            **{k: v for k, v in data.items() if k not in ("attention", "ffn", "moe")},
-            attention=AttentionConfig(
-                **{k: v for k, v in attention.items() if k != "rope_scaling"},
-                rope_scaling=RopeScaling(**attention["rope_scaling"]) if "rope_scaling" in attention else None,
-            ),
-            ffn=FeedForwardConfig(**ffn),
-            moe=None if moe is None else MoEConfig(**moe),
-        )
+        return model_config_from_dict(data)
     except ConfigError as err:
         raise InteropError(f"config.json ({kind}) gives an invalid moeformer config: {err}") from None
 
