@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from attention import timed  # the same median-of-repeats timer as the attention benchmark
 
 from moeformer.config import model_config_from_dict
 from moeformer.models.decoder import DecoderLM
@@ -30,20 +31,6 @@ KINDS = {
     "GQA (2 K/V heads)": {"n_heads": H, "n_kv_heads": 2},
     "MLA (C=128, Dr=32)": {"n_heads": H, **MLA},
 }
-
-
-def timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def lm(attention: dict, device: str, dtype: torch.dtype) -> DecoderLM:
