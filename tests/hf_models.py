@@ -30,7 +30,8 @@ HF_CONFIGS = {
     ),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON),
     "qwen2-yarn": lambda: transformers.Qwen2Config(
-        **COMMON, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+        **COMMON,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
         | {"original_max_position_embeddings": 4},
     ),
     "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
@@ -91,6 +92,23 @@ HF_CONFIGS = {
         topk_group=1,
         rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 16.0, "mscale": 1.0}
         | {"mscale_all_dim": 0.8, "original_max_position_embeddings": 4, "beta_fast": 32.0, "beta_slow": 1.0},
+    ),
+    "deepseek_v2-lite-style": lambda: transformers.DeepseekV2Config(
+        **{**COMMON, "num_key_value_heads": 4},
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        n_shared_experts=2,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.5,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        head_dim=4,
+        v_head_dim=8,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 16.0, "mscale": 0.707}
+        | {"mscale_all_dim": 0.707, "original_max_position_embeddings": 4},
     ),
     "deepseek_v3-not-interleaved": lambda: transformers.DeepseekV3Config(
         **{**COMMON, "num_key_value_heads": 4},  # MLA: every head reads the shared latent

@@ -113,6 +113,15 @@ EXPORTABLE = {
         "llama",
     ),
     "qwen2": ({"attention": {"qkv_bias": True}}, "qwen2"),
+    "mla-deepseek-v2": (
+        {
+            "norm_eps": 1e-6,
+            "attention": {**MLA, "q_lora_rank": 12},
+            "moe": {"kind": "deepseek", "n_experts": 6, "top_k": 2, "n_shared": 2, "normalize": False}
+            | {"routed_scaling": 1.5, "first_dense": 1},
+        },
+        "deepseek_v2",
+    ),
     "mla-yarn": (
         {
             "norm_eps": 1e-6,
@@ -162,7 +171,7 @@ def test_export_loads_in_transformers_with_equal_logits(name, tmp_path):
     assert (hf_logits(theirs, tokens) - expected).abs().max() < ATOL
 
 
-@pytest.mark.parametrize("name", ["dense", "topk", "deepseek-gated-every-other", "mla-deepseek-v3"])
+@pytest.mark.parametrize("name", ["dense", "topk", "deepseek-gated-every-other", "mla-deepseek-v3", "mla-deepseek-v2"])
 def test_export_then_import_is_the_same_model(name, tmp_path):
     ours = our_model(lm_config(**EXPORTABLE[name][0]))
     export_hf(ours, tmp_path / "hf")
@@ -195,6 +204,10 @@ REFUSED = {
         "MLA",
     ),
     "mla-eps": ({"attention": MLA}, "norm_eps"),
+    "mla-softmax-renormalised": (
+        {"norm_eps": 1e-6, "attention": MLA, "moe": {"kind": "deepseek", "n_experts": 4, "n_shared": 1}},
+        "DeepSeek-V2",
+    ),
     "capacity": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}, "capacity"),
     "topk-unnormalised": ({"moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "normalize": False}}, "Mixtral"),
     "mixtral-with-biases": ({"attention": {"qkv_bias": True}, "moe": {"kind": "topk", "n_experts": 4}}, "biases"),
