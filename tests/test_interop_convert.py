@@ -105,3 +105,22 @@ def test_convert_refuses_a_model_without_counterpart(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "run"), str(tmp_path / "hf"), "--to", "hf"]) == 1
     assert "'soft'" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_transformers_directory_is_read_directly_by_generate_and_report(tmp_path, capsys):
+    """No convert step: load_model imports a transformers directory (with its tokenizer) in memory."""
+    theirs = hf_model(HF_CONFIGS["mixtral"]())
+    theirs.save_pretrained(tmp_path / "hf")
+    write_hub_tokenizer(tmp_path / "hf", theirs.config.vocab_size)
+    loaded = load_model(tmp_path / "hf")
+    tokens = token_batch(theirs.config.vocab_size)
+    with torch.no_grad():
+        assert (loaded.model(tokens).logits - theirs(input_ids=tokens).logits).abs().max() < 1e-4
+    (tmp_path / "text.txt").write_text("w1 w2 w3\nw4 w5 w6 w7\n")
+    args = ["report", str(tmp_path / "hf"), "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "r")]
+    assert main([*args, "--quiet"]) == 0
+    assert (tmp_path / "r" / "report.html").stat().st_size > 10_000
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+    ]  # fmt: skip
+

@@ -36,7 +36,11 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, *, which: str = "best", device: str = "cpu") -> LoadedModel:
-    """A model and its tokenizers from a checkpoint or run directory; errors name the bad file."""
+    """A model and its tokenizers from a checkpoint or run directory, or from a Hugging Face checkpoint
+    directory of a family :mod:`moeformer.interop` imports (config.json + safetensors + tokenizer.json);
+    errors name the bad file."""
+    if _is_hf_directory(Path(path)):
+        return _load_hf(Path(path), device)
     ckpt = read_checkpoint(path, which)
     try:
         config = model_config_from_dict(ckpt.meta["config"]["model"])
@@ -46,6 +50,24 @@ def load_model(path: str | Path, *, which: str = "best", device: str = "cpu") ->
     model = build_model(config)
     load_weights(model, ckpt)
     return LoadedModel(model.to(device).eval(), tokenizers, ckpt)
+
+
+def _is_hf_directory(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "checkpoint.json").exists()
+
+
+def _load_hf(path: Path, device: str) -> LoadedModel:
+    """A transformers checkpoint imported as it is, with its own tokenizer (nothing is written)."""
+    from moeformer.config import config_to_dict
+    from moeformer.data.hub_tokenizer import HubTokenizer
+    from moeformer.interop import import_hf
+
+    if not (path / "tokenizer.json").exists():
+        raise CheckpointError(f"{path}: a transformers checkpoint without tokenizer.json; nothing can encode text")
+    tokenizer = HubTokenizer.from_directory(path)
+    model = import_hf(path)
+    meta = {"config": {"model": config_to_dict(model.config)}, "step": 0, "converted_from": {"path": str(path)}}
+    return LoadedModel(model.to(device).eval(), TokenizerPair(tokenizer, tokenizer), Checkpoint(path, meta))
 
 
 @torch.no_grad()
