@@ -29,6 +29,17 @@ HF_CONFIGS = {
         | {"high_freq_factor": 4.0, "original_max_position_embeddings": 4},
     ),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON),
+    "qwen3-wide-heads": lambda: transformers.Qwen3Config(**COMMON, head_dim=12, tie_word_embeddings=True),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        head_dim=6,
+    ),
+    "llama-narrow-heads": lambda: transformers.LlamaConfig(**COMMON, head_dim=4),
     "qwen2-yarn": lambda: transformers.Qwen2Config(
         **COMMON,
         rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}

@@ -267,3 +267,22 @@ def test_bad_inputs_raise_clear_errors(make_lm):
     with pytest.raises(ValueError, match=f"tokens: {L + 2} positions exceed the model's max_seq_len={L}"):
         model(tokens(1, 3, V, 4), cache=cache)
     assert cache.length == L - 1
+
+
+@torch.no_grad()
+def test_qk_norm_and_free_head_width_keep_cache_and_padding_properties(make_lm):
+    """Qwen3-style attention (per-head q/k RMSNorm, head_dim 12 with d_model 32 and 4 heads): the cache
+    still equals a full pass, left padding changes nothing, and the norms act per head."""
+    model = make_lm(attention={"n_heads": 4, "n_kv_heads": 2, "bias": False, "head_dim": 12, "qk_norm": True})
+    attn = model.layers[0].self_attn
+    assert attn.q_proj.out_features == 48 and attn.out_proj.in_features == 48 and attn.q_norm.weight.shape == (12,)
+    ids = tokens(2, 8, model.config.vocab_size, 1)
+    full = model(ids).logits
+    torch.testing.assert_close(run_in_chunks(model, ids, [3, 1, 4]), full, atol=ATOL, rtol=0)
+    padded, mask = pad([ids[0], ids[1, :5]], 8, left=True)
+    out = model(padded, padding_mask=mask).logits
+    torch.testing.assert_close(out[1][~mask[1]], model(ids[1:, :5]).logits[0], atol=ATOL, rtol=0)
+    with torch.no_grad():  # the norms are applied: scaling a head's q weights changes nothing after q_norm
+        before = model(ids).logits
+        attn.q_proj.weight[:12] *= 3.0
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-4, rtol=0)

@@ -45,6 +45,13 @@ def test_import_gives_transformers_logits(name, tmp_path):
     assert (ours.lm_head.weight is ours.embedding.embed.weight) == ours.config.tie_embeddings
 
 
+def test_import_maps_qwen3_norms_and_head_width(tmp_path):
+    hf_model(HF_CONFIGS["qwen3_moe"]()).save_pretrained(tmp_path)
+    config = import_hf(tmp_path).config
+    assert config.attention.qk_norm and config.head_dim == 6 and config.d_model == 32
+    assert (config.moe.kind, config.moe.n_shared, config.moe.normalize, config.moe.first_dense) == ("topk", 0, True, 1)
+
+
 def test_import_reads_sharded_and_bfloat16_checkpoints(tmp_path):
     theirs = hf_model(HF_CONFIGS["mixtral"]())
     theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -113,6 +120,15 @@ EXPORTABLE = {
         "llama",
     ),
     "qwen2": ({"attention": {"qkv_bias": True}}, "qwen2"),
+    "qwen3": ({"tie_embeddings": True, "attention": {"qk_norm": True, "head_dim": 16}}, "qwen3"),
+    "qwen3_moe": (
+        {
+            "attention": {"qk_norm": True},
+            "moe": {"kind": "topk", "n_experts": 4, "top_k": 2, "normalize": False, "placement": "every_other"},
+        },
+        "qwen3_moe",
+    ),
+    "llama-head-dim": ({"attention": {"head_dim": 12}}, "llama"),
     "mla-deepseek-v2": (
         {
             "norm_eps": 1e-6,
@@ -195,7 +211,7 @@ def test_export_writes_a_tokenizer_transformers_reads(tmp_path):
 
 
 REFUSED = {
-    "soft": ({"moe": {"kind": "soft", "n_experts": 4}}, "soft"),
+    "soft": ({"moe": {"kind": "soft", "n_experts": 4}}, "kind 'soft'"),
     "post-norm": ({"norm_position": "post"}, "pre-norm"),
     "sinusoidal": ({"position": "sinusoidal"}, "position"),
     "relu": ({"ffn": {"activation": "relu"}}, "swiglu"),
@@ -204,6 +220,8 @@ REFUSED = {
         "MLA",
     ),
     "mla-eps": ({"attention": MLA}, "norm_eps"),
+    "qwen2-head-dim": ({"attention": {"qkv_bias": True, "head_dim": 12}}, "head_dim"),
+    "qk-norm-shared": ({"attention": {"qk_norm": True}, "moe": {"kind": "deepseek", "n_shared": 1}}, "Qwen3-MoE"),
     "mla-softmax-renormalised": (
         {"norm_eps": 1e-6, "attention": MLA, "moe": {"kind": "deepseek", "n_experts": 4, "n_shared": 1}},
         "DeepSeek-V2",
@@ -258,7 +276,7 @@ def test_import_errors_name_the_problem(tmp_path):
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
         ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope type 'longrope'"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"head_dim": 4}, "head_dim"),
+        ({"head_dim": 4}, r"self_attn.q_proj.weight has shape \(32, 32\), but config.json implies \(16, 32\)"),
     ]:
         (tmp_path / "m" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(InteropError, match=words):

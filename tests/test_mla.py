@@ -457,3 +457,10 @@ def test_an_mha_preset_switched_to_mla_drops_its_kv_head_count():
     assert config.attention.kind == "mla" and config.attention.n_kv_heads is None
     with pytest.raises(ConfigError, match="n_kv_heads"):  # said by the user: still an error
         model_config_from_dict({"preset": "lm-tiny", "vocab_size": 20, "attention": {**MLA, "n_kv_heads": 2}})
+
+
+@pytest.mark.parametrize("key", ["head_dim", "qk_norm"])
+def test_multi_head_attention_options_are_refused_for_mla(key):
+    with pytest.raises(ConfigError, match="belongs to kind 'mha'") as info:
+        AttentionConfig(**MLA, **{key: 8 if key == "head_dim" else True})
+    assert info.value.key == key

@@ -65,6 +65,8 @@ class AttentionConfig:
     n_kv_heads: int | None = None  # None: one K/V head per query head (plain multi-head)
     bias: bool = True  # biases on q/k/v/out projections (paper: yes; Llama-style LMs: no)
     qkv_bias: bool | None = None  # q/k/v biases alone; None: same as bias (Qwen2: True with bias=False)
+    head_dim: int | None = None  # per-head width; None: d_model / n_heads (Qwen3 sets its own)
+    qk_norm: bool = False  # RMSNorm on each head's query and key before RoPE (Qwen3)
     dropout: float = 0.0  # dropout on the attention weights
     backend: Literal["sdpa", "reference"] = "sdpa"  # torch's fused kernel or the readable math
     rope_theta: float = 10000.0  # RoPE base, used when the model's position is "rope"
@@ -81,6 +83,7 @@ class AttentionConfig:
         check_latent_fields(self)
         positive("n_heads", self.n_heads)
         positive("n_kv_heads", self.n_kv_heads)
+        positive("head_dim", self.head_dim)
         probability("dropout", self.dropout)
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
@@ -249,7 +252,7 @@ class ModelConfig:
                 "attention.kind",
                 f"'mla' needs arch 'decoder' and position 'rope', got {self.arch!r} and {self.position!r}",
             )
-        if self.d_model % self.attention.n_heads and self.attention.kind == "mha":  # MLA sets its own sizes
+        if self.d_model % self.attention.n_heads and self.attention.kind == "mha" and not self.attention.head_dim:
             raise ConfigError(
                 "d_model",
                 f"must be divisible by attention.n_heads ({self.attention.n_heads}), got {self.d_model}",
@@ -277,8 +280,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        """d_model / n_heads, the head size of kind 'mha' (MLA's sizes are its own fields)."""
-        return self.d_model // self.attention.n_heads
+        """attention.head_dim, else d_model / n_heads: the head size of kind 'mha' (MLA's are its own fields)."""
+        return self.attention.head_dim or self.d_model // self.attention.n_heads
 
     @property
     def rotary_dim(self) -> int:

@@ -98,6 +98,9 @@ def check_latent_fields(attention: AttentionConfig) -> None:
         return
     if attention.qk_rope_head_dim is not None and attention.qk_rope_head_dim % 2:
         raise ConfigError("qk_rope_head_dim", f"RoPE rotates pairs: must be even, got {attention.qk_rope_head_dim}")
+    for name in ("head_dim", "qk_norm"):
+        if getattr(attention, name):
+            raise ConfigError(name, "belongs to kind 'mha'; MLA's head sizes are qk_nope/qk_rope/v_head_dim")
     if attention.n_kv_heads is not None:
         raise ConfigError(
             "n_kv_heads",

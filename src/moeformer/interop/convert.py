@@ -86,12 +86,25 @@ def import_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Decode
         state[rule.ours] = rule.join([tensors.pop(name) for name in rule.theirs]).to(dtype)
     with torch.device("meta"):  # no random initialisation, no second copy of the weights
         model = DecoderLM(config)
+    _check_shapes(model, state, rules, path)
     missing_ours, unexpected = model.load_state_dict(state, strict=False, assign=True)
     left = [k for k in missing_ours if not k.endswith("router.expert_bias") and k != "lm_head.weight"]
     if left or unexpected:  # a bug in the rules, not in the file
         raise InteropError(f"internal: {family} weights not mapped: missing {left[:4]}, unexpected {unexpected[:4]}")
     _materialise(model, config, dtype)
     return model.eval()
+
+
+def _check_shapes(model: DecoderLM, state: dict[str, torch.Tensor], rules: list, path: Path) -> None:
+    """Every tensor has the shape config.json implies, or the error names it (a mismatched config)."""
+    expected = model.state_dict()
+    for rule in rules:
+        want, got = tuple(expected[rule.ours].shape), tuple(state[rule.ours].shape)
+        if want != got:
+            raise InteropError(
+                f"{path}: {rule.theirs[0]}{' (and others)' if len(rule.theirs) > 1 else ''} has shape {got}, "
+                f"but config.json implies {want} for {rule.ours}; the config does not describe these weights"
+            )
 
 
 def _materialise(model: DecoderLM, config: ModelConfig, dtype: torch.dtype) -> None:

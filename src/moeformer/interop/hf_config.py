@@ -10,8 +10,11 @@ model_type      attention                  FFN
                 none (``attention_bias``)
 ``qwen2``       MHA/GQA, q/k/v biases      dense
 ``mixtral``     MHA/GQA                    top-k: softmax, renormalised over the k chosen
+``qwen3``       MHA/GQA + per-head q/k     dense
+                RMSNorm, free ``head_dim``
 ``qwen2_moe``   MHA/GQA, q/k/v biases      top-k softmax (``norm_topk_prob``) + one shared expert
                 (``qkv_bias``)             scaled by sigmoid(x . w) (``shared_expert_gate``)
+``qwen3_moe``   as ``qwen3``               top-k softmax (``norm_topk_prob``), no shared expert
 ``deepseek_v2`` multi-head latent (MLA)    softmax top-k (greedy), x ``routed_scaling_factor``,
                                            shared experts; the first ``first_k_dense_replace`` dense
 ``deepseek_v3`` multi-head latent (MLA)    sigmoid scores + selection bias, group-limited top-k,
@@ -30,12 +33,14 @@ from typing import Any
 
 from moeformer.config import ConfigError, ModelConfig, model_config_from_dict
 
-FAMILIES = ("llama", "qwen2", "mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
@@ -86,12 +91,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def _common(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("hidden_act", "silu") != "silu":
         raise InteropError(f"config.json: hidden_act {hf['hidden_act']!r}; only 'silu' (SwiGLU) maps to our FFN")
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if not str(hf.get("model_type")).startswith("deepseek") and hf.get("head_dim") not in (None, d // heads):
-        raise InteropError(
-            f"config.json: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads = {d // heads}; "
-            "moeformer's attention derives the head size from d_model"
-        )
+    d = hf["hidden_size"]
     if hf.get("use_sliding_window") or (hf.get("model_type") == "mixtral" and hf.get("sliding_window")):
         raise InteropError("config.json: sliding-window attention is not supported; full attention only")
     pad = hf.get("pad_token_id")
@@ -121,6 +121,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     attention = {"n_heads": heads, "n_kv_heads": kv_heads, "rope_theta": theta, "bias": False}
     if scaling is not None:
         attention["rope_scaling"] = scaling
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads) and not kind.startswith("deepseek"):
+        attention["head_dim"] = hf["head_dim"]  # Qwen3, some Llamas: heads narrower or wider than d / H
     ffn = {"activation": "swiglu", "d_ff": hf["intermediate_size"], "bias": False}
     moe: dict[str, Any] | None = None
     if kind == "llama":
@@ -134,6 +136,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     elif kind == "qwen2_moe":
         attention["qkv_bias"] = bool(hf.get("qkv_bias", True))
         moe = _qwen2_moe(hf)
+    elif kind in ("qwen3", "qwen3_moe"):
+        attention.update(qk_norm=True, bias=bool(hf.get("attention_bias", False)))
+        moe = {**_qwen2_moe(hf), "kind": "topk"} if kind == "qwen3_moe" else None  # no shared expert
     else:
         attention = {"kind": "mla", "n_heads": heads, "bias": bool(hf.get("attention_bias")), **_rope_fields(attention)}
         attention.update({k: hf[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim")})
@@ -161,7 +166,7 @@ def _qwen2_moe(hf: dict[str, Any]) -> dict[str, Any]:
         raise InteropError(f"config.json: mlp_only_layers {dense}; only a leading run of dense layers is supported")
     moe = {
         "kind": "deepseek",
-        "n_experts": hf["num_experts"],
+        "n_experts": hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"],  # Hub or transformers 5
         "top_k": hf["num_experts_per_tok"],
         "expert_hidden": hf["moe_intermediate_size"],
         "normalize": bool(hf.get("norm_topk_prob", False)),

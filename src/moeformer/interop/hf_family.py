@@ -16,31 +16,37 @@ def family_for(config: ModelConfig) -> str:
     """The transformers family that computes exactly what ``config`` does, or InteropError saying why none."""
     _check_exportable(config)
     a, moe = config.attention, config.moe
-    mla = a.kind == "mla"
-    if mla and config.norm_eps != 1e-6:
-        raise InteropError("norm_eps: DeepSeek-V3's latent norms use 1e-6 in transformers; set norm_eps = 1e-6")
-    if moe is None or moe.kind == "dense":
-        if mla:
-            return "deepseek_v3"
-        if a.qkv_bias and not a.bias:
-            if config.ffn.bias:
-                raise InteropError("ffn.bias: Qwen2 (q/k/v biases only) has no FFN biases; no family has both")
-            return "qwen2"
-        if a.qkv_bias is not None and a.qkv_bias != a.bias:
-            raise InteropError("attention: an out_proj bias without q/k/v biases has no transformers family")
-        return "llama"
-    _check_moe_exportable(config, moe)
-    if moe.kind == "soft":
-        raise InteropError("moe.kind 'soft' (every expert, dense gate) has no transformers equivalent")
-    if mla:
-        return _deepseek_family(config, moe)
-    if moe.score != "softmax" or moe.n_group > 1:
-        raise InteropError(
-            f"moe.score={moe.score!r}, n_group={moe.n_group}: sigmoid or group-limited routing exists in "
-            "transformers only in DeepSeek-V3, which uses MLA; set attention.kind = 'mla' to export it"
-        )
-    if moe.routed_scaling != 1.0:
-        raise InteropError("moe.routed_scaling != 1 has no softmax-routed transformers family")
+    dense = moe is None or moe.kind == "dense"
+    if not dense:
+        _check_moe_exportable(config, moe)
+        if moe.kind == "soft":
+            raise InteropError("moe.kind 'soft' (every expert, dense gate) has no transformers equivalent")
+    if a.kind == "mla":
+        if config.norm_eps != 1e-6:
+            raise InteropError("norm_eps: DeepSeek's latent norms use 1e-6 in transformers; set norm_eps = 1e-6")
+        return "deepseek_v3" if dense else _deepseek_family(config, moe)
+    if a.qk_norm:
+        return _qwen3_family(config, moe, dense)
+    family = _dense_family(config) if dense else _moe_family(config, moe)
+    if config.head_dim != config.d_model // a.n_heads and family.startswith("qwen2"):
+        raise InteropError(f"attention.head_dim: {family} derives the head size from hidden_size / heads")
+    return family
+
+
+def _dense_family(config: ModelConfig) -> str:
+    a = config.attention
+    if a.qkv_bias and not a.bias:
+        if config.ffn.bias:
+            raise InteropError("ffn.bias: Qwen2 (q/k/v biases only) has no FFN biases; no family has both")
+        return "qwen2"
+    if a.qkv_bias is not None and a.qkv_bias != a.bias:
+        raise InteropError("attention: an out_proj bias without q/k/v biases has no transformers family")
+    return "llama"
+
+
+def _moe_family(config: ModelConfig, moe: MoEConfig) -> str:
+    a = config.attention
+    _check_softmax_routing(moe)
     qkv_bias = a.bias if a.qkv_bias is None else a.qkv_bias
     if a.bias or (moe.kind == "topk" and qkv_bias):
         raise InteropError(
@@ -48,11 +54,39 @@ def family_for(config: ModelConfig) -> str:
         )
     if moe.kind == "topk":
         if not moe.normalize or moe.placement != "all" or moe.first_dense:
-            raise InteropError("moe.kind 'topk' exports as Mixtral: normalize=true, placement 'all', first_dense 0")
+            raise InteropError(
+                "moe.kind 'topk' exports as Mixtral: normalize=true, placement 'all', first_dense 0 "
+                "(or as Qwen3-MoE, with attention.qk_norm = true)"
+            )
         return "mixtral"
     if not moe.n_shared:
         raise InteropError("moe.kind 'deepseek' without shared experts and softmax scores: use kind 'topk' (Mixtral)")
     return "qwen2_moe"
+
+
+def _qwen3_family(config: ModelConfig, moe: MoEConfig | None, dense: bool) -> str:
+    """Per-head q/k norms exist in Qwen3 and Qwen3-MoE: one attention bias switch, no shared experts."""
+    a = config.attention
+    if a.qkv_bias is not None and a.qkv_bias != a.bias:
+        raise InteropError("attention.qkv_bias: Qwen3 has one attention_bias for q, k, v and o")
+    if config.ffn.bias:
+        raise InteropError("ffn.bias: Qwen3 has no FFN biases")
+    if dense:
+        return "qwen3"
+    if moe.kind != "topk":
+        raise InteropError(f"attention.qk_norm with moe.kind {moe.kind!r}: Qwen3-MoE is kind 'topk', no shared experts")
+    _check_softmax_routing(moe)
+    return "qwen3_moe"
+
+
+def _check_softmax_routing(moe: MoEConfig) -> None:
+    if moe.score != "softmax" or moe.n_group > 1:
+        raise InteropError(
+            f"moe.score={moe.score!r}, n_group={moe.n_group}: sigmoid or group-limited routing exists in "
+            "transformers only in DeepSeek-V3, which uses MLA; set attention.kind = 'mla' to export it"
+        )
+    if moe.routed_scaling != 1.0:
+        raise InteropError("moe.routed_scaling != 1 has no softmax-routed transformers family without MLA")
 
 
 def _deepseek_family(config: ModelConfig, moe: MoEConfig) -> str:
@@ -134,6 +168,11 @@ def config_to_hf(config: ModelConfig, family: str, *, pad_id: int | None = None)
         hf.update(router_jitter_noise=0.0, sliding_window=None, head_dim=config.head_dim)
     elif family == "qwen2_moe":
         hf.update(_qwen2_moe_fields(config, moe))
+    elif family.startswith("qwen3"):
+        hf.update(attention_bias=a.bias, head_dim=config.head_dim, use_sliding_window=False)
+        if family == "qwen3_moe":
+            sparse = _qwen2_moe_fields(config, moe)
+            hf.update({k: v for k, v in sparse.items() if not k.startswith(("shared_", "qkv_"))})
     else:
         hf.update(_deepseek_fields(config, family))
     return hf

@@ -106,6 +106,9 @@ def _mha_rules(rules: RuleSet, config: ModelConfig, ours: str, theirs: str) -> N
     for name in ("q_proj", "k_proj", "v_proj"):
         rules.linear(ours + name, theirs + name, qkv_bias)
     rules.linear(ours + "out_proj", theirs + "o_proj", a.bias)
+    if a.qk_norm:
+        rules.add(ours + "q_norm.weight", theirs + "q_norm.weight")
+        rules.add(ours + "k_norm.weight", theirs + "k_norm.weight")
 
 
 def _mla_rules(rules: RuleSet, config: ModelConfig, ours: str, theirs: str, interleave: bool) -> None:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from moeformer.layers.norm import RMSNorm
 from moeformer.layers.position import apply_rotary
 from moeformer.layers.softmax import stable_softmax
 
@@ -229,18 +230,23 @@ class MultiHeadAttention(nn.Module):
         qkv_bias: bool | None = None,
         backend: Backend = "sdpa",
         kv_dim: int | None = None,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
     ) -> None:
-        """``qkv_bias`` (default: ``bias``) sets the q/k/v biases apart from out_proj's (Qwen2)."""
+        """``qkv_bias`` (default: ``bias``) sets the q/k/v biases apart from out_proj's (Qwen2);
+        ``head_dim`` (default d_model / n_heads) may be set apart from d_model (Qwen3); ``qk_norm``
+        RMS-normalises each head's query and key (eps ``norm_eps``) before RoPE (Qwen3)."""
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if d_model % n_heads:
+        if head_dim is None and d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
         if backend not in ("sdpa", "reference"):
             raise ValueError(f"backend: unknown {backend!r}; allowed: 'sdpa', 'reference'")
         self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = d_model // n_heads if head_dim is None else head_dim
         self.dropout, self.backend = dropout, backend
         kv_dim = d_model if kv_dim is None else kv_dim
         qkv_bias = bias if qkv_bias is None else qkv_bias
@@ -248,6 +254,10 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(kv_dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=norm_eps)
 
     def forward(
         self,
@@ -273,12 +283,16 @@ class MultiHeadAttention(nn.Module):
         self._check_inputs(query, key, value)
         B, T, _ = query.shape
         q = self.q_proj(query).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q = self.q_norm(q)
         if cache is not None and cache.static and cache.key is not None:
             k, v = cache.key, cache.value  # cross-attention: the source was projected once
         else:
             S = key.shape[1]
             k = self.k_proj(key).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
             v = self.v_proj(value).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if self.qk_norm:
+                k = self.k_norm(k)
             if rotary is not None:
                 k = apply_rotary(k, *rotary)
             if cache is not None:

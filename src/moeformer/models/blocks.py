@@ -52,6 +52,9 @@ def _attention(config: ModelConfig) -> MultiHeadAttention | MultiHeadLatentAtten
         bias=a.bias,
         qkv_bias=a.qkv_bias,
         backend=a.backend,
+        head_dim=a.head_dim,
+        qk_norm=a.qk_norm,
+        norm_eps=config.norm_eps,
     )
 
 
