@@ -1,4 +1,4 @@
-"""Hugging Face transformers interop: import Llama, Qwen2, Mixtral, Qwen2-MoE, DeepSeek-V2 and -V3
+"""Hugging Face transformers interop: import Llama, Qwen2/3, Mixtral, Qwen2/3-MoE, DeepSeek-V2 and -V3
 checkpoints as :class:`~moeformer.models.decoder.DecoderLM`, and export DecoderLMs back.
 
 Reading and writing use ``safetensors`` and JSON only; transformers itself is needed only to load
