@@ -31,6 +31,7 @@ from moeformer.validation import (
     ConfigError,
     check_field_types,
     check_latent_fields,
+    check_moe_structure,
     from_dict,
     positive,
     probability,
@@ -155,43 +156,11 @@ class MoEConfig:
             raise ConfigError("routed_scaling", f"must be positive, got {self.routed_scaling}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError("capacity_factor", f"must be > 0 (or absent for dropless), got {self.capacity_factor}")
-        if self.kind != "soft" and self.top_k > self.n_experts:  # soft uses every expert
-            raise ConfigError("top_k", f"must be <= n_experts ({self.n_experts}), got {self.top_k}")
-        if self.topk_group > self.n_group:
-            raise ConfigError("topk_group", f"must be <= n_group ({self.n_group}), got {self.topk_group}")
-        if self.n_experts % self.n_group:
-            raise ConfigError(
-                "n_group", f"must divide n_experts ({self.n_experts}) into equal groups, got {self.n_group}"
-            )
-        if self.n_experts % self.n_devices:
-            raise ConfigError("n_devices", f"must divide n_experts ({self.n_experts}), got {self.n_devices}")
-        if (
-            self.n_group > 1
-            and self.group_routing == "limited"
-            and self.top_k > self.topk_group * self.n_experts // self.n_group
-        ):
-            raise ConfigError(
-                "top_k",
-                f"{self.top_k} experts cannot fit in topk_group={self.topk_group} groups "
-                f"of {self.n_experts // self.n_group}",
-            )
-        if self.group_routing == "hierarchical" and self.n_group > 1 and self.top_k % self.topk_group:
-            raise ConfigError(
-                "top_k",
-                f"hierarchical routing takes top_k / topk_group experts per chosen group; "
-                f"top_k={self.top_k} is not divisible by topk_group={self.topk_group}",
-            )
-        positive("shared_hidden", self.shared_hidden)
-        if (self.shared_hidden is not None or self.shared_gate) and not self.n_shared:
-            raise ConfigError("shared_gate" if self.shared_gate else "shared_hidden", "needs n_shared >= 1")
-        if self.n_shared and self.kind != "deepseek":
-            raise ConfigError("n_shared", f"shared experts belong to kind 'deepseek', not {self.kind!r}")
-        if self.granularity > 1 and self.kind != "deepseek":
-            raise ConfigError("granularity", f"fine-grained segmentation belongs to kind 'deepseek', not {self.kind!r}")
-        if self.expert_hidden is not None and self.expert_hidden % self.granularity:
-            raise ConfigError(
-                "granularity", f"must divide expert_hidden ({self.expert_hidden}), got {self.granularity}"
-            )
+        check_moe_structure(self)
+
+    def expert_width(self, d_ff: int) -> int:
+        """Hidden size of one routed expert: ``expert_hidden`` (else the model's d_ff) / granularity."""
+        return (self.expert_hidden if self.expert_hidden is not None else d_ff) // self.granularity
 
     @property
     def routed_experts(self) -> int:

@@ -8,7 +8,7 @@ import typing
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
-    from moeformer.config import AttentionConfig
+    from moeformer.config import AttentionConfig, MoEConfig
 
 T = TypeVar("T")
 
@@ -112,6 +112,48 @@ def check_latent_fields(attention: AttentionConfig) -> None:
             "qkv_bias",
             "kind 'mla' has no q/k/v projections; `bias` sets the biases of q_a_proj, "
             "kv_a_proj_with_mqa and out_proj (DeepSeek's attention_bias)",
+        )
+
+
+def check_moe_structure(moe: MoEConfig) -> None:
+    """How an MoE layer's counts fit together: top-k within the experts (and chosen groups), groups and
+    devices dividing the experts, shared-expert options only with shared experts of kind 'deepseek'."""
+    if moe.kind != "soft" and moe.top_k > moe.n_experts:  # soft uses every expert
+        raise ConfigError("top_k", f"must be <= n_experts ({moe.n_experts}), got {moe.top_k}")
+    if moe.topk_group > moe.n_group:
+        raise ConfigError("topk_group", f"must be <= n_group ({moe.n_group}), got {moe.topk_group}")
+    if moe.n_experts % moe.n_group:
+        raise ConfigError(
+            "n_group", f"must divide n_experts ({moe.n_experts}) into equal groups, got {moe.n_group}"
+        )
+    if moe.n_experts % moe.n_devices:
+        raise ConfigError("n_devices", f"must divide n_experts ({moe.n_experts}), got {moe.n_devices}")
+    if (
+        moe.n_group > 1
+        and moe.group_routing == "limited"
+        and moe.top_k > moe.topk_group * moe.n_experts // moe.n_group
+    ):
+        raise ConfigError(
+            "top_k",
+            f"{moe.top_k} experts cannot fit in topk_group={moe.topk_group} groups "
+            f"of {moe.n_experts // moe.n_group}",
+        )
+    if moe.group_routing == "hierarchical" and moe.n_group > 1 and moe.top_k % moe.topk_group:
+        raise ConfigError(
+            "top_k",
+            f"hierarchical routing takes top_k / topk_group experts per chosen group; "
+            f"top_k={moe.top_k} is not divisible by topk_group={moe.topk_group}",
+        )
+    positive("shared_hidden", moe.shared_hidden)
+    if (moe.shared_hidden is not None or moe.shared_gate) and not moe.n_shared:
+        raise ConfigError("shared_gate" if moe.shared_gate else "shared_hidden", "needs n_shared >= 1")
+    if moe.n_shared and moe.kind != "deepseek":
+        raise ConfigError("n_shared", f"shared experts belong to kind 'deepseek', not {moe.kind!r}")
+    if moe.granularity > 1 and moe.kind != "deepseek":
+        raise ConfigError("granularity", f"fine-grained segmentation belongs to kind 'deepseek', not {moe.kind!r}")
+    if moe.expert_hidden is not None and moe.expert_hidden % moe.granularity:
+        raise ConfigError(
+            "granularity", f"must divide expert_hidden ({moe.expert_hidden}), got {moe.granularity}"
         )
 
 

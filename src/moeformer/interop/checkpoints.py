@@ -19,7 +19,7 @@ from moeformer.config import config_to_dict
 from moeformer.data.hub_tokenizer import HubTokenizer
 from moeformer.interop.convert import export_hf, import_hf, read_hf_config
 from moeformer.interop.hf_config import InteropError
-from moeformer.train.checkpoint import SIDECAR, WEIGHTS
+from moeformer.train.checkpoint import SIDECAR, WEIGHTS, paths_overlap
 
 
 @dataclass
@@ -32,10 +32,9 @@ class Converted:
 
 def check_paths(source: str | Path, out: str | Path, force: bool) -> None:
     """Refuse to write into (or over) the source, or over an existing path without ``force``."""
-    src, dst = Path(source).resolve(), Path(out).resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
+    if paths_overlap(source, out):
         raise InteropError(f"output {out} overlaps the source {source}; the source is never modified")
-    if dst.exists() and not force:
+    if Path(out).exists() and not force:
         raise InteropError(f"{out} exists; pass --force to replace it")
 
 

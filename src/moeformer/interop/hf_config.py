@@ -57,14 +57,8 @@ def model_type(hf: dict[str, Any]) -> str:
     return kind
 
 
-YARN_DEFAULTS: dict[str, Any] = {
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 0.0,
-    "mscale_all_dim": 0.0,
-    "attention_factor": None,
-    "truncate": True,
-}
+# rope_parameters keys of YaRN beyond factor / original length; RopeScaling holds their defaults
+YARN_FIELDS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -81,9 +75,9 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if rope_type == "yarn":
         factor = params.get("factor") or hf["max_position_embeddings"] / original
         scaling = {"kind": "yarn", "factor": float(factor), "original_max_seq_len": original}
-        for key, default in YARN_DEFAULTS.items():
+        for key in YARN_FIELDS:
             if params.get(key) is not None:
-                scaling[key] = type(default)(params[key]) if default is not None else float(params[key])
+                scaling[key] = bool(params[key]) if key == "truncate" else float(params[key])
         return theta, scaling
     raise InteropError(f"config.json: rope type {rope_type!r} is not supported; supported: default, llama3, yarn")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeformer.config import AttentionConfig, ModelConfig, MoEConfig
-from moeformer.interop.hf_config import ARCHITECTURES, YARN_DEFAULTS, InteropError
+from moeformer.interop.hf_config import ARCHITECTURES, YARN_FIELDS, InteropError
 
 
 def family_for(config: ModelConfig) -> str:
@@ -109,9 +109,7 @@ def _deepseek_family(config: ModelConfig, moe: MoEConfig) -> str:
 
 
 def _expert_hidden(config: ModelConfig) -> int:
-    moe = config.moe
-    hidden = moe.expert_hidden if moe.expert_hidden is not None else config.ffn.d_ff
-    return hidden // moe.granularity
+    return config.moe.expert_width(config.ffn.d_ff)
 
 
 def _check_exportable(config: ModelConfig) -> None:
@@ -186,7 +184,7 @@ def _rope_parameters(a: AttentionConfig) -> dict[str, Any]:
     params["original_max_position_embeddings"] = s.original_max_seq_len
     if s.kind == "llama3":
         return {**params, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
-    return {**params, **{k: getattr(s, k) for k in YARN_DEFAULTS}}
+    return {**params, **{k: getattr(s, k) for k in YARN_FIELDS}}
 
 
 def _qwen2_moe_fields(config: ModelConfig, moe: MoEConfig) -> dict[str, Any]:

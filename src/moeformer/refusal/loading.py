@@ -58,6 +58,7 @@ def check_hidden_size(path: str | Path, direction: Tensor) -> None:
 
 def check_output_path(source: str | Path, out: str | Path) -> None:
     """Refuse to write an edited model into (or over) its own source directory."""
-    src, dst = Path(source).resolve(), Path(out).resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
+    from moeformer.train.checkpoint import paths_overlap
+
+    if paths_overlap(source, out):
         raise RefusalError(f"--out {out} overlaps the source model {source}; the source is never modified")

@@ -47,6 +47,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def paths_overlap(a: str | Path, b: str | Path) -> bool:
+    """Whether one path is the other or lies inside it (writing to one would touch the other)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def staging_dir(run_dir: Path, step: int) -> Path:
     """Where :func:`save_checkpoint` assembles step ``step`` before renaming it."""
     return run_dir / "checkpoints" / f".tmp-step-{step:08d}"
