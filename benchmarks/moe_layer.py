@@ -2,7 +2,7 @@
 
     python benchmarks/moe_layer.py [--tokens 4096] [--d-model 512] [--experts 64] [--hidden 256]
                                    [--top-k 6] [--device cpu|cuda] [--dtype float32|bfloat16]
-                                   [--append BENCHMARKS.md]
+                                   [--rows all|gpu] [--glibc-malloc] [--json] [--append BENCHMARKS.md]
 
 All rows run in one process on the same input and, where the architectures match, the same
 weights; their steps are timed round robin (median of ``--repeats``), so a change in the
@@ -10,11 +10,18 @@ machine's load hits every row alike. Memory is what autograd saves for backward 
 (weights and input excluded): deterministic, unlike an RSS reading. The floor is a dense SwiGLU FFN whose hidden size is
 top_k * hidden (+ shared experts): the same active FLOPs as the MoE without any routing. Ratios
 to the floor are what to read; absolute times move with the machine's load.
+
+On CPU, freed memory is kept for reuse (``moeformer.runtime.keep_freed_memory``, as training
+and the demo do): with glibc's default malloc every step maps, faults in and zeroes its 50 MB
+temporaries afresh; ``--glibc-malloc`` measures that default. ``--rows gpu`` keeps the rows worth
+timing on an accelerator (``benchmarks/gpu_check.sh``): the floors, the sparse kernels, DeepSeek's
+shared experts and transformers' grouped_mm.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -120,6 +127,17 @@ def _saved_activation_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+GPU_ROWS = [
+    "dense floor",
+    "moeformer topk [auto]",
+    "moeformer topk [loop]",
+    "moeformer topk [grouped_mm]",
+    "moeformer deepseek V3 routing",
+    "transformers Mixtral [grouped_mm]",
+    "dense floor (+2 shared)",
+    "moeformer deepseek +2 shared",
+]
+
 ROWS = [
     "dense floor",
     "moeformer topk [auto]",
@@ -154,15 +172,19 @@ def main() -> None:
         default=20.0,
         help="skip rows whose estimated memory exceeds this (transformers' batched_mm)",
     )
+    parser.add_argument("--rows", default="all", choices=["all", "gpu"], help="every row, or the accelerator subset")
     parser.add_argument("--append", help="append the table to this Markdown file")
-    parser.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="raise glibc's mmap/trim thresholds first (moeformer.runtime.keep_freed_memory)",
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    malloc = parser.add_mutually_exclusive_group()
+    malloc.add_argument(
+        "--glibc-malloc", action="store_true", help="leave glibc's default mmap/trim thresholds (freed memory unmapped)"
+    )
+    malloc.add_argument(
+        "--keep-freed-memory", action="store_true", help="the default since 2026-11-27; kept for old commands"
     )
     args = parser.parse_args()
     tuned = False
-    if args.keep_freed_memory:
+    if not args.glibc_malloc:
         from moeformer.runtime import keep_freed_memory
 
         tuned = keep_freed_memory()
@@ -189,32 +211,54 @@ def main() -> None:
     # batched_mm gathers one weight matrix per (token, slot): tokens * k * 3 * d * h * 4 bytes.
     need_gb = s.tokens * s.top_k * 3 * s.d_model * s.hidden * 4 / 1e9
     layers, steps, saved, skipped = {}, {}, {}, {}
-    for row in ROWS:
+    rows = GPU_ROWS if args.rows == "gpu" else ROWS
+    for row in rows:
         if row.endswith("[batched_mm]") and need_gb > args.memory_budget_gb:
             skipped[row] = f"skipped: needs ~{need_gb:.0f} GB for per-token weight copies"
             continue
         torch.manual_seed(0)  # same weights for rows of the same architecture
-        layers[row] = _build(row, s).to(s.device, dtype)
-        steps[row] = _step_fn(layers[row], x, grad)
-        steps[row]()  # warm-up
-        saved[row] = _saved_activation_bytes(layers[row], x) / 2**20
+        try:
+            layers[row] = _build(row, s).to(s.device, dtype)
+            steps[row] = _step_fn(layers[row], x, grad)
+            steps[row]()  # warm-up
+            saved[row] = _saved_activation_bytes(layers[row], x) / 2**20
+        except (RuntimeError, NotImplementedError, ImportError, ValueError) as err:
+            if row.startswith("dense floor"):
+                raise
+            # e.g. a kernel this device or this transformers lacks: the other rows still count
+            skipped[row] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            layers.pop(row, None), steps.pop(row, None)
     times: dict[str, list[float]] = {row: [] for row in steps}
     for _ in range(s.repeats):  # round robin, so drifts in machine load hit every row alike
         for row, step in steps.items():
             times[row].append(_timed(step, s.device))
     floor: tuple[float, float] | None = None
-    for row in ROWS:
+    results = []
+    for row in rows:
         if row in skipped:
             lines.append(f"| {row} | {skipped[row]} | | | | |")
+            results.append({"layer": row, "skipped": skipped[row]})
             continue
         t = statistics.median(times[row])
         if row.startswith("dense floor"):
             floor = (t, saved[row])
+        results.append(
+            {
+                "layer": row,
+                "ms": t * 1e3,
+                "vs_floor": t / floor[0],
+                "saved_mib": saved[row],
+                "saved_vs_floor": saved[row] / floor[1],
+            }
+        )
         lines.append(
             f"| {row} | {t * 1e3:.1f} | {t * 1e6 / s.tokens:.1f} | {t / floor[0]:.2f}x | "
             f"{saved[row]:.0f} | {saved[row] / floor[1]:.2f}x |"
         )
     table = "\n".join(lines)
+    if args.json:
+        print(json.dumps({"header": header, "rows": results}, indent=1))
+        return
     print(table)
     if args.append:
         command = "python benchmarks/moe_layer.py " + " ".join(sys.argv[1:])

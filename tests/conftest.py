@@ -14,6 +14,25 @@ from moeformer import DecoderLM, Seq2SeqTransformer, preset
 TINY_VOCAB = 37
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device for tests/test_device.py (the checks that matter on an accelerator): cpu (default) or cuda",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device ``--device`` names; fails at once when it is not available."""
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"--device {name}: torch {torch.__version__} sees no CUDA device")
+    if not name.startswith(("cpu", "cuda")):
+        pytest.fail(f"--device {name!r}: allowed: cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
 @pytest.fixture
 def single_thread():
     """Run on one intra-op thread: on a busy 2-core machine, OpenMP hand-offs make each op on
