@@ -96,3 +96,11 @@ def test_demo_learns_the_generated_task(tmp_path, capsys):
     out = capsys.readouterr().out
     bleu = float(out.split("BLEU ")[1].split()[0])
     assert bleu > 40.0, out
+
+
+def test_the_command_line_keeps_freed_memory_for_its_user(monkeypatch, capsys):
+    """Every command applies the allocator setting (moeformer.runtime); importing the library does not."""
+    calls = []
+    monkeypatch.setattr("moeformer.cli.keep_freed_memory", lambda: calls.append(True) or True)
+    assert main(["presets"]) == 0
+    assert calls == [True] and "lm-small" in capsys.readouterr().out

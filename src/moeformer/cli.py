@@ -11,6 +11,7 @@ from moeformer.cli_inspect import add_inspect_commands
 from moeformer.cli_refusal import add_refusal_commands
 from moeformer.config import ConfigError
 from moeformer.data.download import DownloadError
+from moeformer.runtime import keep_freed_memory
 from moeformer.train.checkpoint import CheckpointError
 from moeformer.train.trainer import TrainingDiverged
 
@@ -33,12 +34,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from moeformer.config import load_config
-    from moeformer.runtime import keep_freed_memory
     from moeformer.train.run import run_training
 
     config = load_config(args.config, args.set)
     run_dir = Path(args.resume or args.out or Path("runs") / Path(args.config).stem)
-    keep_freed_memory()
     outcome = run_training(config, run_dir, resume=args.resume is not None, progress=not args.quiet)
     if not outcome.main:  # under torchrun, rank 0 reports
         return 0
@@ -240,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("data download needs a corpus NAME (see `moeformer data list`)")
     if args.command == "translate" and args.text == ["-"]:
         args.text = []
+    # The command line decides for its user: freed memory is kept for reuse on CPU (an MoE step
+    # frees and maps tens of MB at a time; see moeformer.runtime). Importing the library does not.
+    keep_freed_memory()
     try:
         return args.run(args)
     except ConfigError as err:

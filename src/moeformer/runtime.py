@@ -6,6 +6,10 @@ tokens: tokens * top_k * d_model floats). glibc's malloc serves blocks above its
 pays page faults and page zeroing again. Raising the mmap and trim thresholds keeps freed memory
 in the process for reuse. Measured on the MoE benchmark (BENCHMARKS.md): MoE fwd+bwd went from
 about 1.8x to 1.4x the dense floor. jemalloc or tcmalloc through LD_PRELOAD do the same job.
+
+Where moeformer decides for its user, it applies the setting: every ``moeformer`` command, the
+demo and the benchmarks (``--glibc-malloc`` opts out there). A program that imports the layers
+alone keeps its own allocator settings unless it calls :func:`keep_freed_memory`.
 """
 
 from __future__ import annotations
