@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moeformer-installed
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all lint gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 # Also the end-to-end tests marked slow.
 test-all: $(STAMP)
 	$(PY) -m pytest -m ""
+
+# On a machine with a CUDA GPU: device tests, MoE layer and training benchmarks, one table.
+gpu-check: $(STAMP)
+	bash benchmarks/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

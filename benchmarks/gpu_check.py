@@ -61,7 +61,8 @@ def moe_stages(dry: bool, device: str) -> list[Stage]:
     v2_lite = ["--tokens", "8192", "--d-model", "2048", "--experts", "64", "--hidden", "1408", "--top-k", "6"]
     return [
         Stage("MoE layer, issue 3 shape", script + issue3 + bf16, 150),
-        Stage("MoE layer, DeepSeek-V2-Lite shape", script + v2_lite + bf16, 150),
+        # --profile: each row's top kernels go to the stage log, to see where the time goes
+        Stage("MoE layer, DeepSeek-V2-Lite shape", script + v2_lite + bf16 + ["--profile"], 150),
     ]
 
 

@@ -138,6 +138,20 @@ GPU_ROWS = [
     "moeformer deepseek +2 shared",
 ]
 
+
+def _profile(step, device: str) -> str:
+    """The 12 operators with the most self time (device time on CUDA) in one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60)
+
+
 ROWS = [
     "dense floor",
     "moeformer topk [auto]",
@@ -173,6 +187,9 @@ def main() -> None:
         help="skip rows whose estimated memory exceeds this (transformers' batched_mm)",
     )
     parser.add_argument("--rows", default="all", choices=["all", "gpu"], help="every row, or the accelerator subset")
+    parser.add_argument(
+        "--profile", action="store_true", help="after timing, print each row's top operators (torch.profiler) on stderr"
+    )
     parser.add_argument("--append", help="append the table to this Markdown file")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     malloc = parser.add_mutually_exclusive_group()
@@ -232,6 +249,9 @@ def main() -> None:
     for _ in range(s.repeats):  # round robin, so drifts in machine load hit every row alike
         for row, step in steps.items():
             times[row].append(_timed(step, s.device))
+    if args.profile:
+        for row, step in steps.items():
+            print(f"\n{row}: top operators of one fwd+bwd step\n{_profile(step, s.device)}", file=sys.stderr)
     floor: tuple[float, float] | None = None
     results = []
     for row in rows:
