@@ -204,9 +204,9 @@ def auto_weight(E: int, D: int, H: int) -> torch.Tensor:
 
 def test_auto_backend_falls_back_to_loop_for_unaligned_widths():
     """grouped_mm needs 16-byte aligned rows; 'auto' takes the loop for widths like 6 floats."""
-    from moeformer.moe.experts import _auto_backend
+    from moeformer.moe.grouped import resolve_kernel
 
-    assert _auto_backend(torch.randn(5, 6), torch.randn(2, 8, 6)) == "loop"
+    assert resolve_kernel(torch.randn(5, 6), torch.randn(2, 8, 6), "auto") == "loop"
     ex = Experts(3, 6, 5, activation="relu", backend="auto")
     x = torch.randn(7, 6)
     index = torch.tensor([[0, 1]] * 7)
@@ -216,11 +216,11 @@ def test_auto_backend_falls_back_to_loop_for_unaligned_widths():
 
 def test_auto_backend_on_cpu_is_grouped_mm_when_torch_has_it():
     """backend 'auto' on CPU runs torch's grouped_mm kernel where it exists (it measured fastest), else the loop."""
-    from moeformer.moe.experts import _auto_backend
+    from moeformer.moe.grouped import resolve_kernel
 
     x, index, weights, E, D, H = make_case("random")
     expected = "grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "loop"
-    assert _auto_backend(x, auto_weight(E, D, H)) == expected
+    assert resolve_kernel(x, auto_weight(E, D, H), "auto") == expected
     auto = make_experts(E, D, H, "gelu", True, "auto")
     same = make_experts(E, D, H, "gelu", True, expected)
     assert torch.equal(auto(x, index, weights), same(x, index, weights))

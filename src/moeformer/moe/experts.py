@@ -10,8 +10,9 @@ Weights are stacked like ``nn.Linear``'s (out, in) and like transformers 5 MoE c
 Fast dispatch (:meth:`Experts.forward`): flatten the assignments, stable-sort them by expert,
 count with ``bincount``, gather the tokens into one contiguous (V, D) block, run each projection
 as one grouped matrix product over the per-expert slices, scale by the gate weights and
-``index_add_`` back (:class:`~moeformer.moe.grouped.GroupedExperts`, one autograd node with a
-hand-written backward that recomputes the gather and the activation instead of storing them).
+``index_add_`` back (:mod:`moeformer.moe.grouped`: one autograd node with a hand-written backward
+that recomputes the gather and the activation instead of storing them, registered as custom ops
+in :mod:`moeformer.moe.expert_ops` so that ``torch.compile`` traces around it without a break).
 Kernels for the grouped product, chosen by ``backend``:
 
 - ``grouped_mm``: ``torch.nn.functional.grouped_mm`` (one kernel for all experts);
@@ -34,7 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from moeformer.moe.grouped import GroupedExperts, activate
+from moeformer.moe.expert_ops import grouped_experts
+from moeformer.moe.grouped import activate, resolve_kernel, sort_assignments
 
 Backend = Literal["auto", "grouped_mm", "loop", "bmm"]
 
@@ -75,29 +77,23 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """x: (N, D); index: (N, K) expert ids (E = dropped); weights: (N, K) -> (N, D)."""
-        N, K = index.shape
-        flat = index.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # assignments grouped by expert, dropped last
-        counts_t = torch.bincount(flat, minlength=self.n_experts + 1)[: self.n_experts]
-        counts = counts_t.tolist()  # one host sync: the sizes of everything below
-        order = order[: sum(counts)]
-        token = order // K
-        gate = weights.reshape(-1)[order, None].to(x.dtype)
-        offsets = counts_t.cumsum(0).to(torch.int32)
         w_first, w_down = self.first_weight, self.down_proj
         if torch.is_autocast_enabled(x.device.type):
             # grouped_mm and mm(out=) are outside autocast's op lists: cast here, as autocast would
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, w_first, w_down, gate = x.to(dtype), w_first.to(dtype), w_down.to(dtype), gate.to(dtype)
-        backend = _auto_backend(x, w_down) if self.backend == "auto" else self.backend
-        if backend != "bmm" and self.up_bias is None:
-            return GroupedExperts.apply(x, w_first, w_down, gate, token, counts, offsets, self.activation, backend)
-        return self._composed(x, token, gate, flat[order], counts_t, backend)
+            x, w_first, w_down = x.to(dtype), w_first.to(dtype), w_down.to(dtype)
+        if self.backend != "bmm" and self.up_bias is None:  # one custom op: compiles without a graph break
+            return grouped_experts(x, w_first, w_down, index, weights, self.activation, self.backend)
+        return self._composed(x, w_down, index, weights)
 
-    def _composed(
-        self, x: Tensor, token: Tensor, gate: Tensor, expert_of_row: Tensor, counts: Tensor, backend: str
-    ) -> Tensor:
+    # Reads counts and data pointers on the host: under torch.compile a graph break, run eagerly.
+    @torch.compiler.disable
+    def _composed(self, x: Tensor, w_down: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """The same computation step by step under autograd: for biases and the padded-bmm kernel."""
+        order, counts, _ = sort_assignments(index, self.n_experts)
+        token, expert_of_row = order // index.shape[1], index.reshape(-1)[order]
+        gate = weights.reshape(-1)[order, None].to(x.dtype)
+        backend = resolve_kernel(x, w_down, self.backend)
         xs = x.index_select(0, token)
         h = self._grouped_linear(xs, self.first_weight, counts, backend)
         if self.up_bias is not None:
@@ -134,19 +130,6 @@ class Experts(nn.Module):
                 y = y + self.down_bias[e]
             out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
         return out
-
-
-def _auto_backend(xs: Tensor, w: Tensor) -> str:
-    if not hasattr(F, "grouped_mm"):
-        return "loop"
-    # the kernel needs 16-byte aligned rows: widths a multiple of 16 bytes, aligned storage
-    size = xs.element_size()
-    if any((n * size) % 16 for n in w.shape[1:]) or xs.data_ptr() % 16 or w.data_ptr() % 16:
-        return "loop"
-    if xs.is_cuda:
-        ok = xs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(xs.device) >= (8, 0)
-        return "grouped_mm" if ok else "loop"
-    return "grouped_mm" if xs.device.type == "cpu" else "loop"
 
 
 def _padded_bmm(xs: Tensor, w: Tensor, counts: Tensor, sizes: list[int]) -> Tensor:

@@ -76,9 +76,9 @@ class MoELayer(nn.Module):
         chosen = routing.index  # before capacity: what the balance losses measure
         dropped = torch.zeros_like(chosen, dtype=torch.bool)
         if self.config.capacity_factor is not None:
-            n_real = B * T if real is None else int(real.sum())
-            capacity = math.ceil(self.config.capacity_factor * n_real * self.router.top_k / self.router.n_experts)
-            routing, dropped = apply_capacity(routing, capacity)
+            n_real = B * T if real is None else real.sum(dtype=torch.float64)  # a tensor: no host sync
+            capacity = self.config.capacity_factor * n_real * self.router.top_k / self.router.n_experts
+            routing, dropped = apply_capacity(routing, math.ceil(capacity) if real is None else capacity.ceil())
         if self.expert_parallel is None:
             out = self.experts(flat, routing.index, routing.weights)
         else:
@@ -125,7 +125,8 @@ class MoELayer(nn.Module):
             weighted["z"] = c.z_loss * terms["z"]
         stats = {
             "tokens_per_expert": torch.bincount(index.reshape(-1), minlength=E + 1)[:E].float(),
-            "dropped_fraction": dropped.float().mean() if dropped.numel() else scores.new_zeros(()),
+            # all padding: mean of nothing is NaN, read as 0 (no numel test: data-dependent when compiled)
+            "dropped_fraction": dropped.float().mean().nan_to_num(0.0),
             "router_entropy": losses.router_entropy(scores),
             **{f"loss_{k}": v for k, v in terms.items()},
         }

@@ -127,8 +127,9 @@ class Router(nn.Module):
         self.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)
 
 
-def apply_capacity(routing: Routing, capacity: int) -> tuple[Routing, Tensor]:
-    """Drop the assignments beyond ``capacity`` tokens per expert (GShard / Switch).
+def apply_capacity(routing: Routing, capacity: int | Tensor) -> tuple[Routing, Tensor]:
+    """Drop the assignments beyond ``capacity`` tokens per expert (GShard / Switch); ``capacity``
+    may be a 0-dim tensor (computed on the device, so that no host sync breaks a compiled graph).
 
     Earlier choices have priority: every token's first choice is served before any second
     choice, and within a choice rank, earlier tokens first. A dropped assignment gets index E

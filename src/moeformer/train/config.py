@@ -25,6 +25,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0  # max global gradient norm; None: no clipping
     precision: Literal["float32", "bf16"] = "float32"  # bf16: autocast where the device supports it
+    compile: bool = False  # torch.compile (inductor) the training forward; evaluation stays eager
     eval_every: int = 200
     eval_batches: int = 20  # validation micro-batches per evaluation
     bleu_samples: int = 200  # translation: validation pairs decoded for BLEU at each evaluation
@@ -69,6 +70,8 @@ class TrainConfig:
         if self.world_size is not None and self.world_size < 1:
             raise ConfigError("world_size", f"must be >= 1 (or absent), got {self.world_size}")
         positive("expert_parallel", self.expert_parallel)
+        if self.compile and self.expert_parallel > 1:  # its all-to-all sizes are read on the host in every layer
+            raise ConfigError("compile", "cannot be combined with expert_parallel > 1 yet; set one of them off")
         if self.dist_timeout_s <= 0:
             raise ConfigError("dist_timeout_s", f"must be positive, got {self.dist_timeout_s}")
         if self.max_minutes is not None and self.max_minutes <= 0:

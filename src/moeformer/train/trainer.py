@@ -14,6 +14,10 @@ With several processes (see :mod:`moeformer.train.distributed`) the model runs u
 DistributedDataParallel (or FSDP2, :mod:`moeformer.train.sharded`; experts may be sharded too,
 ``train.expert_parallel``), each rank takes its shard of every epoch's batches, and rank 0 alone
 logs and writes files; under FSDP or expert parallelism every rank runs the evaluation forwards.
+
+``train.compile`` runs the training forward (and its backward) through ``torch.compile``, applied
+to the DDP or FSDP2 wrapper where there is one (:class:`~moeformer.compiled.CompiledModel`);
+evaluation, decoding and checkpoints use the model itself, so state-dict names do not change.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from moeformer.compiled import CompiledModel
 from moeformer.moe.balancing import LoadTracker
 from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint, staging_dir
 from moeformer.train.config import TrainConfig
@@ -104,6 +109,8 @@ class Trainer:
         ignore = self.shards.names if self.shards is not None else []
         plain = distributed is None or self.fsdp
         self.forward = model if plain else _data_parallel(model, self.device, ignore)
+        if config.compile:  # after wrapping, as torch recommends; self.model stays eager (eval, saving)
+            self.forward = CompiledModel(self.forward)
         peak = noam_peak(model.config.d_model, config.warmup_steps) if config.schedule == "noam" else config.lr
         self.optimizer = build_optimizer(
             model, lr=peak, weight_decay=config.weight_decay, betas=(config.beta1, config.beta2), eps=config.adam_eps

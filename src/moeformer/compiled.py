@@ -1,0 +1,48 @@
+"""``torch.compile`` for moeformer models, with the dynamo setting their MoE layers need.
+
+The routed experts run as a custom op whose output row count depends on the routing
+(:mod:`moeformer.moe.expert_ops`); dynamo keeps such an op (and the boolean padding masks and
+``bincount`` of the MoE losses) in the graph only with ``capture_dynamic_output_shape_ops``.
+Without it each MoE layer breaks the graph. That flag is process-wide dynamo configuration, so
+:func:`dynamo_settings` sets it only for the duration of a block and :class:`CompiledModel`
+around each of its calls (compilation happens inside the first call and at recompiles): nothing
+changes for other code in the process.
+
+    forward = CompiledModel(model)   # model itself is untouched: same parameters, same names
+    out = forward(tokens)            # compiled at the first call and when shapes change
+
+What still breaks a graph (each falls back to eager there, results unchanged): experts with
+biases or the ``bmm`` kernel (their routing reads the counts on the host), expert parallelism
+(all-to-all split sizes are read on the host), and decoding with a cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+DYNAMO_SETTINGS: dict[str, Any] = {"capture_dynamic_output_shape_ops": True}
+
+
+def dynamo_settings() -> contextlib.AbstractContextManager:
+    """The dynamo configuration moeformer's MoE layers compile under, restored on exit."""
+    return torch._dynamo.config.patch(**DYNAMO_SETTINGS)
+
+
+class CompiledModel:
+    """``torch.compile(module, **options)`` called under :func:`dynamo_settings`.
+
+    Not an ``nn.Module``: save, load and evaluate ``module`` itself (its state-dict names have
+    no ``_orig_mod.`` prefix); call this object for the compiled forward.
+    """
+
+    def __init__(self, module: nn.Module, **options: Any) -> None:
+        self.module = module
+        self.compiled = torch.compile(module, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with dynamo_settings():
+            return self.compiled(*args, **kwargs)
