@@ -46,11 +46,11 @@ def greedy_generate(
     check_left_padding(padding_mask)
     if max_new_tokens <= 0:
         return prompt.new_empty(prompt.shape[0], 0)
-    cache = model.new_cache()
-    logits = model(prompt, padding_mask=padding_mask, cache=cache).logits
+    cache = model.new_cache(prompt.shape[1] + max_new_tokens)  # preallocated: written in place
+    logits = model(prompt, padding_mask=padding_mask, cache=cache, reports=False).logits
     first = logits[:, -1:].argmax(-1)
     done = first[:, 0] == eos_id if eos_id is not None else torch.zeros_like(first[:, 0], dtype=torch.bool)
-    rest = _loop(lambda ids: model(ids, cache=cache).logits, first, eos_id, max_new_tokens - 1, done)
+    rest = _loop(lambda ids: model(ids, cache=cache, reports=False).logits, first, eos_id, max_new_tokens - 1, done)
     return torch.cat([first, rest], dim=1)
 
 

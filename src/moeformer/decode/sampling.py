@@ -77,10 +77,11 @@ def sample_generate(
     check_sampling_options(temperature, top_k, top_p)
     _check_steps(max_new_tokens, "max_new_tokens")
     check_left_padding(padding_mask)
-    cache = model.new_cache()
-    first = model(prompt, padding_mask=padding_mask, cache=cache).logits[:, -1]
+    cache = model.new_cache(prompt.shape[1] + max_new_tokens)
+    first = model(prompt, padding_mask=padding_mask, cache=cache, reports=False).logits[:, -1]
     pick = _picker(temperature, top_k, top_p, generator)
-    return _decode(first, lambda ids: model(ids, cache=cache).logits[:, -1], pick, eos_id, max_new_tokens)
+    step = lambda ids: model(ids, cache=cache, reports=False).logits[:, -1]  # noqa: E731
+    return _decode(first, step, pick, eos_id, max_new_tokens)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ zero output rather than NaN, on both backends.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -71,11 +71,20 @@ class KVCache:
 
     Self-attention appends the new keys at every step; cross-attention (``static=True``) is
     filled once from the encoder output and then reused, so the source is projected only once.
+
+    With ``capacity`` > 0 (what the decoding functions ask for: prompt + new tokens), keys and
+    values are written in place into buffers of that many positions, allocated at the first
+    update and doubled if ever outgrown; ``key``/``value`` are views of the filled part. Without
+    it each step concatenates, which copies the whole cache (at batch 8 on a 2-core CPU, 0.6 s
+    of a 1.3 s generation of 64 tokens). The in-place writes are for inference: under autograd,
+    a later step would overwrite what an earlier one saved for backward.
     """
 
     key: Tensor | None = None
     value: Tensor | None = None
     static: bool = False
+    capacity: int = 0
+    _buffers: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -93,18 +102,51 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (self.key, self.value) if t is not None)
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        if self.key is None or self.static:
+        """Append the new (B, G, T, Dh) keys and values; return all (B, G, S, Dh) so far."""
+        if self.static or (self.key is None and not self.capacity):
             self.key, self.value = key, value
-        else:
+        elif not self.capacity:
             self.key = torch.cat([self.key, key], dim=-2)
             self.value = torch.cat([self.value, value], dim=-2)
+        else:
+            self.key, self.value = self._write(key, value)
         return self.key, self.value
+
+    def _write(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        S, old = self.length, self._buffers or (None, None)
+        k_buf, key = write_in_place(old[0], key, S, -2, self.capacity)
+        v_buf, value = write_in_place(old[1], value, S, -2, self.capacity)
+        self._buffers = (k_buf, v_buf)
+        return key, value
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
-        if self.key is not None:
+        if self._buffers is not None:
+            S = self.length
+            self._buffers = (self._buffers[0].index_select(0, index), self._buffers[1].index_select(0, index))
+            self.key, self.value = self._buffers[0][:, :, :S], self._buffers[1][:, :, :S]
+        elif self.key is not None:
             self.key = self.key.index_select(0, index)
             self.value = self.value.index_select(0, index)
+
+
+def write_in_place(buffer: Tensor | None, new: Tensor, filled: int, dim: int, capacity: int) -> tuple[Tensor, Tensor]:
+    """Write ``new`` at [filled, filled + T) of ``buffer`` along ``dim``; -> (buffer, view of [0, filled + T)).
+
+    A missing or outgrown buffer is replaced by one of max(capacity, 2 x its size, filled + T)
+    positions that keeps the first ``filled``: appends cost O(T), not O(S), amortised.
+    """
+    T = new.shape[dim]
+    if buffer is None or filled + T > buffer.shape[dim]:
+        size = max(capacity, filled + T, 0 if buffer is None else 2 * buffer.shape[dim])
+        shape = list(new.shape)
+        shape[dim] = size
+        grown = new.new_empty(shape)
+        if buffer is not None and filled:
+            grown.narrow(dim, 0, filled).copy_(buffer.narrow(dim, 0, filled))
+        buffer = grown
+    buffer.narrow(dim, filled, T).copy_(new)
+    return buffer, buffer.narrow(dim, 0, filled + T)
 
 
 @dataclass
@@ -130,6 +172,8 @@ def build_attention_mask(
     """
     if is_causal and key_padding_mask is None and attn_mask is None and T == S:
         return None, True
+    if T == 1:  # one query, the last key (a decoding step): the causal constraint excludes nothing
+        is_causal = False
     mask: Tensor | None = None
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, S):

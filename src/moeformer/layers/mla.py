@@ -25,12 +25,12 @@ Dr qk_rope_head_dim, Dv v_head_dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from moeformer.layers.attention import AttentionOutput, Backend, attend, build_attention_mask
+from moeformer.layers.attention import AttentionOutput, Backend, attend, build_attention_mask, write_in_place
 from moeformer.layers.norm import RMSNorm
 from moeformer.layers.position import apply_rotary
 
@@ -47,6 +47,8 @@ class LatentKVCache:
 
     latent: Tensor | None = None  # (B, S, C)
     rope_key: Tensor | None = None  # (B, S, Dr)
+    capacity: int = 0  # > 0: written in place into buffers of this many positions (KVCache's ``capacity``)
+    _buffers: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -65,7 +67,12 @@ class LatentKVCache:
 
     def update(self, latent: Tensor, rope_key: Tensor) -> tuple[Tensor, Tensor]:
         """Append the new tokens' (B, T, C) latent and (B, T, Dr) key; return all (B, S, .) so far."""
-        if self.latent is None or self.rope_key is None:
+        if self.capacity:
+            S, old = self.length, self._buffers or (None, None)
+            c_buf, self.latent = write_in_place(old[0], latent, S, 1, self.capacity)
+            r_buf, self.rope_key = write_in_place(old[1], rope_key, S, 1, self.capacity)
+            self._buffers = (c_buf, r_buf)
+        elif self.latent is None or self.rope_key is None:
             self.latent, self.rope_key = latent, rope_key
         else:
             self.latent = torch.cat([self.latent, latent], dim=1)
@@ -74,7 +81,11 @@ class LatentKVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
-        if self.latent is not None and self.rope_key is not None:
+        if self._buffers is not None:
+            S = self.length
+            self._buffers = (self._buffers[0].index_select(0, index), self._buffers[1].index_select(0, index))
+            self.latent, self.rope_key = self._buffers[0][:, :S], self._buffers[1][:, :S]
+        elif self.latent is not None and self.rope_key is not None:
             self.latent = self.latent.index_select(0, index)
             self.rope_key = self.rope_key.index_select(0, index)
 

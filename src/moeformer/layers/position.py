@@ -171,7 +171,11 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x: (batch, heads, seq, head_dim) by angles cos/sin: (batch, seq, head_dim)."""
-    cos = cos[:, None].to(x.dtype)
-    sin = sin[:, None].to(x.dtype)
+    """Rotate x: (batch, heads, seq, head_dim) by angles cos/sin: (batch, seq, head_dim), or
+    (batch, 1, seq, head_dim) already broadcast over heads (as the models pass them, once per step
+    instead of once per layer)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin

@@ -24,6 +24,7 @@ from moeformer.layers.attention import KVCache, MultiHeadAttention
 from moeformer.layers.feedforward import FFNOutput
 from moeformer.layers.mla import LatentKVCache, MultiHeadLatentAttention
 from moeformer.layers.norm import build_norm
+from moeformer.moe.layer import MoELayer
 
 
 @dataclass
@@ -97,15 +98,22 @@ class _Block(nn.Module):
 
     def residual(self, x: Tensor, norm: nn.Module, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
         if self.pre_norm:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+            return x + self._dropout(sublayer(norm(x)))
+        return norm(x + self._dropout(sublayer(x)))
 
-    def feed_forward(self, x: Tensor, token_padding: Tensor | None) -> tuple[Tensor, FFNOutput]:
-        """token_padding: (B, T) True at padding; MoE layers route only real tokens."""
+    def _dropout(self, h: Tensor) -> Tensor:
+        return self.dropout(h) if self.training else h  # eval: identity, without a module call per sublayer
+
+    def feed_forward(self, x: Tensor, token_padding: Tensor | None, report: bool = True) -> tuple[Tensor, FFNOutput]:
+        """token_padding: (B, T) True at padding; MoE layers route only real tokens.
+
+        ``report=False``: an MoE layer skips its auxiliary losses and routing statistics (the only
+        FFN with something to skip; other FFNs keep the plain ``(x, padding_mask)`` contract)."""
         result: list[FFNOutput] = []
+        skip = not report and isinstance(self.ffn, MoELayer)
 
         def run(h: Tensor) -> Tensor:
-            result.append(self.ffn(h, token_padding))
+            result.append(self.ffn(h, token_padding, report=False) if skip else self.ffn(h, token_padding))
             return self.mlp_out(result[0].output)
 
         x = self.residual(x, self.ffn_norm, run)
@@ -150,10 +158,12 @@ class DecoderBlock(_Block):
         memory_padding_mask: Tensor | None = None,
         cache: LayerCache | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
+        report: bool = True,
     ) -> BlockOutput:
         """x: (B, T, D) new target positions; padding_mask: (B, S_total) over cached + new keys.
 
-        memory: (B, S_src, D) encoder output, with memory_padding_mask (B, S_src).
+        memory: (B, S_src, D) encoder output, with memory_padding_mask (B, S_src). ``report=False``
+        lets an MoE FFN skip its losses and statistics (decoding; :class:`~moeformer.moe.layer.MoELayer`).
         """
         x = self.resid_pre(x)
 
@@ -186,9 +196,11 @@ class DecoderBlock(_Block):
 
             x = self.residual(x, self.cross_norm, cross_attention)
         token_padding = None if padding_mask is None else padding_mask[:, -x.shape[1] :]
-        x, ffn = self.feed_forward(x, token_padding)
+        x, ffn = self.feed_forward(x, token_padding, report)
         return BlockOutput(self.resid_post(x), ffn)
 
-    def new_cache(self) -> LayerCache:
+    def new_cache(self, capacity: int = 0) -> LayerCache:
+        """``capacity`` > 0: self-attention keys are written in place into buffers of that many positions."""
         latent = isinstance(self.self_attn, MultiHeadLatentAttention)
-        return LayerCache(LatentKVCache() if latent else KVCache(), KVCache(static=True) if self.has_cross else None)
+        attn = LatentKVCache(capacity=capacity) if latent else KVCache(capacity=capacity)
+        return LayerCache(attn, KVCache(static=True) if self.has_cross else None)

@@ -13,16 +13,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moeformer.layers.attention import write_in_place
 from moeformer.models.blocks import LayerCache
 
 
 @dataclass
 class DecoderCache:
     layers: list[LayerCache]
-    padding_mask: Tensor | None = None  # (B, S_past) bool, True at padding
+    padding_mask: Tensor | None = None  # (B, S_past) bool, True at padding; None while nothing is padding
     next_position: Tensor | None = None  # (B,) position of each row's next real token
     length: int = 0  # S_past: tokens already fed, padding included
     extras: dict[str, Tensor] = field(default_factory=dict)
+    capacity: int = 0  # > 0: the padding mask is written in place, as the layers' caches (KVCache)
+    _padding_buffer: Tensor | None = field(default=None, repr=False)
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
@@ -30,7 +33,10 @@ class DecoderCache:
             layer.self_attn.reorder(index)
             if layer.cross_attn is not None:
                 layer.cross_attn.reorder(index)
-        if self.padding_mask is not None:
+        if self._padding_buffer is not None:
+            self._padding_buffer = self._padding_buffer.index_select(0, index)
+            self.padding_mask = self._padding_buffer[:, : self.length]
+        elif self.padding_mask is not None:
             self.padding_mask = self.padding_mask.index_select(0, index)
         if self.next_position is not None:
             self.next_position = self.next_position.index_select(0, index)
@@ -43,31 +49,35 @@ def step_positions(
 
     Updates ``cache`` (its padding, next positions and length) when one is given.
     """
-    if padding_mask is None:
-        real = torch.ones(batch, seq, dtype=torch.long, device=device)
-    else:
-        real = (~padding_mask).long()
-    start = torch.zeros(batch, dtype=torch.long, device=device)
-    past_padding = None
-    if cache is not None and cache.length:
-        start = cache.next_position
-        past_padding = cache.padding_mask
+    past = 0 if cache is None else cache.length
+    past_padding = None if cache is None else cache.padding_mask
+    if padding_mask is None and past_padding is None:  # nothing padded: positions count every token
+        start = cache.next_position[:, None] if past else 0
+        positions = (torch.arange(seq, device=device) + start).expand(batch, seq)
+        if cache is not None:
+            cache.next_position = positions[:, -1] + 1
+            cache.length += seq
+        return positions, None
+    real = torch.ones(batch, seq, dtype=torch.long, device=device) if padding_mask is None else (~padding_mask).long()
+    start = cache.next_position if past else torch.zeros(batch, dtype=torch.long, device=device)
     positions = (start[:, None] + real.cumsum(1) - 1).clamp_min(0)
-    keys_padding = _concat_padding(past_padding, padding_mask, batch, cache.length if cache else 0, seq, device)
-    if cache is not None:
-        cache.next_position = start + real.sum(1)
-        cache.padding_mask = keys_padding
-        cache.length += seq
-    return positions, keys_padding
+    new = torch.zeros(batch, seq, dtype=torch.bool, device=device) if padding_mask is None else padding_mask
+    if cache is None:
+        return positions, new
+    cache.next_position = start + real.sum(1)
+    cache.padding_mask = _append_padding(cache, new)
+    cache.length += seq
+    return positions, cache.padding_mask
 
 
-def _concat_padding(
-    past: Tensor | None, new: Tensor | None, batch: int, past_len: int, seq: int, device: torch.device
-) -> Tensor | None:
-    if past is None and new is None:
-        return None
-    if past is None:
-        past = torch.zeros(batch, past_len, dtype=torch.bool, device=device)
-    if new is None:
-        new = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-    return torch.cat([past, new], dim=1)
+def _append_padding(cache: DecoderCache, new: Tensor) -> Tensor:
+    """The cache's padding (B, S_past), False where none was recorded, followed by ``new`` (B, T)."""
+    past = cache.padding_mask
+    if past is None:  # padding appears for the first time: nothing before it was padding
+        past = new.new_zeros(new.shape[0], cache.length)
+    if not cache.capacity:
+        return torch.cat([past, new], dim=1)
+    if cache._padding_buffer is None:
+        cache._padding_buffer = past  # its first ``length`` columns are what is recorded so far
+    cache._padding_buffer, mask = write_in_place(cache._padding_buffer, new, cache.length, 1, cache.capacity)
+    return mask

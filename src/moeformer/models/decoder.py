@@ -47,12 +47,19 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = embed.weight
 
     def forward(
-        self, tokens: Tensor, *, padding_mask: Tensor | None = None, cache: DecoderCache | None = None
+        self,
+        tokens: Tensor,
+        *,
+        padding_mask: Tensor | None = None,
+        cache: DecoderCache | None = None,
+        reports: bool = True,
     ) -> ModelOutput:
         """tokens: (B, T) ids -> logits (B, T, V).
 
         padding_mask: (B, T) bool, True at padding (left or right). With a ``cache``, pass the
         new tokens only; the cache remembers earlier keys, their padding and positions.
+        ``reports=False``: MoE layers skip their auxiliary losses and routing statistics (the
+        output's ``reports`` stay empty, ``aux_loss`` 0); the decoding functions ask for that.
         """
         check_tokens(tokens, self.config.vocab_size, "tokens")
         check_padding_mask(padding_mask, tokens, "padding_mask")
@@ -60,14 +67,18 @@ class DecoderLM(nn.Module):
         check_length(past + tokens.shape[1], self.config.max_seq_len, "tokens")
         positions, keys_padding = step_positions(padding_mask, cache, *tokens.shape, tokens.device)
         x, rotary = self.embedding(tokens, positions)
-        reports = FFNReports()
-        x = run_blocks(self.layers, x, "layers", reports, cache, padding_mask=keys_padding, rotary=rotary)
+        found = FFNReports()
+        x = run_blocks(self.layers, x, "layers", found, cache, padding_mask=keys_padding, rotary=rotary, report=reports)
         x = self.norm(x)
-        return ModelOutput(self.lm_head(x), reports.total(x), reports, x, cache)
+        return ModelOutput(self.lm_head(x), found.total(x), found, x, cache)
 
-    def new_cache(self) -> DecoderCache:
-        """An empty cache for incremental decoding."""
-        return DecoderCache([block.new_cache() for block in self.layers])
+    def new_cache(self, capacity: int = 0) -> DecoderCache:
+        """An empty cache for incremental decoding.
+
+        ``capacity``: the positions it will hold (prompt + new tokens), if known: keys, values and
+        padding are then written in place instead of concatenated at every step (inference only).
+        """
+        return DecoderCache([block.new_cache(capacity) for block in self.layers], capacity=capacity)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

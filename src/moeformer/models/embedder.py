@@ -40,8 +40,14 @@ class InputEmbedding(nn.Module):
             self.rotary = rotary_embedding(config)
 
     def forward(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """-> x (B, T, D) and, for RoPE, (cos, sin) each (B, 1, T, head_dim): shaped (and cast to the
+        embeddings' dtype) here, once per forward, rather than in every layer."""
         x = self.embed(ids)
         if self.position_kind in ("sinusoidal", "learned"):
             x = x + self.positions(positions).to(x.dtype)
-        rotary = self.rotary(positions) if self.position_kind == "rope" else None
-        return self.dropout(x), rotary
+        if self.training:
+            x = self.dropout(x)
+        if self.position_kind != "rope":
+            return x, None
+        cos, sin = self.rotary(positions)
+        return x, (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))

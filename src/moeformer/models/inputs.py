@@ -18,7 +18,7 @@ def check_tokens(tokens: Tensor, vocab_size: int, name: str) -> None:
         raise ValueError(f"{name} is empty: shape {tuple(tokens.shape)}")
     if torch.compiler.is_compiling():  # reading ids on the host breaks the graph; the lookup still bounds-checks
         return
-    low, high = int(tokens.min()), int(tokens.max())
+    low, high = (int(v) for v in torch.aminmax(tokens))  # one reduction: this runs at every decoding step
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"{name} holds id {bad}, outside the vocabulary [0, {vocab_size})")

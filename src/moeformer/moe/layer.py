@@ -60,8 +60,12 @@ class MoELayer(nn.Module):
             self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
         self.expert_parallel: nn.Module | None = None  # set by moe.parallel.shard_experts
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> FFNOutput:
-        """x: (B, T, D); padding_mask: (B, T) True at padding (not routed, left out of the losses)."""
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, *, report: bool = True) -> FFNOutput:
+        """x: (B, T, D); padding_mask: (B, T) True at padding (not routed, left out of the losses).
+
+        ``report=False`` leaves ``aux_losses`` and ``stats`` empty: decoding asks for that, since at
+        one token per step these ~20 small kernels cost about as much as the routing itself.
+        """
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         routing = self.router(flat, logits_hook=self.router_logits)
@@ -85,6 +89,8 @@ class MoELayer(nn.Module):
             out = self.expert_parallel(flat, routing.index, routing.weights, self.experts)
         if self.shared_experts is not None:
             out = out + self.shared_output(flat)
+        if not report:
+            return FFNOutput(out.view(B, T, D))
         aux, stats = self._losses_and_stats(routing, chosen, dropped, real, B, T)
         return FFNOutput(out.view(B, T, D), aux, stats)
 

@@ -1,0 +1,166 @@
+"""Greedy decoding with the KV cache: moeformer's ``greedy_generate`` vs transformers' ``generate``.
+
+    python benchmarks/generate.py [--models dense deepseek] [--batches 1 8] [--prompt 32] [--new 64]
+                                  [--vocab 8192] [--repeats 5] [--compile] [--append BENCHMARKS.md]
+
+Both models are ``preset("lm-small")`` DecoderLMs (d 384, 6 layers, GQA 6/2, SwiGLU d_ff 1024) built
+with a fixed seed: ``dense``, and ``deepseek``, whose FFNs are DeepSeekMoE layers (the segmentation
+of a top-2 of 8 layer of hidden d_ff / 2 with granularity 4 and 1 shared expert: 31 routed
+experts of 128, top-7, + 1 shared of 128; ``moeformer.moe.segment_experts``). Each is exported with
+``moeformer.interop.convert.export_hf`` into a temporary directory and loaded back with
+``AutoModelForCausalLM.from_pretrained``, so both libraries run the SAME weights in float32.
+
+Timed per call: the whole generation of ``--new`` tokens after a ``--prompt``-token random prompt
+(prefill included), greedy; transformers with ``do_sample=False``, ``max_new_tokens`` =
+``min_new_tokens`` = ``--new`` and no EOS. Implementations run round robin (one call each, in
+turn, ``--repeats`` rounds, median), in one process, so a change in the machine's load hits all
+alike; compare ratios, not absolute times. ``--compile`` adds moeformer's compiled decode step
+(compiled once per model before timing; the compile time is printed). Generated tokens are
+compared with transformers' (and the compiled ones with the eager ones): the table says whether
+they are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def build_lm(kind: str, vocab: int) -> torch.nn.Module:
+    """The lm-small DecoderLM of ``kind`` ("dense" or "deepseek"), seed 0, eval mode."""
+    from moeformer import build_model, preset
+    from moeformer.moe import segment_experts
+
+    overrides: dict = {"vocab_size": vocab}
+    if kind == "deepseek":
+        seg = segment_experts(n_experts=8, top_k=2, d_ff=512, granularity=4, n_shared=1)
+        overrides["moe"] = {"kind": "deepseek", **seg}
+    elif kind != "dense":
+        raise SystemExit(f"--models: unknown {kind!r}; allowed: dense, deepseek")
+    torch.manual_seed(0)
+    return build_model(preset("lm-small", **overrides)).eval()
+
+
+def load_hf(model: torch.nn.Module, folder: str) -> torch.nn.Module:
+    """``model`` exported to ``folder`` and loaded back as a transformers model (float32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    from moeformer.interop.convert import export_hf
+
+    export_hf(model, folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # never stop early: every call makes --new tokens
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def runners(model: torch.nn.Module, hf: torch.nn.Module, new: int, compiled: bool) -> dict[str, Callable]:
+    """Implementation name -> function of the prompt (B, T) returning the new tokens (B, new)."""
+    from moeformer.decode.greedy import greedy_generate
+
+    def ours(prompt: torch.Tensor) -> torch.Tensor:
+        return greedy_generate(model, prompt, max_new_tokens=new)
+
+    def theirs(prompt: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+            )
+        return out[:, prompt.shape[1] :]
+
+    out = {"transformers generate": theirs, "moeformer greedy_generate": ours}
+    if compiled:
+
+        def ours_compiled(prompt: torch.Tensor) -> torch.Tensor:
+            return greedy_generate(model, prompt, max_new_tokens=new, compile=True)
+
+        out["moeformer greedy_generate compile=True"] = ours_compiled
+    return out
+
+
+def _timed(fn: Callable, prompt: torch.Tensor) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    tokens = fn(prompt)
+    return time.perf_counter() - start, tokens
+
+
+def bench_model(kind: str, args: argparse.Namespace, folder: str) -> list[str]:
+    """Table rows for one model: every batch size, every implementation."""
+    model = build_lm(kind, args.vocab)
+    hf = load_hf(model, folder)
+    rows = []
+    for batch in args.batches:
+        prompt = torch.randint(1, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+        impls = runners(model, hf, args.new, args.compile)
+        reference = None
+        same: dict[str, bool] = {}
+        for name, fn in impls.items():  # warm-up (and compilation), and the tokens to compare
+            start = time.perf_counter()
+            tokens = fn(prompt)
+            if name.endswith("compile=True"):
+                print(f"{kind} batch {batch}: first compiled call {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            reference = tokens if reference is None else reference
+            same[name] = tokens.shape == (batch, args.new) and torch.equal(tokens, reference)
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for _ in range(args.repeats):  # round robin
+            for name, fn in impls.items():
+                times[name].append(_timed(fn, prompt)[0])
+        base = statistics.median(times["transformers generate"])
+        for name in impls:
+            t = statistics.median(times[name])
+            rows.append(
+                f"| {kind} | {batch} | {name} | {t * 1e3:.0f} | {batch * args.new / t:.0f} | {base / t:.2f}x | "
+                f"{'yes' if same[name] else 'NO'} |"
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["dense", "deepseek"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=64, help="new tokens per row")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add the compiled decode step's rows")
+    parser.add_argument("--append", help="append the table to this Markdown file")
+    args = parser.parse_args()
+    import transformers
+
+    header = (
+        f"Greedy generation, lm-small (d 384, 6 layers, GQA 6/2), vocab {args.vocab}, prompt {args.prompt}, "
+        f"{args.new} new tokens, float32; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"python {platform.python_version()}, {platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(header, file=sys.stderr)
+    lines = [
+        header,
+        "",
+        "| model | batch | implementation | ms (median) | tokens/s | vs transformers | same tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.models:
+            lines += bench_model(kind, args, f"{tmp}/{kind}")
+    table = "\n".join(lines)
+    print(table)
+    if args.append:
+        command = "python benchmarks/generate.py " + " ".join(sys.argv[1:])
+        with open(args.append, "a", encoding="utf-8") as fh:
+            fh.write(f"\n### {time.strftime('%Y-%m-%d')}: `{command}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
