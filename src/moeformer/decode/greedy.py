@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from moeformer.decode.beam import check_left_padding
+from moeformer.decode.compiled import fixed_shape_step
 from moeformer.models.decoder import DecoderLM
 from moeformer.models.seq2seq import Seq2SeqTransformer
 
@@ -41,8 +42,14 @@ def greedy_generate(
     max_new_tokens: int,
     eos_id: int | None = None,
     padding_mask: Tensor | None = None,
+    compile: bool = False,
 ) -> Tensor:
-    """prompt: (B, T), left-padded where ``padding_mask`` says so -> (B, <= max_new_tokens)."""
+    """prompt: (B, T), left-padded where ``padding_mask`` says so -> (B, <= max_new_tokens).
+
+    ``compile=True``: the steps after the prompt run as one ``torch.compile``d graph over a
+    fixed-shape cache (:mod:`moeformer.decode.compiled`; compiled at the first call for this
+    model, batch size and length, then reused).
+    """
     check_left_padding(padding_mask)
     if max_new_tokens <= 0:
         return prompt.new_empty(prompt.shape[0], 0)
@@ -50,7 +57,11 @@ def greedy_generate(
     logits = model(prompt, padding_mask=padding_mask, cache=cache, reports=False).logits
     first = logits[:, -1:].argmax(-1)
     done = first[:, 0] == eos_id if eos_id is not None else torch.zeros_like(first[:, 0], dtype=torch.bool)
-    rest = _loop(lambda ids: model(ids, cache=cache, reports=False).logits, first, eos_id, max_new_tokens - 1, done)
+    if compile and max_new_tokens > 1:
+        step = fixed_shape_step(model, cache)
+    else:
+        step = lambda ids: model(ids, cache=cache, reports=False).logits  # noqa: E731
+    rest = _loop(step, first, eos_id, max_new_tokens - 1, done)
     return torch.cat([first, rest], dim=1)
 
 

@@ -84,7 +84,7 @@ class KVCache:
     value: Tensor | None = None
     static: bool = False
     capacity: int = 0
-    _buffers: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    buffers: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # (key, value) storage, capacity > 0
 
     @property
     def length(self) -> int:
@@ -113,18 +113,18 @@ class KVCache:
         return self.key, self.value
 
     def _write(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        S, old = self.length, self._buffers or (None, None)
+        S, old = self.length, self.buffers or (None, None)
         k_buf, key = write_in_place(old[0], key, S, -2, self.capacity)
         v_buf, value = write_in_place(old[1], value, S, -2, self.capacity)
-        self._buffers = (k_buf, v_buf)
+        self.buffers = (k_buf, v_buf)
         return key, value
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
-        if self._buffers is not None:
+        if self.buffers is not None:
             S = self.length
-            self._buffers = (self._buffers[0].index_select(0, index), self._buffers[1].index_select(0, index))
-            self.key, self.value = self._buffers[0][:, :, :S], self._buffers[1][:, :, :S]
+            self.buffers = (self.buffers[0].index_select(0, index), self.buffers[1].index_select(0, index))
+            self.key, self.value = self.buffers[0][:, :, :S], self.buffers[1][:, :, :S]
         elif self.key is not None:
             self.key = self.key.index_select(0, index)
             self.value = self.value.index_select(0, index)

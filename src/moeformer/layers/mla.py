@@ -48,7 +48,7 @@ class LatentKVCache:
     latent: Tensor | None = None  # (B, S, C)
     rope_key: Tensor | None = None  # (B, S, Dr)
     capacity: int = 0  # > 0: written in place into buffers of this many positions (KVCache's ``capacity``)
-    _buffers: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    buffers: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # (latent, rope_key) storage
 
     @property
     def length(self) -> int:
@@ -68,10 +68,10 @@ class LatentKVCache:
     def update(self, latent: Tensor, rope_key: Tensor) -> tuple[Tensor, Tensor]:
         """Append the new tokens' (B, T, C) latent and (B, T, Dr) key; return all (B, S, .) so far."""
         if self.capacity:
-            S, old = self.length, self._buffers or (None, None)
+            S, old = self.length, self.buffers or (None, None)
             c_buf, self.latent = write_in_place(old[0], latent, S, 1, self.capacity)
             r_buf, self.rope_key = write_in_place(old[1], rope_key, S, 1, self.capacity)
-            self._buffers = (c_buf, r_buf)
+            self.buffers = (c_buf, r_buf)
         elif self.latent is None or self.rope_key is None:
             self.latent, self.rope_key = latent, rope_key
         else:
@@ -81,10 +81,10 @@ class LatentKVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
-        if self._buffers is not None:
+        if self.buffers is not None:
             S = self.length
-            self._buffers = (self._buffers[0].index_select(0, index), self._buffers[1].index_select(0, index))
-            self.latent, self.rope_key = self._buffers[0][:, :S], self._buffers[1][:, :S]
+            self.buffers = (self.buffers[0].index_select(0, index), self.buffers[1].index_select(0, index))
+            self.latent, self.rope_key = self.buffers[0][:, :S], self.buffers[1][:, :S]
         elif self.latent is not None and self.rope_key is not None:
             self.latent = self.latent.index_select(0, index)
             self.rope_key = self.rope_key.index_select(0, index)

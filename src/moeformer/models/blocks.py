@@ -159,11 +159,14 @@ class DecoderBlock(_Block):
         cache: LayerCache | None = None,
         rotary: tuple[Tensor, Tensor] | None = None,
         report: bool = True,
+        token_padding: Tensor | None = None,
     ) -> BlockOutput:
         """x: (B, T, D) new target positions; padding_mask: (B, S_total) over cached + new keys.
 
         memory: (B, S_src, D) encoder output, with memory_padding_mask (B, S_src). ``report=False``
         lets an MoE FFN skip its losses and statistics (decoding; :class:`~moeformer.moe.layer.MoELayer`).
+        token_padding: (B, T) padding of the new tokens, where it is not the last T columns of
+        ``padding_mask`` (a fixed-shape cache's mask spans every slot: ``moeformer.decode.compiled``).
         """
         x = self.resid_pre(x)
 
@@ -195,7 +198,8 @@ class DecoderBlock(_Block):
                 return self.cross_attn_out(out.output)
 
             x = self.residual(x, self.cross_norm, cross_attention)
-        token_padding = None if padding_mask is None else padding_mask[:, -x.shape[1] :]
+        if token_padding is None and padding_mask is not None:
+            token_padding = padding_mask[:, -x.shape[1] :]
         x, ffn = self.feed_forward(x, token_padding, report)
         return BlockOutput(self.resid_post(x), ffn)
 

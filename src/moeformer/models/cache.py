@@ -25,7 +25,7 @@ class DecoderCache:
     length: int = 0  # S_past: tokens already fed, padding included
     extras: dict[str, Tensor] = field(default_factory=dict)
     capacity: int = 0  # > 0: the padding mask is written in place, as the layers' caches (KVCache)
-    _padding_buffer: Tensor | None = field(default=None, repr=False)
+    padding_buffer: Tensor | None = field(default=None, repr=False)  # (B, capacity) storage of padding_mask
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
@@ -33,9 +33,9 @@ class DecoderCache:
             layer.self_attn.reorder(index)
             if layer.cross_attn is not None:
                 layer.cross_attn.reorder(index)
-        if self._padding_buffer is not None:
-            self._padding_buffer = self._padding_buffer.index_select(0, index)
-            self.padding_mask = self._padding_buffer[:, : self.length]
+        if self.padding_buffer is not None:
+            self.padding_buffer = self.padding_buffer.index_select(0, index)
+            self.padding_mask = self.padding_buffer[:, : self.length]
         elif self.padding_mask is not None:
             self.padding_mask = self.padding_mask.index_select(0, index)
         if self.next_position is not None:
@@ -77,7 +77,7 @@ def _append_padding(cache: DecoderCache, new: Tensor) -> Tensor:
         past = new.new_zeros(new.shape[0], cache.length)
     if not cache.capacity:
         return torch.cat([past, new], dim=1)
-    if cache._padding_buffer is None:
-        cache._padding_buffer = past  # its first ``length`` columns are what is recorded so far
-    cache._padding_buffer, mask = write_in_place(cache._padding_buffer, new, cache.length, 1, cache.capacity)
+    if cache.padding_buffer is None:
+        cache.padding_buffer = past  # its first ``length`` columns are what is recorded so far
+    cache.padding_buffer, mask = write_in_place(cache.padding_buffer, new, cache.length, 1, cache.capacity)
     return mask
