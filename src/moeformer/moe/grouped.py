@@ -61,6 +61,22 @@ def sort_assignments(index: Tensor, n_experts: int) -> tuple[Tensor, Tensor, lis
     return order[: sum(counts)], counts_t, counts
 
 
+def combine(y: Tensor, order: Tensor, n_tokens: int, k: int) -> Tensor:
+    """Sum each token's rows: y (V, D) sorted by expert -> (N, D), out[t] = sum of the rows of t.
+
+    A gather by the inverse permutation and a sum over the k slots, instead of ``index_add_``
+    into a zeroed buffer: no atomics on a GPU (bf16 ``index_add_`` took 1.7 ms of a 12 ms
+    step at DeepSeek-V2-Lite's shape on an H200) and a parallel gather on a CPU. Dropped slots
+    (fewer rows than N * k) read an appended zero row.
+    """
+    V, D = y.shape
+    if V < n_tokens * k:
+        y = torch.cat([y, y.new_zeros(1, D)])
+    slot = torch.full((n_tokens * k,), V, dtype=torch.long, device=y.device)
+    slot[order] = torch.arange(V, device=y.device)
+    return y.index_select(0, slot).view(n_tokens, k, D).sum(1)
+
+
 def _slices(counts: list[int]) -> list[tuple[int, slice]]:
     out, start = [], 0
     for e, n in enumerate(counts):
@@ -134,7 +150,7 @@ def grouped_forward(
         silu = h.new_empty(0)
         a = activate(h, activation)
     y = gmm(a.mul_(gate), w_down, counts, offsets, kernel)
-    out = torch.zeros_like(x).index_add_(0, token, y)
+    out = combine(y, order, x.shape[0], K)
     return (out, order, offsets, h, silu), counts
 
 
@@ -182,7 +198,7 @@ def grouped_backward(
         grad_h = grad_a.mul_(h > 0)
     xs = x.index_select(0, token)  # recomputed gather: not stored between the passes
     grad_w_up = gmm_wgrad(xs, grad_h, E, counts, offsets, kernel)
-    grad_x = torch.zeros_like(x).index_add_(0, token, gmm_t(grad_h, w_up, counts, offsets, kernel))
+    grad_x = combine(gmm_t(grad_h, w_up, counts, offsets, kernel), order, x.shape[0], K)
     grad_weights = torch.zeros(weights.numel(), dtype=weights.dtype, device=weights.device)
     grad_weights.index_copy_(0, order, grad_gate.to(weights.dtype))  # each flat position once
     return grad_x, grad_w_up, grad_w_down, grad_weights.view_as(weights)
