@@ -4,7 +4,8 @@
                                           [--d-model 512] [--layers 6] [--heads 8] [--seq 256]
                                           [--batch 8] [--vocab 8192] [--d-ff N] [--steps 10]
                                           [--warmup 4] [--retry-disturbed] [--keep-freed-memory]
-                                          [--fused-adamw] [--json]
+                                          [--fused-adamw] [--compile [--vs-eager]] [--json]
+                                          [--experts N --top-k K --expert-hidden H [--shared S]]
 
 One optimiser step = forward, ``smoothed_cross_entropy`` (eps 0) + the MoE auxiliary loss,
 backward, ``AdamW.step`` (``moeformer.train.optim.build_optimizer``) and ``zero_grad``, on random
@@ -38,6 +39,15 @@ parameters of a 4d GELU MLP, 8d/3 rounded to a multiple of 64: 1344 for d 512):
 - ``deepseek``: DeepSeekMoE's segmentation (``moeformer.moe.segment_experts``) of that top-2 of 8
   layer with granularity 4 and 1 shared expert: 31 routed experts of F/8, top-7, plus 1 shared
   expert of F/8; same total and active parameters as ``topk``.
+``--experts N --top-k K --expert-hidden H [--shared S]`` replace that layout with N routed experts
+of hidden H, top-K (+ S shared experts of H, ``deepseek`` only), e.g. a DeepSeek-V2-Lite-like
+FFN on a GPU: ``--ffn deepseek --experts 64 --top-k 6 --expert-hidden 1408 --shared 2``.
+
+``--compile`` runs the model's forward and backward through ``torch.compile`` (inductor, with
+``moeformer.compiled.CompiledModel``, as ``train.compile`` does); the compile time reported is
+the first warm-up step's time minus the median timed step. ``--vs-eager`` also times eager steps
+of the same model and optimiser, alternating with the compiled ones, and reports the ratio: on a
+shared machine a ratio from one process is steadier than two runs' numbers.
 """
 
 from __future__ import annotations
@@ -74,11 +84,21 @@ def default_d_ff(d_model: int) -> int:
     return max(64, round(8 * d_model / 3 / 64) * 64)
 
 
-def moe_settings(ffn: str, d_ff: int) -> dict | None:
+def moe_settings(ffn: str, d_ff: int, args: argparse.Namespace) -> dict | None:
     from moeformer.moe import segment_experts
 
+    custom = {"n_experts": args.experts, "top_k": args.top_k, "expert_hidden": args.expert_hidden}
+    given = [k for k, v in custom.items() if v is not None]
     if ffn == "dense":
+        if given or args.shared is not None:
+            raise SystemExit("--experts/--top-k/--expert-hidden/--shared need --ffn topk or deepseek")
         return None
+    if given and len(given) < 3:
+        raise SystemExit("a custom MoE FFN needs all of --experts, --top-k and --expert-hidden")
+    if args.shared and ffn != "deepseek":
+        raise SystemExit("--shared needs --ffn deepseek")
+    if given:
+        return {"kind": ffn, **custom, "n_shared": args.shared or 0}
     if d_ff % 8:
         raise SystemExit(f"--d-ff must be divisible by 8 for the MoE variants, got {d_ff}")
     if ffn == "topk":
@@ -90,8 +110,8 @@ def moe_settings(ffn: str, d_ff: int) -> dict | None:
 def describe_ffn(ffn: str, d_ff: int, moe: dict | None) -> str:
     if moe is None:
         return f"dense SwiGLU d_ff {d_ff}"
-    if moe["kind"] == "topk":
-        return f"topk: {moe['n_experts']} SwiGLU experts of {moe['expert_hidden']}, top-{moe['top_k']}"
+    if moe["kind"] == "topk" or not moe.get("n_shared"):
+        return f"{moe['kind']}: {moe['n_experts']} SwiGLU experts of {moe['expert_hidden']}, top-{moe['top_k']}"
     return (
         f"deepseek: {moe['n_experts']} routed SwiGLU experts of {moe['expert_hidden']}, top-{moe['top_k']}, "
         f"+{moe['n_shared']} shared of {moe['expert_hidden']}"
@@ -219,6 +239,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--d-ff", type=int, default=None, help="dense SwiGLU hidden F (default: 8d/3 to 64)")
     parser.add_argument("--ffn", default="dense", choices=["dense", "topk", "deepseek"])
+    parser.add_argument("--experts", type=int, default=None, help="custom MoE FFN: routed experts N")
+    parser.add_argument("--top-k", type=int, default=None, help="custom MoE FFN: experts per token K")
+    parser.add_argument("--expert-hidden", type=int, default=None, help="custom MoE FFN: each expert's hidden H")
+    parser.add_argument("--shared", type=int, default=None, help="custom deepseek FFN: shared experts S of H")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    parser.add_argument("--vs-eager", action="store_true", help="with --compile: alternate eager steps, report ratio")
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument(
@@ -240,6 +266,10 @@ def main() -> None:
         help="raise glibc's mmap/trim thresholds first (moeformer.runtime.keep_freed_memory)",
     )
     args = parser.parse_args()
+    if args.vs_eager and not args.compile:
+        raise SystemExit("--vs-eager compares with --compile; add --compile")
+    if args.compile and args.warmup < 1:
+        raise SystemExit("--compile needs --warmup >= 1: the first step compiles")
     wall_start = time.perf_counter()
     tuned = False
     if args.keep_freed_memory:
@@ -249,12 +279,14 @@ def main() -> None:
     if args.d_ff is None:
         args.d_ff = default_d_ff(args.d_model)
 
+    from moeformer.compiled import CompiledModel
     from moeformer.train.loss import smoothed_cross_entropy
     from moeformer.train.optim import build_optimizer, parameter_groups
 
     torch.manual_seed(0)
-    moe = moe_settings(args.ffn, args.d_ff)
+    moe = moe_settings(args.ffn, args.d_ff, args)
     model = build(args, moe).to(args.device).train()
+    compiled = CompiledModel(model) if args.compile else model  # same parameters: one optimiser for both
     adamw = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
     if args.fused_adamw:
         optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), fused=True, **adamw)
@@ -276,13 +308,13 @@ def main() -> None:
 
     losses: list[float] = []
 
-    def train_step(tokens: torch.Tensor, target: torch.Tensor) -> tuple[float, float, int]:
+    def train_step(tokens: torch.Tensor, target: torch.Tensor, eager: bool = False) -> tuple[float, float, int]:
         """(wall seconds, CPU seconds of this process, page faults) of one optimiser step."""
         _sync(args.device)
         faults = _page_faults()
         start, cpu_start = time.perf_counter(), time.process_time()
         with autocast():
-            out = model(tokens)
+            out = (model if eager else compiled)(tokens)
             loss, _ = smoothed_cross_entropy(out.logits, target, pad_id=0, eps=0.0)
             total_loss = loss + out.aux_loss
         total_loss.backward()
@@ -303,9 +335,13 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.steps} steps ...",
         file=sys.stderr,
     )
+    warmup_times: list[float] = []
     for i in range(args.warmup):
         wall_s, _, faults = train_step(*batch())
+        warmup_times.append(wall_s)
         print(f"  warm-up {i + 1}: {wall_s * 1e3:.0f} ms, {faults} page faults", file=sys.stderr)
+        if args.vs_eager:
+            train_step(*batch(), eager=True)
         for probe in every_probe:
             probe.run()
     for probe in every_probe:
@@ -314,12 +350,18 @@ def main() -> None:
     step_times: list[float] = []
     cpu_share: list[float] = []  # CPU time / (wall * threads); see CLEAN_SHARE
     step_faults: list[int] = []  # page faults: memory mapped and zeroed afresh during the step
+    eager_times: list[float] = []  # --vs-eager: the eager step that follows each compiled one
+    eager_share: list[float] = []
     limit = 3 * args.steps if args.retry_disturbed else args.steps
     while len(step_times) < limit:  # round robin: one training step, then every matrix product once
         wall_s, cpu_s, faults = train_step(*batch())
         step_times.append(wall_s)
         step_faults.append(faults)
         cpu_share.append(cpu_s / (wall_s * threads) if args.device == "cpu" else 1.0)
+        if args.vs_eager:
+            wall_e, cpu_e, _ = train_step(*batch(), eager=True)
+            eager_times.append(wall_e)
+            eager_share.append(cpu_e / (wall_e * threads) if args.device == "cpu" else 1.0)
         for probe in every_probe:
             probe.run()
         clean = [t for t, c in zip(step_times, cpu_share) if c >= CLEAN_SHARE]
@@ -340,6 +382,14 @@ def main() -> None:
         stats["undisturbed"] = statistics.median(clean)
     headline = "undisturbed" if clean else "all"
     rate = rates[args.precision]
+    compile_s = warmup_times[0] - stats[headline] if args.compile else None
+    eager = {}
+    if eager_times:  # the same statistic as the headline, on the eager steps
+        clean_eager = [t for t, c in zip(eager_times, eager_share) if c >= CLEAN_SHARE]
+        eager_step = statistics.median(clean_eager if headline == "undisturbed" and clean_eager else eager_times)
+        eager = {"eager_step_ms": eager_step * 1e3, "eager_tokens_per_s": tokens_per_step / eager_step,
+                 "compiled_over_eager_tokens_per_s": eager_step / stats[headline],
+                 "eager_steps_ms": [t * 1e3 for t in eager_times]}  # fmt: skip
     wall = time.perf_counter() - wall_start
     result = {
         "ffn": args.ffn,
@@ -360,6 +410,10 @@ def main() -> None:
         "flops_per_step": flops_per_step,
         "warmup": args.warmup,
         "optimizer": "AdamW fused=True" if args.fused_adamw else "build_optimizer (AdamW default)",
+        "compile": args.compile,
+        "first_step_ms": warmup_times[0] * 1e3 if warmup_times else None,
+        "compile_s": compile_s,
+        **eager,
         "step_ms": [t * 1e3 for t in step_times],
         "step_cpu_share": cpu_share,
         "step_page_faults": step_faults,
@@ -392,12 +446,13 @@ def main() -> None:
         f"{args.heads} heads, seq {args.seq}, batch {args.batch} ({tokens_per_step} tokens/step), vocab {args.vocab}; "
         f"FFN {result['ffn_detail']}; {total / 1e6:.1f}M params, {active / 1e6:.1f}M active in matmuls; "
         f"model FLOPs 6N + 12LTd = {flops_per_token / 1e6:.1f} M/token; precision {args.precision}; "
-        f"optimiser {result['optimizer']}; "
+        f"optimiser {result['optimizer']}; {'torch.compile (inductor)' if args.compile else 'eager'}; "
         f"{len(step_times)} timed steps ({len(clean)} undisturbed) after {args.warmup} warm-up; "
         f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}, {threads} threads; "
         f"malloc: {result['malloc']}; run took {wall:.0f} s"
     )
     p, n = args.precision, len(step_times)
+    kind = f"{args.ffn}, {p}{', compiled' if args.compile else ''}"
     lines = [
         header,
         "",
@@ -415,10 +470,19 @@ def main() -> None:
         t = stats[key]
         mfu = f"MFU {flops_per_step / t / rate:.1%}"
         lines.append(
-            f"| training step, {args.ffn}, {p}: {labels[key]} | {t * 1e3:.1f} | {flops_per_step / 1e9:.1f} "
+            f"| training step, {kind}: {labels[key]} | {t * 1e3:.1f} | {flops_per_step / 1e9:.1f} "
             f"| {flops_per_step / t / 1e9:.1f} | {tokens_per_step / t:.0f} "
             f"| {f'**{mfu}**' if key == headline else mfu} of the {p} matmul rate |"
         )
+    if eager:
+        t = eager["eager_step_ms"] / 1e3
+        lines.append(
+            f"| training step, {args.ffn}, {p}, eager (alternating): {labels[headline]} | {t * 1e3:.1f} "
+            f"| {flops_per_step / 1e9:.1f} | {flops_per_step / t / 1e9:.1f} | {tokens_per_step / t:.0f} "
+            f"| compiled / eager tokens/s: **{eager['compiled_over_eager_tokens_per_s']:.2f}x** |"
+        )
+    if compile_s is not None:
+        lines.append(f"| compile: first step {warmup_times[0]:.1f} s - median step | {compile_s * 1e3:.0f} | | | | |")
     for name in dtypes:
         ps = probes[name]
         ms = sum(q.gemm.count * q.best for q in ps) * 1e3

@@ -56,7 +56,8 @@ def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "
     task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1], meta={"config": {}})
     config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=2,
                          label_smoothing=0.1, clip_grad=0.5, expert_parallel=2 if mode == "ddp+ep" else 1,
-                         parallel="fsdp" if mode == "fsdp" else "ddp")  # fmt: skip
+                         parallel="fsdp" if mode.startswith("fsdp") else "ddp",
+                         compile=mode.endswith("+compile"))  # fmt: skip
     trainer = Trainer(model, task, config, run_dir, progress=False, distributed=ctx)
     if resume_step:
         trainer.resume(read_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{resume_step:08d}")))
@@ -76,7 +77,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
             assert model.layers[0].ffn.experts.n_experts == 2
         with trainer.shards.full(model) if trainer.shards else contextlib.nullcontext():
             state = {k: v.clone() for k, v in model.state_dict().items()}  # every rank joins the gather
-        if mode == "fsdp":
+        if mode.startswith("fsdp"):
             state = full_weights(model)
         if rank == 0:
             ref_trainer, ref_losses = _train(_merged(), os.path.join(tmp, "single"), None)
@@ -93,7 +94,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
             assert set(saved) <= set(ref) and len(saved) >= len(ref) - 1  # tied weights are stored once
             for name, value in saved.items():
                 torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0)
-            if mode == "fsdp":  # the 2-rank sharded checkpoint of step 2 resumes in one process
+            if mode.startswith("fsdp"):  # the 2-rank sharded checkpoint of step 2 resumes in one process
                 dist.destroy_process_group()
                 _, resumed = _train(_merged(), os.path.join(tmp, "ddp"), None, resume_step=2)
                 torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
@@ -103,7 +104,13 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp+ep", "fsdp"])
+COMPILED = pytest.mark.slow  # torch.compile in two processes: a minute or two on a cold cache
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["ddp", "ddp+ep", "fsdp", *(pytest.param(m, marks=COMPILED) for m in ("ddp+compile", "fsdp+compile"))],
+)
 def test_ddp_equals_one_process_on_the_global_batch(tmp_path, mode):
     args = (2, free_port(), str(tmp_path), mode)
     spawn(_worker, args)

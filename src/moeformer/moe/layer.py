@@ -107,9 +107,11 @@ class MoELayer(nn.Module):
         c, E = self.config, self.router.n_experts
         scores, logits = routing.scores, routing.logits
         chosen_by_sequence = chosen.view(B, T, -1)  # padding rows hold the sentinel E
-        if real is not None:
-            scores, logits, chosen, dropped = scores[real], logits[real], chosen[real], dropped[real]
-            index = routing.index[real]
+        if real is not None:  # one nonzero, not five masks: the selections share one row count when compiled
+            rows = real.nonzero().squeeze(1)
+            scores, logits, chosen, dropped, index = (
+                t.index_select(0, rows) for t in (scores, logits, chosen, dropped, routing.index)
+            )
         else:
             index = routing.index
         terms: dict[str, Tensor] = {"balance": losses.load_balance_loss(scores, chosen)}

@@ -63,7 +63,11 @@ def sequence_balance_loss(scores: Tensor, index: Tensor, token_mask: Tensor | No
 
 def router_z_loss(logits: Tensor) -> Tensor:
     """mean_t logsumexp(logits_t)^2; logits: (N, E)."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    # logsumexp written out: torch's asks whether the input is empty, which a compiled graph cannot
+    # answer for padding-masked rows (a graph break per layer); the shift changes no gradient
+    top = logits.detach().amax(-1, keepdim=True).nan_to_num(0.0, posinf=0.0, neginf=0.0)  # rows of -inf
+    lse = (logits - top).exp().sum(-1).log() + top.squeeze(-1)
+    return lse.pow(2).mean()
 
 
 def router_entropy(scores: Tensor) -> Tensor:
