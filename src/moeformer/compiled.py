@@ -11,9 +11,12 @@ changes for other code in the process.
     forward = CompiledModel(model)   # model itself is untouched: same parameters, same names
     out = forward(tokens)            # compiled at the first call and when shapes change
 
-What still breaks a graph (each falls back to eager there, results unchanged): experts with
-biases or the ``bmm`` kernel (their routing reads the counts on the host), expert parallelism
-(all-to-all split sizes are read on the host), and decoding with a cache.
+With it, a decoder LM or encoder-decoder with dense, top-k or DeepSeekMoE FFNs, MHA or MLA,
+padding, capacity and every auxiliary loss is one graph (``fullgraph=True`` holds; see
+``tests/test_compile.py``). What still breaks it, running eagerly there with unchanged results:
+experts with biases or the ``bmm`` kernel (their routing reads the per-expert counts on the
+host; ``torch.compiler.disable`` marks that step) and expert parallelism (all-to-all split
+sizes are read on the host; the trainer refuses ``compile`` with ``expert_parallel > 1``).
 """
 
 from __future__ import annotations
