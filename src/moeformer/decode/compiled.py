@@ -130,7 +130,10 @@ def fixed_step(model: DecoderLM, ids: Tensor, state: FixedState) -> Tensor:
 def _compiled(backend: str) -> Callable[[DecoderLM, Tensor, FixedState], Tensor]:
     """One compiled step per backend for the process (built at first use): dynamo keeps a graph per
     model, batch and capacity, so later generations with the same model and shapes reuse it."""
-    return torch.compile(fixed_step, backend=backend, fullgraph=True, dynamic=False)
+    # inductor's C++ wrapper calls the kernels from C++: ~1.5 ms less per step than its Python
+    # wrapper on lm-small at batch 1 (7.6-8.0 vs 9.2-10.3 ms), for a longer first compile
+    options = {"cpp_wrapper": True} if backend == "inductor" else None
+    return torch.compile(fixed_step, backend=backend, fullgraph=True, dynamic=False, options=options)
 
 
 def fixed_shape_step(
