@@ -362,6 +362,8 @@ def main() -> None:
             wall_e, cpu_e, _ = train_step(*batch(), eager=True)
             eager_times.append(wall_e)
             eager_share.append(cpu_e / (wall_e * threads) if args.device == "cpu" else 1.0)
+            print(f"  eager step {len(eager_times)}: {wall_e * 1e3:.0f} ms, cpu share {eager_share[-1]:.2f}",
+                  file=sys.stderr)  # fmt: skip
         for probe in every_probe:
             probe.run()
         clean = [t for t, c in zip(step_times, cpu_share) if c >= CLEAN_SHARE]
@@ -387,9 +389,12 @@ def main() -> None:
     if eager_times:  # the same statistic as the headline, on the eager steps
         clean_eager = [t for t, c in zip(eager_times, eager_share) if c >= CLEAN_SHARE]
         eager_step = statistics.median(clean_eager if headline == "undisturbed" and clean_eager else eager_times)
+        # each compiled step and the eager step right after it saw about the same load
+        pairs = sorted(e / c for c, e in zip(step_times, eager_times))
         eager = {"eager_step_ms": eager_step * 1e3, "eager_tokens_per_s": tokens_per_step / eager_step,
                  "compiled_over_eager_tokens_per_s": eager_step / stats[headline],
-                 "eager_steps_ms": [t * 1e3 for t in eager_times]}  # fmt: skip
+                 "pair_ratio_median": statistics.median(pairs), "pair_ratio_range": [pairs[0], pairs[-1]],
+                 "eager_steps_ms": [t * 1e3 for t in eager_times], "eager_cpu_share": eager_share}  # fmt: skip
     wall = time.perf_counter() - wall_start
     result = {
         "ffn": args.ffn,
@@ -479,7 +484,9 @@ def main() -> None:
         lines.append(
             f"| training step, {args.ffn}, {p}, eager (alternating): {labels[headline]} | {t * 1e3:.1f} "
             f"| {flops_per_step / 1e9:.1f} | {flops_per_step / t / 1e9:.1f} | {tokens_per_step / t:.0f} "
-            f"| compiled / eager tokens/s: **{eager['compiled_over_eager_tokens_per_s']:.2f}x** |"
+            f"| compiled / eager tokens/s: **{eager['compiled_over_eager_tokens_per_s']:.2f}x**; "
+            f"step pairs: median {eager['pair_ratio_median']:.2f}x, {eager['pair_ratio_range'][0]:.2f}-"
+            f"{eager['pair_ratio_range'][1]:.2f}x |"
         )
     if compile_s is not None:
         lines.append(f"| compile: first step {warmup_times[0]:.1f} s - median step | {compile_s * 1e3:.0f} | | | | |")
