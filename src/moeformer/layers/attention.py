@@ -75,9 +75,10 @@ class KVCache:
     With ``capacity`` > 0 (what the decoding functions ask for: prompt + new tokens), keys and
     values are written in place into buffers of that many positions, allocated at the first
     update and doubled if ever outgrown; ``key``/``value`` are views of the filled part. Without
-    it each step concatenates, which copies the whole cache (at batch 8 on a 2-core CPU, 0.6 s
-    of a 1.3 s generation of 64 tokens). The in-place writes are for inference: under autograd,
-    a later step would overwrite what an earlier one saved for backward.
+    it each step concatenates, copying the whole cache (O(S) per step: cheap next to the matrix
+    products at a few hundred positions on a CPU, BENCHMARKS.md; the compiled decoding step needs
+    the fixed buffers). The in-place writes are for inference: under autograd, a later step would
+    overwrite what an earlier one saved for backward.
     """
 
     key: Tensor | None = None

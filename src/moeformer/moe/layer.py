@@ -63,8 +63,8 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None, *, report: bool = True) -> FFNOutput:
         """x: (B, T, D); padding_mask: (B, T) True at padding (not routed, left out of the losses).
 
-        ``report=False`` leaves ``aux_losses`` and ``stats`` empty: decoding asks for that, since at
-        one token per step these ~20 small kernels cost about as much as the routing itself.
+        ``report=False`` leaves ``aux_losses`` and ``stats`` empty: the decoding functions ask for
+        that (about 20 small kernels per layer and step; 7% of a batch-1 generation, BENCHMARKS.md).
         """
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
