@@ -74,7 +74,7 @@ def combine(y: Tensor, order: Tensor, n_tokens: int, k: int) -> Tensor:
         y = torch.cat([y, y.new_zeros(1, D)])
     slot = torch.full((n_tokens * k,), V, dtype=torch.long, device=y.device)
     slot[order] = torch.arange(V, device=y.device)
-    return y.index_select(0, slot).view(n_tokens, k, D).sum(1)
+    return y.index_select(0, slot).view(n_tokens, k, D).sum(1, dtype=y.dtype)  # autocast: keep y's dtype
 
 
 def _slices(counts: list[int]) -> list[tuple[int, slice]]:
@@ -135,7 +135,18 @@ def grouped_forward(
     Returns (out, then what backward needs: order (V,) int64, offsets (E,) int32 (cumulative
     counts), h (V, 2H or H), SiLU of h's gate half (V, H) for SwiGLU, else an empty tensor),
     and the per-expert counts as a list (the loop kernel's slices).
+
+    Runs with autocast off: the caller has cast x and the weights to the autocast dtype, and
+    autocast would recast some steps (CUDA's runs ``sum`` in float32, which made the output and
+    the products after it float32: caught by tests/test_device.py on an H200).
     """
+    with torch.autocast(x.device.type, enabled=False):
+        return _grouped_forward(x, w_up, w_down, index, weights, activation, kernel)
+
+
+def _grouped_forward(
+    x: Tensor, w_up: Tensor, w_down: Tensor, index: Tensor, weights: Tensor, activation: str, kernel: str
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], list[int]]:
     K, E = index.shape[1], w_up.shape[0]
     kernel = resolve_kernel(x, w_down, kernel)
     order, counts_t, counts = sort_assignments(index, E)
