@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py [--ffn dense|topk|deepseek] [--precision float32|bf16]
                                           [--d-model 512] [--layers 6] [--heads 8] [--seq 256]
                                           [--batch 8] [--vocab 8192] [--d-ff N] [--steps 10]
-                                          [--warmup 4] [--retry-disturbed] [--keep-freed-memory]
+                                          [--warmup 4] [--retry-disturbed] [--glibc-malloc]
                                           [--fused-adamw] [--compile [--vs-eager]] [--json]
                                           [--experts N --top-k K --expert-hidden H [--shared S]]
 
@@ -13,7 +13,7 @@ tokens; ``--precision bf16`` runs forward and loss under CPU/CUDA autocast (bflo
 trainer does. ``--fused-adamw`` builds the same parameter groups into ``torch.optim.AdamW(fused=True)``
 instead, to measure what the optimiser implementation costs.
 
-Steps are timed after ``--warmup`` steps (4: with ``--keep-freed-memory``, the allocator stops
+Steps are timed after ``--warmup`` steps (4: with freed memory kept, the default, the allocator stops
 faulting in new pages after 3-4 steps; page faults per step are printed). On a shared machine,
 a step whose process got less than 90% of its threads' CPU time was slowed by other processes;
 such steps are counted apart, and ``--retry-disturbed`` runs more until ``--steps`` were not.
@@ -260,10 +260,12 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", choices=["float32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
-    parser.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="raise glibc's mmap/trim thresholds first (moeformer.runtime.keep_freed_memory)",
+    malloc = parser.add_mutually_exclusive_group()
+    malloc.add_argument(
+        "--glibc-malloc", action="store_true", help="leave glibc's default mmap/trim thresholds (freed memory unmapped)"
+    )
+    malloc.add_argument(
+        "--keep-freed-memory", action="store_true", help="the default since 2026-11-27; kept for old commands"
     )
     args = parser.parse_args()
     if args.vs_eager and not args.compile:
@@ -272,7 +274,7 @@ def main() -> None:
         raise SystemExit("--compile needs --warmup >= 1: the first step compiles")
     wall_start = time.perf_counter()
     tuned = False
-    if args.keep_freed_memory:
+    if not args.glibc_malloc:  # as moeformer's commands do (moeformer.runtime)
         from moeformer.runtime import keep_freed_memory
 
         tuned = keep_freed_memory()
