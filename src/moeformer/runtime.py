@@ -8,7 +8,7 @@ in the process for reuse. Measured on the MoE benchmark (BENCHMARKS.md): MoE fwd
 about 1.8x to 1.4x the dense floor. jemalloc or tcmalloc through LD_PRELOAD do the same job.
 
 Where moeformer decides for its user, it applies the setting: every ``moeformer`` command, the
-demo and the benchmarks (``--glibc-malloc`` opts out there). A program that imports the layers
+demo, and the MoE-layer and training benchmarks (``--glibc-malloc`` opts out there). A program that imports the layers
 alone keeps its own allocator settings unless it calls :func:`keep_freed_memory`.
 """
 
