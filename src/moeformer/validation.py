@@ -115,9 +115,42 @@ def check_latent_fields(attention: AttentionConfig) -> None:
         )
 
 
+# Options a kind never reads; setting one to anything but its default is refused by name (a soft
+# layer that is "noisy" in its config but not in its router would mislead every report of it).
+# Soft keeps `normalize` out of the list: with every expert chosen the weights sum to 1 either way.
+_SOFT_IGNORES = ("score", "noisy", "n_group", "topk_group", "group_routing", "bias_update_rate")
+_DENSE_USES = ("kind", "expert_hidden")  # the plain FFN of hidden size expert_hidden
+
+
+def check_kind_options(moe: MoEConfig) -> None:
+    """Refuse a non-default option that ``moe.kind`` ignores, naming the option, the kind and the way out."""
+    defaults = {f.name: f.default for f in dataclasses.fields(moe)}
+    if moe.kind == "dense":
+        for name, default in defaults.items():
+            if name not in _DENSE_USES and getattr(moe, name) != default:
+                raise ConfigError(
+                    name, f"kind 'dense' builds plain FFN layers and ignores it (got {getattr(moe, name)!r}); "
+                    "remove it, or choose kind 'soft', 'topk' or 'deepseek'",
+                )  # fmt: skip
+    elif moe.kind == "soft":
+        if moe.top_k not in (defaults["top_k"], moe.n_experts):
+            raise ConfigError(
+                "top_k", f"kind 'soft' sends every token to all {moe.n_experts} experts and ignores it (got "
+                f"{moe.top_k}); remove it, or use kind 'topk' for a sparse top-k layer",
+            )  # fmt: skip
+        for name in _SOFT_IGNORES:
+            if getattr(moe, name) != defaults[name]:
+                raise ConfigError(
+                    name, f"kind 'soft' is a plain softmax gate over every expert and ignores it (got "
+                    f"{getattr(moe, name)!r}); remove it, or use kind 'topk' or 'deepseek' for a router with it",
+                )  # fmt: skip
+
+
 def check_moe_structure(moe: MoEConfig) -> None:
-    """How an MoE layer's counts fit together: top-k within the experts (and chosen groups), groups and
-    devices dividing the experts, shared-expert options only with shared experts of kind 'deepseek'."""
+    """How an MoE layer's counts fit together: no option its kind ignores, top-k within the experts (and
+    chosen groups), groups and devices dividing the experts, shared-expert options only with shared
+    experts of kind 'deepseek'."""
+    check_kind_options(moe)
     if moe.kind != "soft" and moe.top_k > moe.n_experts:  # soft uses every expert
         raise ConfigError("top_k", f"must be <= n_experts ({moe.n_experts}), got {moe.top_k}")
     if moe.topk_group > moe.n_group:
