@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from moeformer import AttentionConfig, ConfigError, FeedForwardConfig, ModelConfig, load_config, preset
@@ -159,3 +161,65 @@ def test_round_trip_through_dict():
 def test_shipped_configs_load(path):
     """Every config in configs/ is valid."""
     load_config(path)
+
+
+# --------------------------------------------------------------------------------------------
+# data.path: relative to the config file; --set values relative to the current directory
+# --------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_TOML = '[model]\npreset = "transformer-tiny"\nvocab_size = 10\n[data]\ncorpus = "tsv"\npath = "{}"\n'
+
+
+def test_relative_data_path_resolves_against_the_config_file(tmp_path, monkeypatch):
+    """From any working directory, a config's relative data.path names the file beside the config."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    path = folder / "run.toml"
+    path.write_text(DATA_TOML.format("../data/pairs.tsv"), encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_config(path).data.path == str(tmp_path / "data" / "pairs.tsv")
+    assert load_config(Path("..") / "configs" / "run.toml").data.path == str(tmp_path / "data" / "pairs.tsv")
+
+
+def test_data_path_set_on_the_command_line_stays_relative_to_the_current_directory(tmp_path, monkeypatch):
+    path = tmp_path / "run.toml"
+    path.write_text(DATA_TOML.format("beside.tsv"), encoding="utf-8")
+    monkeypatch.chdir(REPO)
+    assert load_config(path, ['data.path="mine.tsv"']).data.path == "mine.tsv"
+    assert load_config(path, ["data.path=sub/mine.tsv"]).data.path == "sub/mine.tsv"
+
+
+def test_absolute_data_path_is_kept(tmp_path):
+    target = tmp_path / "abs" / "pairs.tsv"
+    path = tmp_path / "run.toml"
+    path.write_text(DATA_TOML.format(target.as_posix()), encoding="utf-8")
+    assert load_config(path).data.path == str(target)
+
+
+SHIPPED = sorted((REPO / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_find_their_data_from_another_directory(path, tmp_path, monkeypatch):
+    """Loaded from an unrelated working directory, each shipped config's data.path points where it
+    did when run from the repository root: ../shared/data/... or the repository's runs/."""
+    monkeypatch.chdir(tmp_path)
+    data = load_config(path).data
+    if data.path is None:
+        return
+    resolved = Path(data.path)
+    assert resolved.is_absolute()
+    shared = REPO.parent / "shared" / "data"
+    assert resolved.is_relative_to(shared) or resolved.is_relative_to(REPO / "runs"), resolved
+    if resolved.is_relative_to(shared) and shared.is_dir():
+        assert resolved.is_file(), f"{path.name}: {resolved} is missing from {shared}"
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.5, float("nan")])
+def test_max_rejected_fraction_is_checked(tmp_path, value):
+    path = tmp_path / "run.toml"
+    path.write_text(DATA_TOML.format("x.tsv") + f"max_rejected_fraction = {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"data\.max_rejected_fraction: must be in \[0, 1\]"):
+        load_config(path)

@@ -165,6 +165,24 @@ def test_documents_from_a_list_and_a_missing_path(tmp_path):
         read_documents(tmp_path / "nope.txt")
 
 
+def test_report_counts_lines_and_keeps_the_first_line_of_each_reason(tmp_path):
+    """Lines read, files read, and the (file, 1-based line) of each reason's first rejection."""
+    path = write_bytes(tmp_path, "p.tsv", [b"a\tb", b"no tab", b"bad \xff", b"c\td", b"again no tab", b"x\t"])
+    _, report = read_tsv(path)
+    assert (report.lines, report.kept, report.files) == (6, 2, [str(path)])
+    assert report.first == {"no_tab": (str(path), 2), "undecodable": (str(path), 3), "empty_field": (str(path), 6)}
+
+
+def test_document_report_names_the_file_of_each_first(tmp_path):
+    """Across several documents, line numbers restart per file and the first names its file."""
+    (tmp_path / "a.txt").write_bytes(b"one\ntwo\n")
+    (tmp_path / "b.txt").write_bytes(b"three\nfour \xe9\n")
+    (tmp_path / "c.txt").write_bytes(b"")
+    _, report = read_documents(tmp_path)
+    assert report.lines == 4
+    assert report.first == {"undecodable": (str(tmp_path / "b.txt"), 2), "empty_document": (str(tmp_path / "c.txt"), 1)}
+
+
 # --------------------------------------------------------------------------------------------
 # real corpora
 # --------------------------------------------------------------------------------------------

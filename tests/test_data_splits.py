@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from moeformer.data.readers import read_tsv
-from moeformer.data.splits import key_position, normalize_key, split_indices, split_pairs
+from moeformer.data.splits import key_position, normalize_key, split_indices, split_pairs, spread_subset
 
 
 def numbered(n: int) -> list[str]:
@@ -116,3 +116,29 @@ def test_tatoeba_test_split_of_a_thousand(shared_data):
     sources = [{normalize_key(s) for s, _ in part} for part in (splits.train, splits.valid, splits.test)]
     assert not (sources[0] & sources[1] or sources[0] & sources[2] or sources[1] & sources[2])
     assert len(splits.train) + len(splits.valid) + len(splits.test) == len(pairs)
+
+
+def test_spread_subset_covers_a_sorted_sequence_end_to_end():
+    """One item from each k-th of the sequence: a sorted list's subset reaches both ends (the first
+    k items, what validation BLEU used to take, would be the k smallest)."""
+    items = list(range(1000))
+    subset = spread_subset(items, 10, seed=3)
+    assert len(subset) == 10 and subset == sorted(subset)
+    assert [x // 100 for x in subset] == list(range(10))  # one per stratum
+    assert subset != items[:10]
+
+
+def test_spread_subset_depends_only_on_seed_and_count():
+    """Fixed for a seed (BLAKE2b, not the process's RNG or hash salt), different for another seed."""
+    items = [f"pair {i}" for i in range(500)]
+    assert spread_subset(items, 20, seed=0) == spread_subset(list(items), 20, seed=0)
+    assert spread_subset(items, 20, seed=0) != spread_subset(items, 20, seed=1)
+    # pinned: the same subset in every process and on every machine
+    assert spread_subset(list(range(100)), 4, seed=0) == [18, 34, 56, 90]
+
+
+def test_spread_subset_small_and_bad_sizes():
+    assert spread_subset([1, 2, 3], 5) == [1, 2, 3]
+    assert spread_subset([1, 2, 3], 0) == []
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        spread_subset([1, 2, 3], -1)

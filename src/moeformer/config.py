@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,7 +345,13 @@ def apply_overrides(table: dict[str, Any], overrides: list[str]) -> dict[str, An
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file, apply ``KEY=VALUE`` overrides; errors name the file and the key."""
+    """Read a TOML file, apply ``KEY=VALUE`` overrides; errors name the file and the key.
+
+    A relative ``data.path`` in the file is read from the file's own directory (symlinks
+    followed), so a config finds its data from wherever it is run; the resolved path is
+    absolute. One given as an override (``--set data.path=...``) stays relative to the current
+    directory, as a path typed on a command line is.
+    """
     path = Path(path)
     try:
         with path.open("rb") as fh:
@@ -353,10 +360,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(str(path), "no such config file") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(str(path), f"not valid TOML: {err}") from None
+    _resolve_data_path(data, path.resolve().parent)
     try:
         return config_from_dict(apply_overrides(data, overrides or []))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err.key}", err.message) from None
+
+
+def _resolve_data_path(table: dict[str, Any], base: Path) -> None:
+    """Make a relative ``data.path`` of ``table`` absolute against ``base`` (in place)."""
+    data = table.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not data["path"]:
+        return  # absent or of the wrong type: DataConfig's own validation names the problem
+    if not Path(data["path"]).is_absolute():
+        # normpath drops the "configs/.." detour, so errors and run.json show a readable path
+        data["path"] = os.path.normpath(base / data["path"])
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -13,7 +13,13 @@ class DataConfig:
     # synthetic: the generated English->Chinese numbers/dates corpus; tatoeba / tsv / jsonl:
     # parallel text at ``path``; text: a plain-text corpus for language modelling
     corpus: Literal["synthetic", "tatoeba", "tsv", "jsonl", "text"] = "synthetic"
-    path: str | None = None  # file to read (not used by "synthetic")
+    # file (or, for "text", a directory of *.txt) to read; not used by "synthetic". In a config
+    # file a relative path is read from the config file's directory; with --set, from the
+    # current directory (see moeformer.config.load_config)
+    path: str | None = None
+    # more than this fraction of the lines read being defective (not UTF-8, no tab, empty field,
+    # bad JSON, ...; see moeformer.data.report) stops the run before any training
+    max_rejected_fraction: float = 0.01
     target_lang: str = "zh"  # decides the BLEU tokenizer ("zh" for Chinese)
     tokenizer: Literal["char", "bpe"] = "char"
     vocab_size: int = 8000  # bpe only
@@ -32,6 +38,11 @@ class DataConfig:
         for name in ("valid_size", "test_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.max_rejected_fraction <= 1.0:
+            raise ConfigError(
+                "max_rejected_fraction",
+                f"must be in [0, 1] (0: no defective line allowed, 1: never stop), got {self.max_rejected_fraction}",
+            )
         if self.corpus != "synthetic" and self.path is None:
             raise ConfigError("path", f"corpus {self.corpus!r} reads a file: set path (or use corpus 'synthetic')")
 

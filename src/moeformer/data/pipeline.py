@@ -5,6 +5,11 @@ of their source sentence, tokenised (source + EOS; BOS + target + EOS) and group
 token-budget batches, reshuffled each epoch by ``seed + epoch``. Language modelling (``text``):
 the corpus is tokenised once and cut into contiguous train / valid / test regions; each epoch
 draws ``seq_len + 1``-token windows at offsets shuffled by ``seed + epoch``.
+
+Before any tokenizer is trained, the corpus file is checked (:mod:`moeformer.data.filecheck`:
+missing, empty, binary, UTF-16) and read, and the run stops if more than
+``data.max_rejected_fraction`` of its lines are defective (:mod:`moeformer.data.report`).
+``PreparedData.report`` holds what was read and rejected; :func:`format_data_report` prints it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,13 +25,18 @@ import torch
 from moeformer.config import Config, ModelConfig, config_to_dict
 from moeformer.data.batching import pad_batch, token_batches
 from moeformer.data.cleaning import CleaningConfig, clean_pairs
-from moeformer.data.readers import read_documents, read_parallel
-from moeformer.data.splits import split_pairs
+from moeformer.data.config import DataConfig
+from moeformer.data.filecheck import CorpusError, check_text_file
+from moeformer.data.readers import document_paths, read_documents, read_parallel
+from moeformer.data.report import check_rejected, format_data_report, read_summary
+from moeformer.data.splits import split_pairs, spread_subset
 from moeformer.data.synthetic import generate_pairs
 from moeformer.data.tokenizer import TokenizerPair, train_tokenizer, train_tokenizer_pair
 from moeformer.train.trainer import Batch, TrainingTask
 
 Pair = tuple[str, str]
+
+__all__ = ["PreparedData", "format_data_report", "prepare", "read_pairs"]
 
 
 @dataclass
@@ -34,21 +45,52 @@ class PreparedData:
     model_config: ModelConfig  # the configured model with the tokenizers' vocabulary sizes
     tokenizers: TokenizerPair  # for a language model, source and target are the same tokenizer
     test_pairs: list[Pair] = field(default_factory=list)  # translation only
-    report: dict[str, Any] = field(default_factory=dict)  # counts: read, rejected by reason, split sizes
+    # what was read and rejected (moeformer.data.report.read_summary's keys), "filtered" by
+    # cleaning, and split sizes; print it with format_data_report
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def read_pairs(config: Config) -> tuple[list[Pair], dict[str, Any]]:
-    """The corpus's pairs after reading and cleaning, and the counts of what was dropped and why."""
+    """The corpus's pairs after reading and cleaning, and the report of what was dropped and why.
+
+    The report holds :func:`~moeformer.data.report.read_summary`'s keys (empty for the
+    synthetic corpus), ``filtered`` ({reason: count} of cleaning's filters) and ``pairs``.
+    """
     data = config.data
     if data.corpus == "synthetic":
-        pairs, rejected = generate_pairs(data.synthetic_pairs, seed=data.seed), {}
+        pairs, report = generate_pairs(data.synthetic_pairs, seed=data.seed), {}
     else:
+        check_corpus_path(data)
         fmt = "jsonl" if data.corpus == "jsonl" else "tsv"
         pairs, read_report = read_parallel(data.path, format=fmt)
-        rejected = dict(read_report.rejected)
+        report = read_summary(read_report)
     pairs, clean_report = clean_pairs(pairs, CleaningConfig(max_chars=data.max_chars))
-    rejected.update(clean_report.rejected)
-    return pairs, {"pairs": len(pairs), "rejected": rejected}
+    return pairs, {**report, "filtered": dict(clean_report.rejected), "pairs": len(pairs)}
+
+
+def check_corpus_path(data: DataConfig) -> None:
+    """Raise :class:`CorpusError` naming ``data.path`` (as resolved) if it is missing or not text.
+
+    A directory (corpus "text") must hold ``*.txt`` files; its empty ones are left to the reader,
+    which skips and counts them.
+    """
+    path = Path(data.path)  # type: ignore[arg-type]
+    if not path.exists():
+        raise CorpusError(
+            f"data.path: no such file or directory: {path} (a relative path in a config file is read from "
+            "the config file's directory; one given with --set, from the current directory)"
+        )
+    if not path.is_dir():
+        check_text_file(path)
+        return
+    if data.is_translation:
+        raise CorpusError(f"data.path: {path} is a directory; corpus {data.corpus!r} reads one file")
+    files = document_paths(path)
+    if not files:
+        raise CorpusError(f"data.path: the directory {path} holds no *.txt files")
+    for file in files:
+        if file.stat().st_size:
+            check_text_file(file)
 
 
 def prepare(config: Config, tokenizers: TokenizerPair | None = None) -> PreparedData:
@@ -66,6 +108,9 @@ def prepare(config: Config, tokenizers: TokenizerPair | None = None) -> Prepared
 def _prepare_translation(config: Config, tokenizers: TokenizerPair | None) -> PreparedData:
     data, train_cfg = config.data, config.train
     pairs, report = read_pairs(config)
+    if report.get("files"):
+        check_rejected(report, data.max_rejected_fraction)
+    _check_enough_pairs(data, report)
     splits = split_pairs(pairs, valid=data.valid_size, test=data.test_size, seed=data.seed)
     if tokenizers is None:
         tokenizers = train_tokenizer_pair(
@@ -73,8 +118,8 @@ def _prepare_translation(config: Config, tokenizers: TokenizerPair | None) -> Pr
         )
     model_config = _with_vocab(config.model, tokenizers)
     limit = model_config.max_seq_len
-    train = _encode_pairs(tokenizers, splits.train, limit)
-    valid = _encode_pairs(tokenizers, splits.valid, limit)
+    _, train = _encode_pairs(tokenizers, splits.train, limit)
+    valid_pairs, valid = _encode_pairs(tokenizers, splits.valid, limit)
     report.update(
         train=len(train),
         valid=len(valid),
@@ -97,20 +142,41 @@ def _prepare_translation(config: Config, tokenizers: TokenizerPair | None) -> Pr
     task = TrainingTask(
         train_batches=lambda epoch: batches(train, data.seed + epoch, shuffle=True),
         valid_batches=valid_batches,
-        evaluate=_bleu_evaluator(tokenizers, splits.valid[: train_cfg.bleu_samples], data.target_lang),
+        # spread over the pairs the validation loss sees: a length-sorted corpus (Tatoeba) would
+        # otherwise give the shortest sentences only
+        evaluate=_bleu_evaluator(
+            tokenizers, spread_subset(valid_pairs, train_cfg.bleu_samples, seed=data.seed), data.target_lang
+        ),
         meta=_meta(config, model_config, tokenizers),
         pad_id=pad,
     )
     return PreparedData(task, model_config, tokenizers, splits.test, report)
 
 
-def _encode_pairs(tok: TokenizerPair, pairs: Sequence[Pair], limit: int) -> list[tuple[list[int], list[int]]]:
-    out = []
+def _check_enough_pairs(data: DataConfig, report: dict[str, Any]) -> None:
+    """Name the file and the config keys when there are too few pairs for the splits asked for."""
+    n, held_out = report["pairs"], data.valid_size + data.test_size
+    if n > held_out:
+        return
+    source = report["files"][0] if report.get("files") else "the synthetic corpus"
+    read = f" of {report['lines']:,} lines ({report['read']:,} read as pairs)" if report.get("files") else ""
+    raise CorpusError(
+        f"{source}: {n:,} usable pairs{read} after cleaning, but data.valid_size ({data.valid_size}) + "
+        f"data.test_size ({data.test_size}) = {held_out} are held out and training needs at least one more"
+    )
+
+
+def _encode_pairs(
+    tok: TokenizerPair, pairs: Sequence[Pair], limit: int
+) -> tuple[list[Pair], list[tuple[list[int], list[int]]]]:
+    """The pairs that fit ``limit`` tokens on each side, and their token ids (source + EOS, BOS + target + EOS)."""
+    kept, out = [], []
     for src, tgt in pairs:
         s, t = tok.source.encode(src, eos=True), tok.target.encode(tgt, bos=True, eos=True)
         if len(s) <= limit and len(t) - 1 <= limit:  # the decoder sees len(t) - 1 positions
+            kept.append((src, tgt))
             out.append((s, t))
-    return out
+    return kept, out
 
 
 def _translation_batch(examples: Sequence[tuple[list[int], list[int]]], pad: int) -> Batch:
@@ -138,7 +204,12 @@ def _bleu_evaluator(tok: TokenizerPair, pairs: Sequence[Pair], target_lang: str)
 
 def _prepare_lm(config: Config, tokenizers: TokenizerPair | None) -> PreparedData:
     data, train_cfg = config.data, config.train
-    texts, read_report = read_documents(data.path)
+    check_corpus_path(data)
+    texts, read_report = read_documents(data.path)  # type: ignore[arg-type]
+    summary = read_summary(read_report)
+    check_rejected(summary, data.max_rejected_fraction)
+    if not texts:
+        raise CorpusError(f"data.path: {data.path}: no text read (every file empty or blank)")
     text = "\n".join(texts)
     if tokenizers is None:
         one = train_tokenizer([text], kind=data.tokenizer, vocab_size=data.vocab_size)
@@ -148,9 +219,9 @@ def _prepare_lm(config: Config, tokenizers: TokenizerPair | None) -> PreparedDat
     ids = torch.tensor(tokenizers.source.encode(text), dtype=torch.long)
     n_valid, n_test = data.valid_size * (seq + 1), data.test_size * (seq + 1)
     if len(ids) < n_valid + n_test + 2 * (seq + 1):
-        raise ValueError(
-            f"{data.path}: {len(ids)} tokens are too few for valid_size={data.valid_size} and "
-            f"test_size={data.test_size} windows of {seq + 1} tokens plus training data"
+        raise CorpusError(
+            f"{data.path}: {len(ids):,} tokens are too few for data.valid_size={data.valid_size} and "
+            f"data.test_size={data.test_size} windows of {seq + 1} tokens plus two windows of training data"
         )
     train_ids = ids[: len(ids) - n_valid - n_test]
     valid_ids = ids[len(train_ids) : len(train_ids) + n_valid]
@@ -170,8 +241,8 @@ def _prepare_lm(config: Config, tokenizers: TokenizerPair | None) -> PreparedDat
 
     valid_batches = windows(valid_ids, torch.arange(0, len(valid_ids) - seq, seq + 1))
     report = {
+        **summary,
         "documents": len(texts),
-        "rejected": dict(read_report.rejected),
         "tokens": len(ids),
         "train_tokens": len(train_ids),
         "valid_windows": data.valid_size,

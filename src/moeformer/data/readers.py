@@ -8,7 +8,9 @@ a :class:`ReadReport`, so a caller can show what was dropped and why::
     report.kept, report.rejected             # 29391, {"no_tab": 1}
 
 Files are read as bytes and decoded line by line (UTF-8, a leading BOM dropped, CRLF accepted),
-so one undecodable line costs that line only.
+so one undecodable line costs that line only. The report also counts the lines read and keeps,
+per reason, where it first happened (file and 1-based line number), so that a caller can point
+at the line (:mod:`moeformer.data.report` decides which reasons are defects of the input).
 """
 
 from __future__ import annotations
@@ -43,9 +45,15 @@ class ReadReport:
 
     kept: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    lines: int = 0  # lines read, over every file
+    files: list[str] = field(default_factory=list)  # the files read, in order
+    first: dict[str, tuple[str, int]] = field(default_factory=dict)  # reason -> (file, 1-based line) of its first
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: str, where: tuple[str, int] | None = None) -> None:
+        """Count one ``reason``; ``where`` (file, line) is kept for the first of each reason."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if where is not None:
+            self.first.setdefault(reason, where)
 
     @property
     def n_rejected(self) -> int:
@@ -54,15 +62,24 @@ class ReadReport:
 
 def iter_lines(path: str | Path, report: ReadReport) -> Iterator[str]:
     """Decoded lines of ``path`` without their line ends; undecodable lines counted and skipped."""
+    for _, line in numbered_lines(path, report):
+        yield line
+
+
+def numbered_lines(path: str | Path, report: ReadReport) -> Iterator[tuple[tuple[str, int], str]]:
+    """((file, 1-based line number), decoded line) for each line of ``path`` that is valid UTF-8."""
+    name = str(path)
+    report.files.append(name)
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh):
+        for number, raw in enumerate(fh, start=1):
+            report.lines += 1
             raw = raw.rstrip(b"\n").rstrip(b"\r")
-            if number == 0 and raw.startswith(b"\xef\xbb\xbf"):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             try:
-                yield raw.decode("utf-8")
+                yield (name, number), raw.decode("utf-8")
             except UnicodeDecodeError:
-                report.reject(UNDECODABLE)
+                report.reject(UNDECODABLE, (name, number))
 
 
 def iter_tsv(path: str | Path, report: ReadReport, *, max_columns: int = 3) -> Iterator[Pair]:
@@ -73,17 +90,17 @@ def iter_tsv(path: str | Path, report: ReadReport, *, max_columns: int = 3) -> I
     """
     if max_columns < 2:
         raise ValueError(f"max_columns must be at least 2 (source and target), got {max_columns}")
-    for line in iter_lines(path, report):
+    for where, line in numbered_lines(path, report):
         if not line.strip():
-            report.reject(EMPTY_LINE)
+            report.reject(EMPTY_LINE, where)
             continue
         columns = line.split("\t")
         if len(columns) < 2:
-            report.reject(NO_TAB)
+            report.reject(NO_TAB, where)
         elif len(columns) > max_columns:
-            report.reject(TOO_MANY_COLUMNS)
+            report.reject(TOO_MANY_COLUMNS, where)
         elif not columns[0].strip() or not columns[1].strip():
-            report.reject(EMPTY_FIELD)
+            report.reject(EMPTY_FIELD, where)
         else:
             report.kept += 1
             yield columns[0], columns[1]
@@ -107,13 +124,13 @@ def iter_jsonl(
     if (source_key is None) != (target_key is None):
         raise ValueError(f"give both source_key and target_key or neither, got {source_key!r} and {target_key!r}")
     candidates = JSONL_KEYS if source_key is None else ((source_key, target_key),)
-    for line in iter_lines(path, report):
+    for where, line in numbered_lines(path, report):
         if not line.strip():
-            report.reject(EMPTY_LINE)
+            report.reject(EMPTY_LINE, where)
             continue
         pair, reason = _pair_from_json(line, candidates)  # type: ignore[arg-type]
         if pair is None:
-            report.reject(reason)
+            report.reject(reason, where)
         else:
             report.kept += 1
             yield pair
@@ -177,16 +194,17 @@ def read_documents(paths: str | Path | Iterable[str | Path], *, pattern: str = "
     """
     report = ReadReport()
     documents = []
-    for path in _document_paths(paths, pattern):
+    for path in document_paths(paths, pattern):
         text = read_document(path, report)
         if text.strip():
             documents.append(text)
         else:
-            report.reject(EMPTY_DOCUMENT)
+            report.reject(EMPTY_DOCUMENT, (str(path), 1))
     return documents, report
 
 
-def _document_paths(paths: str | Path | Iterable[str | Path], pattern: str) -> list[Path]:
+def document_paths(paths: str | Path | Iterable[str | Path], pattern: str = "*.txt") -> list[Path]:
+    """The files :func:`read_documents` reads for ``paths``, in order."""
     if isinstance(paths, (str, Path)):
         root = Path(paths)
         if root.is_dir():

@@ -1,4 +1,4 @@
-"""Train / valid / test splits decided by a hash of the source sentence.
+"""Train / valid / test splits decided by a hash of the source sentence; seeded subsets spread over a split.
 
 Tatoeba lists many English sentences with several translations; a random split by pair would put
 "I'm sorry." -> "对不起。" in training and "I'm sorry." -> "抱歉。" in the test set, and the test
@@ -100,3 +100,24 @@ def _cut(positions: list[float], size: float | int, start: float) -> float:
     if size > len(above):
         raise ValueError(f"valid and test together ask for more than the {len(positions)} items there are")
     return math.nextafter(above[size - 1], 2.0)  # includes every pair whose key sits at that position
+
+
+def spread_subset(items: Sequence[T], k: int, *, seed: int = 0) -> list[T]:
+    """``k`` of ``items`` spread over the whole sequence: one from each of ``k`` equal strata, in order.
+
+    Corpora are often sorted (Tatoeba's file by length), so the first ``k`` items would be the
+    shortest; one item drawn from each consecutive k-th of the sequence covers it end to end
+    while staying a random sample. The draw within each stratum is BLAKE2b(seed, stratum), so
+    the subset depends only on ``seed`` and the items' count, never on the process.
+    """
+    n = len(items)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if k >= n:
+        return list(items)
+    picks = []
+    for j in range(k):
+        lo, hi = j * n // k, (j + 1) * n // k  # stratum j: [lo, hi), never empty since k < n
+        digest = hashlib.blake2b(f"{seed}\x00spread\x00{j}".encode(), digest_size=8).digest()
+        picks.append(items[lo + int.from_bytes(digest, "big") % (hi - lo)])
+    return picks
