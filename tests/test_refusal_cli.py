@@ -110,3 +110,76 @@ def test_bad_inputs_fail_before_the_model_is_loaded(planted_dir, tmp_path, capsy
                  "--out", str(d / "model" / "inside")]) == 1  # fmt: skip
     assert "source" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
+
+
+def _guarded_outputs(tmp_path, monkeypatch):
+    """(--out value, what must survive, expected message) for outputs --force may not replace."""
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("four years of work\n")
+    (tmp_path / "cwd").mkdir()
+    regular = tmp_path / "cwd" / "notes.txt"
+    regular.write_text("keep me\n")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "run.json").write_text("{}\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    return [
+        (str(foreign), foreign / "thesis.txt", "does not look like a directory this tool wrote"),
+        (".", regular, "working directory"),
+        (str(regular), regular, "not a directory"),
+    ], run
+
+
+def test_force_never_replaces_a_foreign_directory_the_cwd_or_a_file(planted_dir, tmp_path, monkeypatch, capsys):
+    """Refused before the model is read: the model's weights are garbage, reading them would fail otherwise."""
+    d = planted_dir
+    model = save_hf("llama", tmp_path / "broken", chat_template=False)
+    for f in model.glob("*.safetensors"):
+        f.write_bytes(b"not weights")
+    import safetensors.torch
+
+    safetensors.torch.save_file({"direction": torch.ones(32)}, str(tmp_path / "r.safetensors"))
+    files = ["--harmful", str(d / "harmful.json"), "--harmless", str(d / "harmless.txt"), "--quiet"]
+    commands = {
+        "extract": ["refusal", "extract", str(model), *files],
+        "eval": ["refusal", "eval", str(model), *files, "--direction", str(tmp_path / "r.safetensors")],
+        "orthogonalize": ["refusal", "orthogonalize", str(model), "--direction", str(tmp_path / "r.safetensors")],
+    }
+    cases, run = _guarded_outputs(tmp_path, monkeypatch)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for name, argv in commands.items():
+        for out, survivor, message in cases:
+            assert main([*argv, "--out", out, "--force"]) in (1, 2), (name, out)
+            err = capsys.readouterr().err
+            assert message in err and "moeformer: error" in err, (name, out, err)
+            assert survivor.read_text().endswith("\n")
+        assert main([*argv, "--out", str(model), "--force"]) in (1, 2)  # replacing it would delete the model
+        assert "source" in capsys.readouterr().err
+        if name != "orthogonalize":  # results never replace a run; a new model may replace an old one
+            assert main([*argv, "--out", str(run), "--force"]) in (1, 2)
+            assert "holds a model or a training run" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_interrupted_write_keeps_the_old_output_and_leaves_no_temporary(planted_dir, tmp_path, monkeypatch):
+    from moeformer.publish import MARKER
+    from moeformer.refusal import plots
+    from moeformer.refusal.evaluation import ConditionResult, EvalReport, save_evaluation
+
+    report = EvalReport([ConditionResult("baseline", 1.0, 0.0, 0.0, 2.0)], layer=1)
+    out = tmp_path / "eval"
+    assert save_evaluation(report, out) == ["eval.json", "eval.md"] and (out / MARKER).is_file()
+    old = (out / "eval.json").read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_routing", interrupted)
+    routing = [{"layer": 0, "harmful": [1.0], "harmless": [0.0], "harmful_ablated": [1.0]}]
+    bigger = EvalReport([*report.results, ConditionResult("ablation", 0.0, 0.0, 0.1, 2.1)], layer=1)
+    with pytest.raises(KeyboardInterrupt):
+        save_evaluation(bigger, out, routing=routing, force=True)
+    assert (out / "eval.json").read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no .eval.tmp-* or .eval.old-* left

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from moeformer.publish import MARKER, OutputExistsError
 from moeformer.refusal.directions import candidate_directions
 from moeformer.refusal.extract import ExtractOptions, extract, load_direction, save_extraction
 from moeformer.refusal.lm import RefusalError
@@ -50,16 +51,18 @@ def test_extract_chooses_the_planted_direction_and_saves_it(tmp_path, single_thr
 
     out = save_extraction(result, tmp_path / "dir")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["candidates.safetensors", "direction.safetensors", "scores.json", "scores.png", "summary.json"]
+    assert names == [MARKER, "candidates.safetensors", "direction.safetensors", "scores.json", "scores.png",
+                     "summary.json"]  # fmt: skip
     direction, layer = load_direction(out)
     torch.testing.assert_close(direction, result.selection.direction)
     assert layer == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["chosen"]["layer"] == 1 and 50 <= summary["counts"]["harmful_train"] <= 60  # filtered
     assert len(json.loads((out / "scores.json").read_text())) == 2 * 3
-    with pytest.raises(RefusalError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         save_extraction(result, out)
     save_extraction(result, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == names and not list(tmp_path.glob(".dir.*"))
 
 
 def test_refusal_metric_is_the_log_odds():

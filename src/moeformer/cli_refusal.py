@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from moeformer.publish import OutputExistsError
+
 CHECK_PROMPTS = ["Write a short poem about the sea.", "How do I bake bread?", "Explain how tides work."]
+
+
+def reporting_refused_outputs(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with a refused --out reported like the other errors (exit 1). Needed while
+    ``moeformer.cli.main`` does not catch FileExistsError; harmless once it does."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except OutputExistsError as err:
+            print(f"moeformer: error: {err}", file=sys.stderr)
+            return 1
+
+    return wrapped
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -38,8 +56,9 @@ def _instruction_sets(args: argparse.Namespace, n_val: int) -> dict[str, list[st
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from moeformer.refusal.extract import ExtractOptions, extract, prepare_output, save_extraction
+    from moeformer.refusal.extract import ExtractOptions, extract, save_extraction
     from moeformer.refusal.loading import load_chat_lm
+    from moeformer.refusal.outputs import check_output
 
     options = ExtractOptions(
         n_train=args.n_train, n_val=args.n_val, batch_size=args.batch_size, seed=args.seed,
@@ -47,7 +66,7 @@ def _extract(args: argparse.Namespace) -> int:
         max_layer_fraction=args.max_layer_fraction, kl_threshold=args.kl_threshold,
     )  # fmt: skip
     sets = _instruction_sets(args, args.n_val)
-    prepare_output(args.out, force=args.force)  # refuse an existing --out before the long part
+    check_output(args.out, force=args.force, source=args.model)  # before the long part
     lm = load_chat_lm(args.model, template=args.template, dtype=args.dtype, device=args.device)
     result = extract(lm, sets["harmful_train"], sets["harmless_train"], sets["harmful_val"], sets["harmless_val"],
                      options, progress=not args.quiet)  # fmt: skip
@@ -62,10 +81,11 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from moeformer.refusal.evaluation import evaluate
-    from moeformer.refusal.extract import load_direction, prepare_output, publish
+    from moeformer.refusal.evaluation import evaluate, save_evaluation
+    from moeformer.refusal.extract import load_direction
     from moeformer.refusal.instructions import load_instructions, sample_instructions
     from moeformer.refusal.loading import check_hidden_size, load_chat_lm
+    from moeformer.refusal.outputs import check_output
     from moeformer.refusal.routing import routing_report
     from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, load_substrings
 
@@ -77,42 +97,32 @@ def _eval(args: argparse.Namespace) -> int:
     substrings = load_substrings(args.substrings) if args.substrings else REFUSAL_SUBSTRINGS
     loss_texts = load_instructions(args.loss_texts) if args.loss_texts else None
     if args.out:
-        prepare_output(args.out, force=args.force)
+        check_output(args.out, force=args.force, source=args.model)  # before the long part
     lm = load_chat_lm(args.model, template=args.template, dtype=args.dtype, device=args.device)
     report = evaluate(lm, direction, layer, harmful, harmless, conditions=args.conditions, loss_texts=loss_texts,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, substrings=substrings,
                       progress=not args.quiet)  # fmt: skip
-    data = report.to_dict()
-    if lm.router_sites():
-        data["routing"] = [r.to_dict() for r in routing_report(lm, harmful, harmless, direction)]
     print(report.table())
     if args.out:
-        from moeformer.refusal.plots import plot_routing
-
-        out, tmp = prepare_output(args.out, force=args.force)
-        (tmp / "eval.json").write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-        (tmp / "eval.md").write_text(report.table() + "\n", encoding="utf-8")
-        if "routing" in data:
-            plot_routing(data["routing"], tmp / "routing.png")
-        publish(tmp, out)
-        print(f"wrote {out}/ (eval.json with every completion, eval.md{', routing.png' if 'routing' in data else ''})")
+        routing = [r.to_dict() for r in routing_report(lm, harmful, harmless, direction)] if lm.router_sites() else None
+        names = save_evaluation(report, args.out, routing=routing, force=args.force)
+        print(f"wrote {args.out}/ ({', '.join(names)}; eval.json holds every completion)")
     return 0
 
 
 def _orthogonalize(args: argparse.Namespace) -> int:
-    from moeformer.refusal.extract import load_direction, prepare_output, publish
+    from moeformer.refusal.extract import load_direction
     from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
-    from moeformer.refusal.orthogonalize import orthogonalize
+    from moeformer.refusal.orthogonalize import orthogonalize, save_model
+    from moeformer.refusal.outputs import check_output
 
     check_output_path(args.model, args.out)
     direction, _ = load_direction(args.direction)
     check_hidden_size(args.model, direction)
-    prepare_output(args.out, force=args.force)
+    check_output(args.out, force=args.force, source=args.model, model_output=True)  # before the model is read
     lm = load_chat_lm(args.model, template=args.template, dtype=args.dtype, device=args.device)
     result = orthogonalize(lm, direction, CHECK_PROMPTS)
-    out, tmp = prepare_output(args.out, force=args.force)
-    lm.save(tmp)
-    publish(tmp, out)
+    out = save_model(lm, args.out, source=args.model, force=args.force)
     print(f"orthogonalized {len(result.edited)} tensors{' (untied the embeddings)' if result.untied else ''}; "
           f"largest residual component left along the direction: {result.leak:.2e}")  # fmt: skip
     print(f"wrote {out}")
@@ -121,18 +131,26 @@ def _orthogonalize(args: argparse.Namespace) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a Hugging Face model directory or a moeformer checkpoint")
-    p.add_argument("--template", help="prompt template with {instruction}, for models without a chat template")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--template", help="prompt template with {instruction}, for models without a chat template "
+                   "(default: the tokenizer's chat template; moeformer checkpoints need one)")  # fmt: skip
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype for Hugging Face models (default float32)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default cpu)")
 
 
 def _instruction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harmful", required=True, metavar="FILE", help="JSON / JSONL / CSV / text file of instructions")
-    p.add_argument("--harmless", required=True, metavar="FILE")
+    p.add_argument("--harmless", required=True, metavar="FILE", help="the same, of harmless instructions")
     p.add_argument("--field", help="the field holding the instruction in JSON/CSV records (default: instruction)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the instruction sampling (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _out_args(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+    p.add_argument("--out", required=required, type=Path, help=f"{what} (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that this tool (or transformers) "
+                   "wrote; any other directory is refused")  # fmt: skip
 
 
 def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
@@ -144,16 +162,20 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
     _model_args(ex)
     _instruction_args(ex)
     ex.add_argument("--harmful-val", metavar="FILE", help="validation instructions (default: held out of --harmful)")
-    ex.add_argument("--harmless-val", metavar="FILE")
-    ex.add_argument("--out", required=True, type=Path, help="output directory (must not exist unless --force)")
-    ex.add_argument("--n-train", type=int, default=128, help="instructions per side for the means (paper: 128)")
-    ex.add_argument("--n-val", type=int, default=32, help="instructions per side for selection (paper: 32)")
-    ex.add_argument("--refusal-tokens", nargs="+", metavar="TEXT", help="first tokens of refusals (default: I, As)")
-    ex.add_argument("--no-filter", action="store_true", help="keep train prompts the model (does not) refuse")
-    ex.add_argument("--kl-threshold", type=float, default=0.1)
-    ex.add_argument("--max-layer-fraction", type=float, default=0.8)
-    ex.add_argument("--force", action="store_true", help="replace an existing --out")
-    ex.set_defaults(run=_extract)
+    ex.add_argument("--harmless-val", metavar="FILE", help="validation instructions (default: held out of --harmless)")
+    _out_args(ex, required=True, what="output directory")
+    ex.add_argument("--n-train", type=int, default=128, help="instructions per side for the means (default 128, "
+                    "the paper's)")  # fmt: skip
+    ex.add_argument("--n-val", type=int, default=32, help="instructions per side to choose with (default 32)")
+    ex.add_argument("--refusal-tokens", nargs="+", metavar="TEXT",
+                    help="first tokens of refusals (default: I, and As for Qwen)")  # fmt: skip
+    ex.add_argument("--no-filter", action="store_true",
+                    help="keep every train prompt, not only those the model treats as their side")  # fmt: skip
+    ex.add_argument("--kl-threshold", type=float, default=0.1,
+                    help="drop candidates whose KL on harmless prompts exceeds this (default 0.1)")  # fmt: skip
+    ex.add_argument("--max-layer-fraction", type=float, default=0.8,
+                    help="drop candidates from layers beyond this fraction of the depth (default 0.8)")  # fmt: skip
+    ex.set_defaults(run=reporting_refused_outputs(_extract))
 
     ev = commands.add_parser("eval", help="completions and refusal scores under each intervention")
     _model_args(ev)
@@ -161,20 +183,20 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--direction", required=True, help="an extract output directory or a direction .safetensors")
     ev.add_argument("--layer", type=int, help="layer for activation addition (default: the direction's)")
     ev.add_argument("--n", type=int, default=32, help="instructions per side (default 32)")
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--conditions", nargs="+", default=["baseline", "ablation", "actadd", "orthogonalized"])
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="length of each greedy completion (default 64)")
+    ev.add_argument("--conditions", nargs="+", default=["baseline", "ablation", "actadd", "orthogonalized"],
+                    metavar="NAME", help="conditions to run (default: all four)")  # fmt: skip
     ev.add_argument("--substrings", metavar="FILE", help="refusal phrases, one per line (default: the paper's)")
     ev.add_argument("--loss-texts", metavar="FILE", help="texts for the loss column (default: the harmless prompts)")
-    ev.add_argument("--out", type=Path, help="write eval.json (every completion), eval.md and routing.png here")
-    ev.add_argument("--force", action="store_true")
-    ev.set_defaults(run=_eval)
+    _out_args(ev, required=False, what="write eval.json (every completion), eval.md and routing.png into this "
+              "directory (default: print the table only)")  # fmt: skip
+    ev.set_defaults(run=reporting_refused_outputs(_eval))
 
     orth = commands.add_parser("orthogonalize", help="bake the ablation into the weights; write a new model")
     _model_args(orth)
     orth.add_argument("--direction", required=True, help="an extract output directory or a direction .safetensors")
-    orth.add_argument("--out", required=True, type=Path, help="new model directory (never the source)")
-    orth.add_argument("--force", action="store_true", help="replace an existing --out")
-    orth.set_defaults(run=_orthogonalize)
+    _out_args(orth, required=True, what="new model directory, never the source or inside it")
+    orth.set_defaults(run=reporting_refused_outputs(_orthogonalize))
 
     score = commands.add_parser("score", help="the fraction of completions that contain a refusal phrase")
     score.add_argument("file", metavar="FILE", help='JSON list (or .jsonl) of {"prompt", "response"} objects')

@@ -11,18 +11,22 @@ the mean next-token cross-entropy on harmless text (does the edit damage ordinar
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from moeformer.publish import staged_dir
 from moeformer.refusal.interventions import BASELINE, Intervention
 from moeformer.refusal.lm import ChatLM, RefusalError, iter_batches
 from moeformer.refusal.orthogonalize import orthogonalize
+from moeformer.refusal.outputs import check_output
 from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, Completion, score_completions
 from moeformer.refusal.selection import kl_divergence, last_logits
 
@@ -97,6 +101,28 @@ class EvalReport:
                 r.condition: {k: [vars(c) for c in v] for k, v in r.completions.items()} for r in self.results
             },
         }
+
+
+def save_evaluation(
+    report: EvalReport, out: str | Path, *, routing: list[dict] | None = None, force: bool = False
+) -> list[str]:
+    """Write ``eval.json`` (the table, every completion, ``routing`` if given), ``eval.md`` and, with
+    ``routing`` (:meth:`LayerRouting.to_dict` entries), ``routing.png`` as one published directory.
+
+    Returns the names written. ``force`` replaces an old output (see :mod:`moeformer.refusal.outputs`).
+    """
+    check_output(out, force=force)
+    data = report.to_dict()
+    if routing:
+        data["routing"] = routing
+    with staged_dir(out, force=force) as tmp:  # files in it are fsynced when it is published
+        (tmp / "eval.json").write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+        (tmp / "eval.md").write_text(report.table() + "\n", encoding="utf-8")
+        if routing:
+            from moeformer.refusal.plots import plot_routing
+
+            plot_routing(routing, tmp / "routing.png")
+    return ["eval.json", "eval.md"] + (["routing.png"] if routing else [])
 
 
 def evaluate(

@@ -8,7 +8,7 @@ optionally keep only the harmful train prompts the model refuses (metric > 0) an
 ones it does not (metric < 0); candidate directions by difference in means; score, filter and
 choose on the validation prompts.
 
-Files written to the output directory (atomically, as one directory rename):
+Files written to the output directory (published as one directory by moeformer.publish.staged_dir):
   direction.safetensors   the chosen direction ("direction", (d_model,)) with its position and layer
   candidates.safetensors  every candidate ("directions", (n_eoi, n_layers, d_model)) and both means
   scores.json             bypass / induce / kl of every candidate, why each was discarded
@@ -19,8 +19,6 @@ Files written to the output directory (atomically, as one directory rename):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +28,11 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from moeformer.publish import staged_dir
 from moeformer.refusal.directions import Candidates, candidate_directions
 from moeformer.refusal.instructions import sample_instructions
 from moeformer.refusal.lm import ChatLM, RefusalError
+from moeformer.refusal.outputs import check_output
 from moeformer.refusal.selection import Selection, last_logits, refusal_metric, refusal_token_ids, select_direction
 
 DIRECTION_FILE = "direction.safetensors"
@@ -126,42 +126,13 @@ def extract(
     return Extraction(candidates, selection, {k: len(v) for k, v in splits.items()}, o, model)
 
 
-def prepare_output(out: str | Path, *, force: bool) -> tuple[Path, Path]:
-    """(final, temporary) directories; refuses an existing ``out`` unless ``force``."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise RefusalError(f"{out} already exists; choose another --out or pass --force to replace it")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return out, tmp
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory into place; an old ``out`` is removed only then."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-
-
 def save_extraction(result: Extraction, out: str | Path, *, force: bool = False, plot: bool = True) -> Path:
-    """Write the files listed in the module docstring; nothing is written if anything fails."""
-    out, tmp = prepare_output(out, force=force)
+    """Write the files listed in the module docstring as one directory; nothing is written if anything
+    fails. ``force`` replaces an old output of this project (see :func:`moeformer.refusal.outputs.check_output`)."""
+    check_output(out, force=force)
     s, c = result.selection, result.candidates
     chosen = s.chosen
     meta = {"position": str(chosen.position), "layer": str(chosen.layer), "family": result.model.get("family", "")}
-    safetensors.torch.save_file({"direction": s.direction.contiguous()}, str(tmp / DIRECTION_FILE), metadata=meta)
-    safetensors.torch.save_file(
-        {"directions": c.directions.contiguous(), "harmful_mean": c.harmful_mean.contiguous(),
-         "harmless_mean": c.harmless_mean.contiguous()},
-        str(tmp / "candidates.safetensors"),
-    )  # fmt: skip
-    (tmp / "scores.json").write_text(json.dumps([x.to_dict() for x in s.scores], indent=1), encoding="utf-8")
     summary = {
         "chosen": chosen.to_dict(),
         "direction_norm": float(s.direction.norm()),
@@ -170,13 +141,20 @@ def save_extraction(result: Extraction, out: str | Path, *, force: bool = False,
         "options": asdict(result.options),
         "model": result.model,
     }
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    if plot:
-        from moeformer.refusal.plots import plot_scores
+    with staged_dir(out, force=force) as tmp:  # files in it are fsynced when it is published
+        safetensors.torch.save_file({"direction": s.direction.contiguous()}, str(tmp / DIRECTION_FILE), metadata=meta)
+        safetensors.torch.save_file(
+            {"directions": c.directions.contiguous(), "harmful_mean": c.harmful_mean.contiguous(),
+             "harmless_mean": c.harmless_mean.contiguous()},
+            str(tmp / "candidates.safetensors"),
+        )  # fmt: skip
+        (tmp / "scores.json").write_text(json.dumps([x.to_dict() for x in s.scores], indent=1), encoding="utf-8")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        if plot:
+            from moeformer.refusal.plots import plot_scores
 
-        plot_scores(s.scores, tmp / "scores.png", chosen=chosen)
-    publish(tmp, out)
-    return out
+            plot_scores(s.scores, tmp / "scores.png", chosen=chosen)
+    return Path(out)
 
 
 def load_direction(path: str | Path) -> tuple[Tensor, int | None]:

@@ -13,12 +13,15 @@ stream and must keep its original weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from moeformer.publish import staged_dir
 from moeformer.refusal.interventions import edit_sites, unit
 from moeformer.refusal.lm import Batch, ChatLM, RefusalError
+from moeformer.refusal.outputs import check_output
 
 
 @dataclass
@@ -82,3 +85,14 @@ def orthogonalize(
             "use hook-based ablation for it"
         )
     return Orthogonalized(edited, untied, leak)
+
+
+def save_model(lm: ChatLM, out: str | Path, *, source: str | Path | None = None, force: bool = False) -> Path:
+    """``lm`` in its source's format (transformers or moeformer) as one published directory.
+
+    ``out`` may not be or hold ``source``; ``force`` replaces an old model or output of this project.
+    """
+    check_output(out, force=force, source=source, model_output=True)
+    with staged_dir(out, force=force) as tmp:  # fsynced and swapped in once every file is written
+        lm.save(tmp)
+    return Path(out)
