@@ -207,3 +207,10 @@ def prepared_valid(config: Config) -> list[tuple[str, str]]:
 
     pairs, _ = pipeline.read_pairs(config)
     return split_pairs(pairs, valid=config.data.valid_size, test=config.data.test_size, seed=config.data.seed).valid
+
+
+def test_missing_file_given_relative_names_the_absolute_path(tmp_path, monkeypatch, no_tokenizer_training):
+    """A relative path (from --set, relative to the current directory) is named as the absolute path tried."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CorpusError, match=f"no such file or directory: {tmp_path / 'rel' / 'x.tsv'} "):
+        prepare(translation_config(Path("rel") / "x.tsv"))

@@ -77,7 +77,7 @@ def check_corpus_path(data: DataConfig) -> None:
     path = Path(data.path)  # type: ignore[arg-type]
     if not path.exists():
         raise CorpusError(
-            f"data.path: no such file or directory: {path} (a relative path in a config file is read from "
+            f"data.path: no such file or directory: {path.absolute()} (a relative path in a config file is read from "
             "the config file's directory; one given with --set, from the current directory)"
         )
     if not path.is_dir():

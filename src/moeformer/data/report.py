@@ -102,7 +102,7 @@ def format_data_report(report: dict[str, Any]) -> str:
     if report.get("rejected"):
         pieces = (f"{REASONS.get(r, r)}: {n:,} ({_first(report, r)})" for r, n in _by_count(report["rejected"]))
         counts = "; ".join(pieces)
-        lines.append(f"  rejected ({report.get('rejected_fraction', 0.0):.2%} of lines): {counts}")
+        lines.append(f"  rejected (defective: {_percent(report.get('rejected_fraction', 0.0))} of lines): {counts}")
     if report.get("filtered"):
         counts = ", ".join(f"{r} {n:,}" for r, n in _by_count(report["filtered"]))
         lines.append(f"  filtered by cleaning: {counts}")
@@ -150,6 +150,11 @@ def _first(summary: dict[str, Any], reason: str) -> str:
 
 def _by_count(counts: dict[str, int]) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def _percent(fraction: float) -> str:
+    """Two significant digits, so that one bad line in 30,000 does not print as 0.00%."""
+    return f"{fraction * 100:.2g}%"
 
 
 def _raise_to(fraction: float) -> str:
