@@ -2,11 +2,16 @@
 
 loaded = load_model("runs/tatoeba-deepseek")          # its best checkpoint
 translate(loaded.model, loaded.tokenizers, ["Are you OK?"], beam_size=4)
+
+Inputs are checked against the model before any decoding: the wrong kind of model, or an input
+longer than ``max_seq_len`` that cannot be split, raises ``ValueError`` naming the limit and the
+length. What the user should know but is not an error (a long input translated sentence by
+sentence, generation stopped at the model's limit) is passed to the ``note`` callback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,40 +21,106 @@ from torch import nn
 
 from moeformer.config import model_config_from_dict
 from moeformer.data.batching import pad_batch
-from moeformer.data.tokenizer import TokenizerPair
+from moeformer.data.sentences import join_sentences, split_sentences
+from moeformer.data.tokenizer import Tokenizer, TokenizerPair
 from moeformer.decode.beam import beam_translate
 from moeformer.decode.greedy import greedy_translate
 from moeformer.decode.sampling import sample_generate
 from moeformer.models import build_model
 from moeformer.train.checkpoint import Checkpoint, CheckpointError, load_weights, read_checkpoint
 
+Note = Callable[[str], None]
+
+
+class MissingTokenizerError(CheckpointError):
+    """A weights-only checkpoint was asked to encode or decode text; the message says how to give one."""
+
 
 @dataclass
 class LoadedModel:
     model: nn.Module  # in eval mode
-    tokenizers: TokenizerPair
+    tokenizer_pair: TokenizerPair | None  # None: a weights-only checkpoint and no tokenizer given
     checkpoint: Checkpoint
 
     @property
     def meta(self) -> dict[str, Any]:
         return self.checkpoint.meta
 
+    @property
+    def tokenizers(self) -> TokenizerPair:
+        """The tokenizers, or MissingTokenizerError for a checkpoint that has none."""
+        if self.tokenizer_pair is None:
+            raise MissingTokenizerError(
+                f"{self.checkpoint.path} holds weights but no tokenizer (e.g. converted from a transformers "
+                "directory without tokenizer.json), so text cannot be encoded; give one with --tokenizer PATH "
+                "(a tokenizer.json or a directory holding one)"
+            )
+        return self.tokenizer_pair
 
-def load_model(path: str | Path, *, which: str = "best", device: str = "cpu") -> LoadedModel:
+
+def load_model(
+    path: str | Path, *, which: str = "best", device: str = "cpu", tokenizer: str | Path | None = None
+) -> LoadedModel:
     """A model and its tokenizers from a checkpoint or run directory, or from a Hugging Face checkpoint
-    directory of a family :mod:`moeformer.interop` imports (config.json + safetensors + tokenizer.json);
-    errors name the bad file."""
+    directory of a family :mod:`moeformer.interop` imports (config.json + safetensors [+ tokenizer.json]);
+    errors name the bad file.
+
+    tokenizer: a tokenizer.json (or a directory holding one) used instead of the checkpoint's own;
+    without it a weights-only checkpoint loads with ``tokenizer_pair`` None.
+    """
+    given = read_tokenizer(tokenizer) if tokenizer is not None else None
     if _is_hf_directory(Path(path)):
-        return _load_hf(Path(path), device)
-    ckpt = read_checkpoint(path, which)
+        loaded = _load_hf(Path(path), device)
+    else:
+        ckpt = read_checkpoint(path, which)
+        try:
+            config = model_config_from_dict(ckpt.meta["config"]["model"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{ckpt.path}/checkpoint.json: bad model config entry ({err})") from None
+        model = build_model(config)
+        load_weights(model, ckpt)
+        loaded = LoadedModel(model.to(device).eval(), checkpoint_tokenizers(ckpt), ckpt)
+    if given is not None:
+        check_vocabulary(given, loaded.model.config.vocab_size, str(tokenizer))
+        loaded.tokenizer_pair = given
+    return loaded
+
+
+def checkpoint_tokenizers(ckpt: Checkpoint) -> TokenizerPair | None:
+    """The tokenizers saved in ``checkpoint.json``; None for a weights-only checkpoint (no entry)."""
+    entry = ckpt.meta.get("tokenizer")
+    if entry is None:
+        return None
     try:
-        config = model_config_from_dict(ckpt.meta["config"]["model"])
-        tokenizers = TokenizerPair.from_dict(ckpt.meta["tokenizer"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{ckpt.path}/checkpoint.json: bad config or tokenizer entry ({err})") from None
-    model = build_model(config)
-    load_weights(model, ckpt)
-    return LoadedModel(model.to(device).eval(), tokenizers, ckpt)
+        return TokenizerPair.from_dict(entry)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{ckpt.path}/checkpoint.json: bad tokenizer entry ({err})") from None
+
+
+def read_tokenizer(path: str | Path) -> TokenizerPair:
+    """A transformers tokenizer from a ``tokenizer.json`` file or a directory holding one (its
+    ``tokenizer_config.json`` beside it gives the special tokens), shared by source and target."""
+    from moeformer.data.hub_tokenizer import HubTokenizer
+
+    path = Path(path)
+    directory = path.parent if path.name == "tokenizer.json" else path
+    if not (directory / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: expected a tokenizer.json or a directory holding one")
+    try:
+        tokenizer = HubTokenizer.from_directory(directory)
+    except Exception as err:  # the tokenizers library raises its own plain Exception for a bad file
+        raise ValueError(f"{directory / 'tokenizer.json'}: not a readable tokenizer ({err})") from None
+    return TokenizerPair(tokenizer, tokenizer)
+
+
+def check_vocabulary(tokenizers: TokenizerPair, vocab_size: int, where: str) -> None:
+    """A tokenizer whose ids the model's embedding cannot look up is refused before it is used."""
+    for tok in {id(t): t for t in (tokenizers.source, tokenizers.target)}.values():
+        if tok.vocab_size > vocab_size:
+            raise ValueError(
+                f"{where}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has "
+                f"{vocab_size}; it is not this model's tokenizer"
+            )
 
 
 def _is_hf_directory(path: Path) -> bool:
@@ -57,17 +128,23 @@ def _is_hf_directory(path: Path) -> bool:
 
 
 def _load_hf(path: Path, device: str) -> LoadedModel:
-    """A transformers checkpoint imported as it is, with its own tokenizer (nothing is written)."""
+    """A transformers checkpoint imported as it is, with its own tokenizer if it has one (nothing is written)."""
     from moeformer.config import config_to_dict
-    from moeformer.data.hub_tokenizer import HubTokenizer
     from moeformer.interop import import_hf
 
-    if not (path / "tokenizer.json").exists():
-        raise CheckpointError(f"{path}: a transformers checkpoint without tokenizer.json; nothing can encode text")
-    tokenizer = HubTokenizer.from_directory(path)
+    tokenizers = read_tokenizer(path) if (path / "tokenizer.json").exists() else None
     model = import_hf(path)
     meta = {"config": {"model": config_to_dict(model.config)}, "step": 0, "converted_from": {"path": str(path)}}
-    return LoadedModel(model.to(device).eval(), TokenizerPair(tokenizer, tokenizer), Checkpoint(path, meta))
+    return LoadedModel(model.to(device).eval(), tokenizers, Checkpoint(path, meta))
+
+
+def require_arch(model: nn.Module, arch: str, task: str) -> None:
+    """A clear error instead of an AttributeError deep in decoding when the model cannot do ``task``."""
+    have = model.config.arch
+    if have != arch:
+        kinds = {"seq2seq": "an encoder-decoder (seq2seq) translation model", "decoder": "a decoder-only LM"}
+        other = "generate" if have == "decoder" else "translate"
+        raise ValueError(f"{task} needs {kinds[arch]}; this model is {kinds[have]} (use `{other}`)")
 
 
 @torch.no_grad()
@@ -80,15 +157,78 @@ def translate(
     batch_size: int = 64,
     max_len: int | None = None,
     length_penalty: float = 0.6,
+    note: Note | None = None,
 ) -> list[str]:
-    """Translations of ``texts`` (greedy when beam_size is 1), in order, batched by length."""
+    """Translations of ``texts`` (greedy when beam_size is 1), one per text, in order, batched by length.
+
+    A blank text translates to "". A text longer than the model's ``max_seq_len`` source tokens is
+    split into sentences (. ! ? 。！？), translated piece by piece and joined, and ``note`` is told;
+    a single sentence still too long raises ValueError with the limit and its length, before any
+    decoding.
+    """
+    require_arch(model, "seq2seq", "translate")
+    if beam_size < 1:
+        raise ValueError(f"beam size must be at least 1 (1 is greedy), got {beam_size}")
+    limit = model.config.max_seq_len
+    pieces, owners = plan_inputs(tokenizers.source, texts, limit, note)
+    max_len = min(max_len or limit, limit)
+    outputs = _translate_ids(model, tokenizers, pieces, beam_size, batch_size, max_len, length_penalty)
+    grouped: list[list[str]] = [[] for _ in texts]
+    for owner, output in zip(owners, outputs, strict=True):
+        grouped[owner].append(output)
+    return [join_sentences(parts) for parts in grouped]
+
+
+def plan_inputs(
+    tokenizer: Tokenizer, texts: Sequence[str], limit: int, note: Note | None = None
+) -> tuple[list[list[int]], list[int]]:
+    """Source ids to translate (each <= ``limit`` tokens, EOS included) and the text each belongs to.
+
+    Blank texts get no piece; texts over the limit one piece per sentence.
+    """
+    pieces: list[list[int]] = []
+    owners: list[int] = []
+    for i, text in enumerate(texts):
+        if not text.strip():
+            continue
+        ids = tokenizer.encode(text, eos=True)
+        if len(ids) <= limit:
+            pieces.append(ids)
+            owners.append(i)
+            continue
+        texts_s = split_sentences(text)
+        sentences = [tokenizer.encode(s, eos=True) for s in texts_s]
+        for sentence, ids_s in zip(texts_s, sentences):
+            if len(ids_s) > limit:
+                where = f"input {i + 1}" + (f", sentence {sentence[:40]!r}..." if len(sentences) > 1 else "")
+                raise ValueError(
+                    f"{where}: {len(ids_s)} tokens (end of sentence included), more than the model's limit "
+                    f"of {limit}; split it into shorter sentences"
+                )
+        pieces.extend(sentences)
+        owners.extend([i] * len(sentences))
+        if note is not None:
+            note(
+                f"input {i + 1} has {len(ids)} tokens, more than the model's limit of {limit}: "
+                f"translated as {len(sentences)} sentences, one at a time"
+            )
+    return pieces, owners
+
+
+def _translate_ids(
+    model: nn.Module,
+    tokenizers: TokenizerPair,
+    encoded: list[list[int]],
+    beam_size: int,
+    batch_size: int,
+    max_len: int,
+    length_penalty: float,
+) -> list[str]:
+    """Decoded translations of source id lists, in order; sorted by length so batches pad little."""
     was_training = model.training
     model.eval()
-    limit = model.config.max_seq_len
-    max_len = min(max_len or limit, limit)
-    encoded = [tokenizers.source.encode(t, eos=True)[:limit] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    out: list[str] = [""] * len(texts)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
     device = next(model.parameters()).device
     tgt = tokenizers.target
     for start in range(0, len(order), batch_size):
@@ -127,25 +267,41 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    note: Note | None = None,
 ) -> str:
-    """Continue ``prompt`` with a decoder-only model (sampling; temperature 0 is greedy)."""
+    """Continue ``prompt`` with a decoder-only model (sampling; temperature 0 is greedy).
+
+    The prompt and the new tokens share the model's ``max_seq_len`` positions: a prompt that leaves
+    no room raises ValueError with both numbers; generation that stops at the limit before
+    ``max_new_tokens`` (and before EOS) tells ``note``.
+    """
+    require_arch(model, "decoder", "generate")
     tok = tokenizers.source
     ids = tok.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenisation; give at least one character")
     limit = model.config.max_seq_len
-    ids = ids[-limit + 1 :] if len(ids) >= limit else ids
-    max_new_tokens = min(max_new_tokens, limit - len(ids))
+    if len(ids) >= limit:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens; the model reads at most {limit} positions, prompt and new "
+            f"tokens together, so a prompt may have at most {limit - 1} tokens: shorten it"
+        )
+    room = limit - len(ids)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     new = sample_generate(
         model.eval(),
         torch.tensor([ids], device=device),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=min(max_new_tokens, room),
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         eos_id=tok.eos_id,
         generator=generator,
-    )
-    return tok.decode(new[0].tolist())
+    )[0].tolist()
+    if note is not None and max_new_tokens > room and len(new) == room and tok.eos_id not in new:
+        note(
+            f"stopped after {room} new tokens (of {max_new_tokens} asked for): the model's limit is {limit} "
+            f"positions and the prompt takes {len(ids)}"
+        )
+    return tok.decode(new)

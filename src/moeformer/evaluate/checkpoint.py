@@ -2,7 +2,9 @@
 
 Translation checkpoints: BLEU (``zh`` tokenisation for Chinese targets) and chrF on a TSV/JSONL
 file of pairs, cleaned as the training data was (NFKC, whitespace). Language models:
-perplexity over consecutive windows of ``max_seq_len`` tokens of a text file.
+perplexity over consecutive windows of ``max_seq_len`` tokens of a text file. Sources longer
+than the model's limit are translated sentence by sentence (:func:`moeformer.inference.translate`),
+and ``note`` is told.
 """
 
 from __future__ import annotations
@@ -15,24 +17,33 @@ from moeformer.data.cleaning import clean_text
 from moeformer.data.readers import read_documents, read_parallel
 from moeformer.evaluate.metrics import translation_scores
 from moeformer.evaluate.perplexity import perplexity
-from moeformer.inference import load_model, translate
+from moeformer.inference import Note, load_model, translate
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data: str | Path, *, which: str = "best", limit: int | None = None, beam_size: int = 1
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    which: str = "best",
+    limit: int | None = None,
+    beam_size: int = 1,
+    tokenizer: str | Path | None = None,
+    note: Note | None = None,
 ) -> dict[str, float | str]:
-    loaded = load_model(checkpoint, which=which)
+    """Scores of ``checkpoint`` on ``data``; ``tokenizer`` replaces (or supplies) the checkpoint's own."""
+    loaded = load_model(checkpoint, which=which, tokenizer=tokenizer)
+    tokenizers = loaded.tokenizers  # a weights-only checkpoint fails here, before the data is read
     if loaded.model.config.arch == "seq2seq":
         pairs, report = read_parallel(data)
         pairs = [(clean_text(s), clean_text(t)) for s, t in pairs][:limit]
         if not pairs:
             raise ValueError(f"{data}: no readable pairs (rejected: {dict(report.rejected)})")
-        hyps = translate(loaded.model, loaded.tokenizers, [s for s, _ in pairs], beam_size=beam_size)
+        hyps = translate(loaded.model, tokenizers, [s for s, _ in pairs], beam_size=beam_size, note=note)
         lang = loaded.meta.get("config", {}).get("data", {}).get("target_lang", "zh")
         scores = translation_scores(hyps, [t for _, t in pairs], target_lang=lang)
         return {"pairs": len(pairs), "bleu": scores.bleu, "chrf": scores.chrf, "bleu_signature": scores.bleu_signature}
     texts, _ = read_documents(data)
-    ids = torch.tensor(loaded.tokenizers.source.encode("\n".join(texts)), dtype=torch.long)
+    ids = torch.tensor(tokenizers.source.encode("\n".join(texts)), dtype=torch.long)
     window = loaded.model.config.max_seq_len
     chunks = [ids[i : i + window] for i in range(0, len(ids) - 1, window)][:limit]
     chunks = [c for c in chunks if len(c) > 1]
