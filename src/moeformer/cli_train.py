@@ -32,12 +32,31 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from moeformer.config import load_config
-    from moeformer.train.run import run_training
+    from moeformer.train.run import TrainingInterrupted, run_training
+    from moeformer.train.rundir import RunDirError
 
-    config = load_config(args.config, args.set)
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        print(f"moeformer: error: --resume {args.resume} continues that run in its own directory; "
+              f"--out {args.out} cannot move it (copy the run directory first)", file=sys.stderr)  # fmt: skip
+        return 2
+    if not args.config and not args.resume:
+        print("moeformer: error: train needs a CONFIG file (or --resume RUN_DIR)", file=sys.stderr)
+        return 2
+    config = _train_config(args)
     run_dir = Path(args.resume or args.out or Path("runs") / Path(args.config).stem)
-    outcome = run_training(config, run_dir, resume=args.resume is not None, progress=not args.quiet)
+    try:
+        outcome = run_training(config, run_dir, resume=args.resume is not None, force=args.force,
+                               progress=not args.quiet, echo=_say)  # fmt: skip
+    except TrainingInterrupted as stop:
+        if stop.main:
+            _say(str(stop))
+        return stop.exit_code
+    except RunDirError as err:
+        print(f"moeformer: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _say(f"interrupted outside the training loop; the checkpoints in {run_dir} are as the last save left them")
+        return 130
     if not outcome.main:  # under torchrun, rank 0 reports
         return 0
     print(f"trained {outcome.result.step} steps ({outcome.result.stopped_by}); run directory: {run_dir}")
@@ -48,6 +67,15 @@ def _train(args: argparse.Namespace) -> int:
         for src, ref, hyp in outcome.samples:
             print(f"  {src!r} -> {hyp!r} (reference {ref!r})")
     return 0
+
+
+def _train_config(args: argparse.Namespace):  # noqa: ANN202
+    from moeformer.config import load_config
+    from moeformer.train.run import resume_config
+
+    if args.config:
+        return load_config(args.config, args.set)
+    return resume_config(Path(args.resume), args.set)
 
 
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -66,16 +94,26 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
 
-    train = sub.add_parser("train", help="train a model from a TOML config")
-    train.add_argument("config")
+    train = sub.add_parser(
+        "train",
+        help="train a model from a TOML config, or continue a run (Ctrl-C saves a checkpoint and stops)",
+    )
+    train.add_argument(
+        "config", nargs="?", help="the TOML config; optional with --resume (the run's own config is used)"
+    )
     train.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.moe.top_k=2 (repeatable)",
+        help="override a config value, e.g. --set model.moe.top_k=2 (repeatable; default: none)",
     )
-    train.add_argument("--out", help="run directory (default runs/CONFIG_NAME)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--out", help="run directory (default runs/CONFIG_NAME); must be empty unless --force")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint (default: new run)"
+    )
+    train.add_argument(
+        "--force", action="store_true", help="start afresh in a run directory that holds a run, deleting it"
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(run=_train)

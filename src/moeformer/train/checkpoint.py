@@ -8,15 +8,16 @@ A run directory holds::
     checkpoints/step-00000400/trainer.pt          optimiser, schedule, RNG, data position
     latest, best                                  one line: the checkpoint directory they name
 
-Each checkpoint is written into a temporary directory and renamed into place, and the
-``latest`` / ``best`` pointers are replaced atomically, so a crash leaves either the old or the
-new checkpoint, never a broken one. Loading checks every file and names what is wrong.
+Each checkpoint is written into a temporary directory, flushed to disk (files and directory) and
+renamed into place (:func:`moeformer.publish.publish_dir`), then the ``latest`` / ``best``
+pointers are replaced atomically, so a crash or a power loss leaves either the old or the new
+checkpoint, never a broken one, and the pointers name complete checkpoints only. Loading checks
+every file and names what is wrong.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+
+from moeformer.publish import publish_dir, write_text
 
 WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "checkpoint.json", "trainer.pt"
 
@@ -42,9 +45,7 @@ class Checkpoint:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def paths_overlap(a: str | Path, b: str | Path) -> bool:
@@ -85,9 +86,7 @@ def save_checkpoint(
     torch.save(trainer_state, tmp / TRAINER)
     if before_publish is not None:
         before_publish(tmp)
-    if final.exists():  # re-saving the same step (e.g. best and periodic at once)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    publish_dir(tmp, final)  # replaces a same-step checkpoint only once the new one is complete
     write_atomic(run_dir / "latest", f"checkpoints/{final.name}\n")
     if best:
         write_atomic(run_dir / "best", f"checkpoints/{final.name}\n")
@@ -102,6 +101,14 @@ def _prune(run_dir: Path, keep_last: int) -> None:
     for old in steps[: max(len(steps) - keep_last, 0)]:
         if old.resolve() not in protected:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial(run_dir: Path) -> int:
+    """Delete staging directories left by a run killed while saving; returns how many."""
+    partial = list((run_dir / "checkpoints").glob(".tmp-step-*")) + list((run_dir / "checkpoints").glob(".step-*"))
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(partial)
 
 
 def _pointer(run_dir: Path, name: str) -> Path | None:

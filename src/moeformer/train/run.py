@@ -7,20 +7,27 @@ and chrF of the best checkpoint on the held-out test split).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from moeformer.config import Config, ConfigError, config_to_dict
+from moeformer.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
 from moeformer.data.pipeline import PreparedData, prepare
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.models import build_model
-from moeformer.train.checkpoint import load_weights, read_checkpoint, write_atomic
+from moeformer.train.checkpoint import load_weights, read_checkpoint, remove_partial, write_atomic
 from moeformer.train.distributed import Distributed, init_distributed
+from moeformer.train.rundir import RunLock, claim_run_dir, trim_metrics
 from moeformer.train.trainer import Trainer, TrainResult
+
+TEST_CHUNK = 128  # test pairs decoded between two looks at the clock
 
 
 @dataclass
@@ -32,31 +39,111 @@ class RunOutcome:
     main: bool = True  # False on the ranks other than 0 of a distributed run (they report nothing)
 
 
-def run_training(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> RunOutcome:
-    """Train as one process, or as one rank of a torchrun launch (rank 0 writes every file)."""
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, run_dir: Path, step: int, checkpoint: Path | None, signum: int, main: bool = True) -> None:
+        saved = f"saved {checkpoint}" if checkpoint is not None else "no checkpoint saved"
+        super().__init__(f"interrupted at step {step}; {saved}; continue with: moeformer train --resume {run_dir}")
+        self.step, self.checkpoint, self.exit_code, self.main = step, checkpoint, 128 + signum, main
+
+
+def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The config a run was started with (its run.json), with ``KEY=VALUE`` overrides applied."""
+    file = Path(run_dir) / "run.json"
+    try:
+        table = json.loads(file.read_text(encoding="utf-8"))["config"]
+    except FileNotFoundError:
+        raise ConfigError(str(file), "missing: is this a run directory? give its config file too") from None
+    except (ValueError, KeyError):
+        raise ConfigError(str(file), "unreadable (no 'config' entry): give the run's config file too") from None
+    return config_from_dict(apply_overrides(table, overrides or []))
+
+
+def run_training(
+    config: Config,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> RunOutcome:
+    """Train as one process, or as one rank of a torchrun launch (rank 0 writes every file).
+
+    The run directory is locked while this runs (:mod:`moeformer.train.rundir`); a new run in a
+    directory holding one needs ``force``. With ``train.max_minutes`` the whole call, final
+    evaluation and test decoding included, ends within that time. SIGINT/SIGTERM save a checkpoint
+    and raise :class:`TrainingInterrupted`. echo: receives notes for the user (data report, warnings).
+    """
+    began = time.monotonic()
+    deadline = began + 60 * config.train.max_minutes if config.train.max_minutes else None
+    echo = echo or (lambda _: None)
     ctx = init_distributed(expected_world_size=config.train.world_size, timeout_s=config.train.dist_timeout_s)
+    main = ctx is None or ctx.main
+    lock = RunLock(run_dir, echo=echo) if main else contextlib.nullcontext()
+    with _agreed(lock, ctx):
+        if main:
+            claim_run_dir(run_dir, resume=resume, force=force)
+            remove_partial(run_dir)
+        return _run(config, run_dir, ctx, resume, progress, echo, deadline)
+
+
+@contextlib.contextmanager
+def _agreed(lock: contextlib.AbstractContextManager, ctx: Distributed | None) -> Iterator[None]:
+    """Enter ``lock`` on rank 0; the other ranks learn whether it failed instead of waiting forever."""
+    failed = None
+    try:
+        lock.__enter__()
+    except Exception as err:  # noqa: BLE001  re-raised below, after the other ranks are told
+        failed = err
+    if ctx is not None and bool(ctx.sum(torch.tensor(float(failed is not None)))):
+        if failed is None:
+            raise RuntimeError("rank 0 could not take the run directory (see its error)")
+    if failed is not None:
+        raise failed
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, progress: bool,
+         echo: Callable[[str], None], deadline: float | None) -> RunOutcome:  # fmt: skip
+    main = ctx is None or ctx.main
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     ckpt = read_checkpoint(run_dir, which="latest") if resume else None
     tokenizers = TokenizerPair.from_dict(ckpt.meta["tokenizer"]) if ckpt else None
+    if main:
+        for warning in config_warnings(config):
+            echo(f"warning: {warning}")
     prepared = prepare(config, tokenizers)
     device = _device(config.train.device, ctx)
     model = build_model(prepared.model_config).to(device)
+    n_test = len(prepared.test_pairs)
+
+    def reserve(eval_seconds: float) -> float:  # test decoding, estimated from validation decoding
+        return eval_seconds * n_test / max(min(config.train.bleu_samples, len(prepared.test_pairs) or 1), 1)
+
     trainer = Trainer(
-        model, _to_device(prepared, device), config.train, run_dir, progress=progress, distributed=ctx
-    )
+        model, _to_device(prepared, device), config.train, run_dir, progress=progress, distributed=ctx,
+        deadline=deadline, reserve=reserve, echo=echo,
+    )  # fmt: skip
     if ckpt is not None:
         trainer.resume(ckpt)
-    main = ctx is None or ctx.main
+        if main and trim_metrics(run_dir / "metrics.jsonl", trainer.step):
+            echo(f"note: dropped metrics.jsonl rows logged after step {trainer.step} by the interrupted run")
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         run_info = {"config": prepared.task.meta["config"], "data": prepared.report}
         write_atomic(run_dir / "run.json", json.dumps(run_info, ensure_ascii=False, indent=1))
     result = trainer.train()
+    if result.signal is not None:
+        raise TrainingInterrupted(run_dir, result.step, trainer.last_checkpoint, result.signal, main)
     outcome = RunOutcome(result, prepared.report, main=main)
     if not main:
         return outcome
     if prepared.test_pairs:
-        _score_test(outcome, prepared, model, run_dir, config)
+        _score_test(outcome, prepared, model, run_dir, config, deadline, progress)
     summary = {
         "step": result.step,
         "stopped_by": result.stopped_by,
@@ -68,23 +155,47 @@ def run_training(config: Config, run_dir: Path, *, resume: bool = False, progres
     return outcome
 
 
-def _score_test(
-    outcome: RunOutcome, prepared: PreparedData, model: torch.nn.Module, run_dir: Path, config: Config
-) -> None:
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are allowed but almost certainly not meant."""
+    t = config.train
+    warnings = []
+    if t.warmup_steps > t.steps:
+        warnings.append(
+            f"train.warmup_steps = {t.warmup_steps} is more than train.steps = {t.steps}: the learning rate "
+            "never reaches its peak"
+        )
+    return warnings
+
+
+def _score_test(outcome: RunOutcome, prepared: PreparedData, model: torch.nn.Module, run_dir: Path,
+                config: Config, deadline: float | None, progress: bool) -> None:  # fmt: skip
+    """BLEU and chrF of the best checkpoint on the test split, decoded in chunks with a progress bar;
+    with a deadline, decoding stops when it comes and the scores cover the pairs decoded."""
     from moeformer.evaluate.metrics import bleu, chrf
     from moeformer.inference import translate
 
     load_weights(model, read_checkpoint(run_dir, which="best"))
-    sources = [s for s, _ in prepared.test_pairs]
-    refs = [t for _, t in prepared.test_pairs]
-    hyps = translate(model, prepared.tokenizers, sources, batch_size=64)
-    lang = config.data.target_lang
+    pairs = prepared.test_pairs
+    hyps: list[str] = []
+    with tqdm(total=len(pairs), desc="test decoding", disable=not progress, unit="pair", leave=False) as bar:
+        for start in range(0, len(pairs), TEST_CHUNK):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            chunk = [s for s, _ in pairs[start : start + TEST_CHUNK]]
+            hyps += translate(model, prepared.tokenizers, chunk, batch_size=64)
+            bar.update(len(chunk))
+    decoded = pairs[: len(hyps)]
+    if not decoded:
+        return
+    refs = [t for _, t in decoded]
     outcome.test_scores = {
-        "test_bleu": bleu(hyps, refs, target_lang=lang),
+        "test_bleu": bleu(hyps, refs, target_lang=config.data.target_lang),
         "test_chrf": chrf(hyps, refs),
         "test_pairs": float(len(refs)),
     }
-    outcome.samples = list(zip(sources, refs, hyps))[:10]
+    if len(decoded) < len(pairs):
+        outcome.test_scores["test_pairs_skipped_for_time"] = float(len(pairs) - len(decoded))
+    outcome.samples = [(s, t, h) for (s, t), h in zip(decoded, hyps)][:10]
 
 
 def _device(name: str, ctx: Distributed | None = None) -> torch.device:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,8 +42,10 @@ from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
 from moeformer.train.loss import smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
+from moeformer.train.rundir import append_line
 from moeformer.train.schedule import lr_multiplier, noam_peak
 from moeformer.train.sharded import apply_fsdp, full_weights, has_sharded_state, load_sharded, save_sharded
+from moeformer.train.signals import StopSignals, signal_name
 from moeformer.validation import ConfigError
 
 
@@ -65,7 +66,8 @@ class TrainResult:
     metrics: list[dict[str, float]] = field(default_factory=list)  # one per logged step
     evals: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] | None = None
-    stopped_by: str = "steps"  # "steps" or "max_minutes"
+    stopped_by: str = "steps"  # "steps", "max_minutes", or the signal that stopped it: "SIGINT", "SIGTERM"
+    signal: int | None = None  # the number of that signal
 
 
 @dataclass
@@ -89,8 +91,18 @@ class Trainer:
         *,
         progress: bool = True,
         distributed: Distributed | None = None,
+        deadline: float | None = None,
+        reserve: Callable[[float], float] | None = None,
+        echo: Callable[[str], None] | None = None,
     ) -> None:
+        """deadline: ``time.monotonic()`` by which the whole command must be done (from
+        ``max_minutes``); reserve: seconds that the caller needs after training, given the
+        duration of one evaluation (e.g. test-set decoding); echo: where notes for the user go."""
         self.model, self.task, self.config, self.run_dir = model, task, config, Path(run_dir)
+        self.deadline, self.reserve, self.echo = deadline, reserve or (lambda _: 0.0), echo or (lambda _: None)
+        self.eval_seconds: float | None = None  # how long the last evaluation took
+        self._step_seconds = 0.0  # running mean of one update's time
+        self._signals: StopSignals | None = None  # while train() runs
         self.dist = distributed
         self.main = distributed is None or distributed.main
         self.progress = progress and self.main
@@ -206,66 +218,88 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        cfg = self.config
+        """Run updates until ``steps``, the deadline, or SIGINT/SIGTERM (which save and return)."""
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         result = TrainResult(step=self.step)
         stream, tracker = self._stream(), LoadTracker()
-        start, tokens_seen, window_start = time.monotonic(), 0, time.monotonic()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.progress, unit="step")
-        board = _tensorboard(self.run_dir) if self.main else None
-        log_path = self.run_dir / "metrics.jsonl" if self.main else Path(os.devnull)
-        with log_path.open("a", encoding="utf-8") as log:
-            while self.step < cfg.steps:
-                loss, nll, aux, n_tokens = self._update(stream, tracker)
-                self.step += 1
-                tokens_seen += n_tokens
-                bar.update(1)
-                if cfg.log_every and self.step % cfg.log_every == 0:
-                    elapsed = time.monotonic() - window_start
-                    row = {
-                        "step": self.step,
-                        "loss": loss,
-                        "nll": nll,
-                        "aux_loss": aux,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                        **self._balance(),
-                    }
-                    tokens_seen, window_start = 0, time.monotonic()
-                    result.metrics.append(row)
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    _board_write(board, "train", row, self.step)
-                    bar.set_postfix(
-                        loss=f"{loss:.3f}",
-                        lr=f"{row['lr']:.2e}",
-                        tok_s=f"{row['tokens_per_s']:.0f}",
-                        load=f"{row.get('max_over_mean_load', 1.0):.2f}",
-                    )
-                out_of_time = self._out_of_time(start)
-                evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time
-                if evaluate and (self.main or self.collective):
-                    evaluation = self._evaluate()
-                    improved = evaluation["valid_loss"] < self.best_loss
-                    if improved:
-                        self.best_loss = evaluation["valid_loss"]
-                        result.best = evaluation
-                    if self.main:
-                        result.evals.append(evaluation)
-                        log.write(json.dumps({"step": self.step, **evaluation}) + "\n")
-                        _board_write(board, "valid", evaluation, self.step)
-                    self._checkpoint(best=improved, metrics=evaluation)
-                elif self.step % cfg.save_every == 0:
-                    self._checkpoint()
-                if out_of_time:
-                    result.stopped_by = "max_minutes"
-                    break
-        bar.close()
-        if board is not None:
-            board.close()
+        timed = self.deadline is not None
+        bar = tqdm(total=None if timed else self.config.steps, initial=self.step, desc="training",
+                   disable=not self.progress, unit="step", dynamic_ncols=True)  # fmt: skip
+        board = _tensorboard(self.run_dir, self.step) if self.main else None
+        with StopSignals() as self._signals:
+            try:
+                self._loop(result, stream, tracker, bar, board)
+            finally:
+                self._signals = None
+                bar.close()
+                if board is not None:
+                    board.close()
         result.step = self.step
         return result
+
+    def _loop(self, result: TrainResult, stream: Iterator[Batch], tracker: LoadTracker, bar, board) -> None:  # noqa: ANN001
+        cfg = self.config
+        log_path = self.run_dir / "metrics.jsonl"
+        window = {"tokens": 0, "start": time.monotonic()}
+        while self.step < cfg.steps:
+            began = time.monotonic()
+            loss, nll, aux, n_tokens = self._update(stream, tracker)
+            self.step += 1
+            self._step_seconds += (time.monotonic() - began - self._step_seconds) / min(self.step, 20)
+            window["tokens"] += n_tokens
+            bar.update(1)
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                row = self._log_row(loss, nll, aux, window)
+                result.metrics.append(row)
+                if self.main:
+                    append_line(log_path, json.dumps(row))
+                _board_write(board, "train", row, self.step)
+                bar.set_postfix(self._postfix(loss, row), refresh=False)
+            out_of_time, signum = self._should_stop()
+            if signum:
+                self.echo(f"{signal_name(signum)} received: saving a checkpoint at step {self.step}, then stopping")
+                self._checkpoint()
+                result.stopped_by, result.signal = signal_name(signum), signum
+                return
+            first_timed_eval = self.deadline is not None and self.eval_seconds is None and self._early_eval_due()
+            evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time or first_timed_eval
+            if evaluate and (self.main or self.collective):
+                self._evaluate_and_save(result, log_path, board)
+            elif self.step % cfg.save_every == 0:
+                self._checkpoint()
+            if out_of_time:
+                result.stopped_by = "max_minutes"
+                return
+
+    def _log_row(self, loss: float, nll: float, aux: float, window: dict) -> dict[str, Any]:
+        elapsed = time.monotonic() - window["start"]
+        row = {"step": self.step, "loss": loss, "nll": nll, "aux_loss": aux, "lr": self.scheduler.get_last_lr()[0],
+               "tokens_per_s": window["tokens"] / max(elapsed, 1e-9), **self._balance()}  # fmt: skip
+        window["tokens"], window["start"] = 0, time.monotonic()
+        return row
+
+    def _postfix(self, loss: float, row: dict[str, Any]) -> dict[str, str]:
+        postfix = {"loss": f"{loss:.3f}", "lr": f"{row['lr']:.2e}", "tok_s": f"{row['tokens_per_s']:.0f}",
+                   "load": f"{row.get('max_over_mean_load', 1.0):.2f}"}  # fmt: skip
+        if self.deadline is not None:
+            left = max(self.deadline - time.monotonic(), 0.0)
+            postfix["left"] = f"{int(left // 60)}:{int(left % 60):02d}"
+        return postfix
+
+    def _evaluate_and_save(self, result: TrainResult, log_path: Path, board) -> None:  # noqa: ANN001
+        began = time.monotonic()
+        evaluation = self._evaluate()
+        self.eval_seconds = time.monotonic() - began
+        improved = evaluation["valid_loss"] < self.best_loss
+        if improved:
+            self.best_loss = evaluation["valid_loss"]
+            result.best = evaluation
+        if self.main:
+            result.evals.append(evaluation)
+            append_line(log_path, json.dumps({"step": self.step, **evaluation}))
+            _board_write(board, "valid", evaluation, self.step)
+        self._checkpoint(best=improved, metrics=evaluation)
 
     def _checkpoint(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> None:
         """Rank 0 saves; with expert parallelism every rank first helps gather the full experts."""
@@ -276,14 +310,34 @@ class Trainer:
         elif self.main or self.fsdp:
             self.save(best=best, metrics=metrics)
 
-    def _out_of_time(self, start: float) -> bool:
-        """Whether the time budget is spent; with several ranks, rank 0's clock decides for all."""
-        if self.config.max_minutes is None:
+    def _should_stop(self) -> tuple[bool, int]:
+        """(out of time, signal number or 0), agreed by every rank: rank 0's clock decides the
+        time, and a signal received by any rank stops all of them at the same step."""
+        out_of_time = float(self.main and self._out_of_time())
+        signum = float(self._signals_received())
+        if self.dist is None:
+            return bool(out_of_time), int(signum)
+        flags = torch.tensor([out_of_time, signum], device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), int(flags[1])
+
+    def _signals_received(self) -> int:
+        return (self._signals.received or 0) if self._signals is not None else 0
+
+    def _out_of_time(self) -> bool:
+        """Whether another update would leave too little time for what must follow it: the final
+        evaluation and the caller's reserve (test decoding), both estimated from the last evaluation."""
+        if self.deadline is None:
             return False
-        flag = torch.tensor(float(time.monotonic() - start > 60 * self.config.max_minutes), device=self.device)
-        if self.dist is not None:
-            torch.distributed.broadcast(flag, 0)
-        return bool(flag)
+        eval_seconds = self.eval_seconds or 0.0
+        needed = self._step_seconds + eval_seconds + self.reserve(eval_seconds)
+        return time.monotonic() + needed >= self.deadline
+
+    def _early_eval_due(self) -> bool:
+        """With a deadline, the first evaluation comes once a tenth of the budget is spent, so the
+        duration of the final one (and of test decoding) can be planned."""
+        budget = 60 * (self.config.max_minutes or 0.0)
+        return budget > 0 and self.deadline - time.monotonic() < 0.9 * budget
 
     def _update(self, stream: Iterator[Batch], tracker: LoadTracker) -> tuple[float, float, float, int]:
         """One optimiser update over ``grad_accum`` micro-batches; returns mean loss terms."""
@@ -352,7 +406,8 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
         total, count = 0.0, 0
-        for batch in self.task.valid_batches[: self.config.eval_batches]:
+        batches = self.task.valid_batches[: self.config.eval_batches]
+        for batch in tqdm(batches, desc="validation", leave=False, disable=not self.progress, unit="batch"):
             with self._autocast():
                 out = self.model(**batch.inputs)
             _, nll = smoothed_cross_entropy(out.logits, batch.target, pad_id=self.task.pad_id, eps=0.0)
@@ -380,13 +435,14 @@ def _data_parallel(model: nn.Module, device: torch.device, ignore: list[str]) ->
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def _tensorboard(run_dir: Path):  # noqa: ANN202
-    """A SummaryWriter into run_dir/tensorboard when the tensorboard package is installed, else None."""
+def _tensorboard(run_dir: Path, step: int):  # noqa: ANN202
+    """A SummaryWriter into run_dir/tensorboard when the tensorboard package is installed, else None;
+    on resume, events logged after ``step`` by the interrupted run are purged."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
 
 
 def _board_write(board, prefix: str, row: dict[str, float], step: int) -> None:  # noqa: ANN001

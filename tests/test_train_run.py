@@ -1,0 +1,175 @@
+"""`moeformer train` as a user runs it: Ctrl-C / SIGTERM save and say how to continue, run
+directories are locked and never silently reused, and resumed runs log each step once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moeformer.cli import main
+from moeformer.train.checkpoint import read_checkpoint
+
+CONFIG = """
+[model]
+preset = "lm-tiny"
+vocab_size = 40
+d_model = 32
+n_layers = 2
+max_seq_len = 32
+dropout = 0.0
+[model.attention]
+n_heads = 2
+[model.ffn]
+d_ff = 64
+[model.moe]
+kind = "deepseek"
+n_experts = 4
+top_k = 2
+expert_hidden = 16
+n_shared = 1
+[data]
+corpus = "text"
+path = "text.txt"
+tokenizer = "char"
+seq_len = 32
+valid_size = 8
+test_size = 8
+[train]
+steps = {steps}
+batch_tokens = 256
+lr = 1e-3
+warmup_steps = 2
+eval_every = {eval_every}
+eval_batches = 2
+save_every = {save_every}
+log_every = 1
+bleu_samples = 0
+"""
+
+
+def write_config(root: Path, steps: int = 100_000, eval_every: int = 1_000_000, save_every: int = 1_000_000) -> Path:
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "away"]
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(9)) for i in range(400)]
+    (root / "text.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = root / "tiny.toml"
+    config.write_text(CONFIG.format(steps=steps, eval_every=eval_every, save_every=save_every), encoding="utf-8")
+    return config
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "moeformer", "train", *args, "--quiet"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while len(rows(run)) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"train exited early ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError("no training progress")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("sig", "code", "times"), [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1),
+                                                    (signal.SIGINT, 130, 2)])  # fmt: skip
+def test_signal_saves_a_checkpoint_and_says_how_to_continue(tmp_path, sig, code, times):
+    config = write_config(tmp_path)
+    run = tmp_path / "run"
+    proc = start(str(config), "--out", str(run), cwd=tmp_path)
+    wait_for_rows(run, 3, proc)
+    for _ in range(times):  # a second Ctrl-C while saving changes nothing
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    ckpt = read_checkpoint(run, which="latest")
+    step = ckpt.meta["step"]
+    assert last == f"interrupted at step {step}; saved {ckpt.path.relative_to(tmp_path)}; continue with: " \
+                   f"moeformer train --resume {run}" or last.startswith(f"interrupted at step {step}; saved "), last
+    assert "Traceback" not in err
+    assert not (run / ".lock").exists()
+    # --resume alone (the run's own config) continues from that step
+    os.chdir(tmp_path)
+    assert main(["train", "--resume", str(run), "--set", f"train.steps={step + 2}", "--quiet"]) == 0
+    steps = [r["step"] for r in rows(run) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 2
+
+
+def test_a_second_run_on_a_locked_directory_is_refused(tmp_path):
+    config = write_config(tmp_path)
+    run = tmp_path / "run"
+    first = start(str(config), "--out", str(run), cwd=tmp_path)
+    wait_for_rows(run, 1, first)
+    lock = json.loads((run / ".lock").read_text())
+    assert lock["pid"] == first.pid
+    for args in ([str(config), "--out", str(run)], ["--resume", str(run)], [str(config), "--out", str(run), "--force"]):
+        second = start(*args, cwd=tmp_path)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 1 and f"is in use by pid {first.pid}" in err, err
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=300)
+    assert first.returncode == 130
+
+
+def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path, steps=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "started": "x"}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
+    assert f"took over the lock of {run} left by pid {dead.pid}" in capsys.readouterr().err
+    assert not (run / ".lock").exists()
+
+
+def test_reusing_a_run_directory_needs_resume_or_force(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, steps=3)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--force" in err
+    assert (run / "metrics.jsonl").read_text() == before  # nothing appended, best not repointed
+    assert main(["train", str(config), "--out", str(run), "--quiet", "--force"]) == 0
+    assert [r["step"] for r in rows(run) if "loss" in r] == [1, 2, 3]  # the old run's rows are gone
+
+
+def test_force_does_not_replace_a_foreign_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, steps=2)
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.txt").write_text("years of work")
+    assert main(["train", str(config), "--out", str(thesis), "--quiet", "--force"]) == 1
+    assert "does not look like a run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in thesis.iterdir()) == ["thesis.txt"]
+
+
+def test_resume_with_another_out_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, steps=2)
+    assert main(["train", str(config), "--out", "run", "--quiet"]) == 0
+    assert main(["train", str(config), "--resume", "run", "--out", "other", "--quiet"]) == 2
+    assert "--out other cannot move it" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
