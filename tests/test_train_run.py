@@ -101,8 +101,9 @@ def test_signal_saves_a_checkpoint_and_says_how_to_continue(tmp_path, sig, code,
     last = err.strip().splitlines()[-1]
     ckpt = read_checkpoint(run, which="latest")
     step = ckpt.meta["step"]
-    assert last == f"interrupted at step {step}; saved {ckpt.path.relative_to(tmp_path)}; continue with: " \
-                   f"moeformer train --resume {run}" or last.startswith(f"interrupted at step {step}; saved "), last
+    assert last == f"interrupted at step {step}; saved {run}/checkpoints/step-{step:08d}; continue with: " \
+                   f"moeformer train --resume {run}"
+    assert ckpt.path == (run / "checkpoints" / f"step-{step:08d}").resolve()
     assert "Traceback" not in err
     assert not (run / ".lock").exists()
     # --resume alone (the run's own config) continues from that step
@@ -173,3 +174,10 @@ def test_resume_with_another_out_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["train", str(config), "--resume", "run", "--out", "other", "--quiet"]) == 2
     assert "--out other cannot move it" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_warmup_longer_than_training_is_warned(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, steps=1)
+    assert main(["train", str(config), "--out", "run", "--quiet", "--set", "train.warmup_steps=5"]) == 0
+    assert "warning: train.warmup_steps = 5 is more than train.steps = 1" in capsys.readouterr().err

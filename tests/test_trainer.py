@@ -139,3 +139,40 @@ def test_tensorboard_events_when_installed(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is optional; metrics.jsonl is always written")
     Trainer(lm(0.0), copy_task(), cfg(steps=2, eval_every=2), tmp_path, progress=False).train()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_deadline_leaves_room_for_the_final_evaluation_and_what_follows(tmp_path):
+    """With a deadline, training stops once another update would eat into the time that the
+    final evaluation and the caller's reserve (test decoding) need; the final evaluation still runs."""
+    import time
+
+    config = cfg(steps=50, eval_every=100, save_every=100, max_minutes=10.0)
+    roomy = Trainer(lm(0.0), copy_task(), config, tmp_path / "a", progress=False,
+                    deadline=time.monotonic() + 600, reserve=lambda eval_s: 0.0).train()  # fmt: skip
+    assert roomy.stopped_by == "steps" and roomy.step == 50
+    reserve_calls: list[float] = []
+
+    def reserve(eval_seconds: float) -> float:
+        reserve_calls.append(eval_seconds)
+        return 10_000.0  # test decoding that would not fit: stop at once
+
+    tight = Trainer(lm(0.0), copy_task(), config, tmp_path / "b", progress=False,
+                    deadline=time.monotonic() + 600, reserve=reserve).train()  # fmt: skip
+    assert tight.stopped_by == "max_minutes" and tight.step == 1
+    assert len(tight.evals) == 1 and read_checkpoint(tmp_path / "b").meta["step"] == 1
+
+
+def test_checkpoints_are_fsynced_and_readable_by_others(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    Trainer(lm(0.0), copy_task(), cfg(steps=1, eval_every=1), tmp_path, progress=False).train()
+    ckpt = read_checkpoint(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "checkpoint.json", "trainer.pt"):
+        assert stat.S_IMODE((ckpt.path / name).stat().st_mode) == 0o666 & ~umask, name  # safetensors: 0600
+    assert len(synced) >= 3 + 2  # the three files, the checkpoint directory and its parent at least
