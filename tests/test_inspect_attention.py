@@ -139,3 +139,96 @@ def test_cli_writes_a_png_grid_per_kind_and_the_arrays(tmp_path, capsys):
 def test_cli_names_a_missing_checkpoint(tmp_path, capsys):
     assert main(["inspect", "attention", str(tmp_path / "nope"), "--text", "hi", "--out", str(tmp_path / "o")]) == 1
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data.startswith(b"\x89PNG")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_a_long_input_draws_a_bounded_figure(monkeypatch):
+    """Each token widens a grid by 0.2 inch; 512 of them drew 11,748 x 8,800 px. Capped, aspect kept
+    (shown with a small cap, so that the test draws a small picture)."""
+    from moeformer.inspect import plots
+    from moeformer.inspect.attention import AttentionMaps
+
+    assert plots.bounded(10.0, 5.0) == ((10.0, 5.0), 1.0)
+    assert plots.bounded(4 * plots.MAX_INCHES, plots.MAX_INCHES) == ((plots.MAX_INCHES, plots.MAX_INCHES / 4), 0.25)
+    assert plots.MAX_INCHES * 110 < 6000  # pixels a side at the dpi the pictures use
+    monkeypatch.setattr(plots, "MAX_INCHES", 6.0)
+    T = 40  # uncapped: 2 heads of 8.8 inches + the colour bar, 18.8 x 9.6 inches
+    maps = AttentionMaps({"layers.0.self_attn": np.full((2, T, T), 1.0 / T, dtype=np.float32)}, ["t"] * T)
+    width, height = _png_size(plots.attention_grid(maps, "layers.self_attn"))
+    assert width <= 6.0 * 110 + 1 and height <= 6.0 * 110 + 1
+    assert width / height == pytest.approx(18.8 / 9.6, rel=0.05)
+
+
+def _no_pictures(monkeypatch):
+    """Skip drawing (seconds per grid on a busy CPU) where a test checks what is around it."""
+    from moeformer.inspect import run
+
+    monkeypatch.setattr(run, "attention_pictures", lambda maps, font: {"layers.self_attn": b"\x89PNG"})
+
+
+def test_without_max_tokens_the_cli_cuts_each_side_to_the_default(tmp_path, monkeypatch):
+    from moeformer.cli import build_parser
+    from moeformer.inspect.run import DEFAULT_MAX_TOKENS
+
+    _no_pictures(monkeypatch)
+    run = save_run(tmp_path / "run", tiny_loaded())
+    text = " ".join(s for s, _ in PAIRS) * 3  # ~250 characters: 250 tokens of the character tokenizer
+    assert main(["inspect", "attention", str(run), "--text", text, "--target", "你好吗？" * 20,
+                 "--out", str(tmp_path / "att")]) == 0  # fmt: skip
+    arrays = np.load(tmp_path / "att" / "attention.npz")
+    assert len(arrays["source_tokens"]) == len(arrays["target_tokens"]) == DEFAULT_MAX_TOKENS
+    inspect = build_parser()._subparsers._group_actions[0].choices["inspect"]
+    attention = inspect._subparsers._group_actions[0].choices["attention"]
+    help_text = next(a.help for a in attention._actions if "--max-tokens" in a.option_strings)
+    assert f"(default {DEFAULT_MAX_TOKENS})" in help_text
+
+
+def test_no_warning_reaches_the_terminal_and_the_font_problem_is_said_once(tmp_path, monkeypatch, capsys):
+    """Without a Chinese font every Han label is a missing glyph (one matplotlib warning each) and
+    every picture warns about the font: the command says it once, as a note, and nothing else."""
+    import warnings
+
+    from moeformer.inspect import fonts
+
+    monkeypatch.setattr(fonts, "package_font_path", lambda: None)
+    monkeypatch.setattr(fonts, "SYSTEM_FAMILIES", ())
+    fonts.find_cjk_font.cache_clear()
+    run = save_run(tmp_path / "run", tiny_loaded("decoder"))  # an LM: one kind of grid to draw
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["inspect", "attention", str(run), "--text", "你好吗？", "--out", str(tmp_path / "att")]) == 0
+    finally:
+        fonts.find_cjk_font.cache_clear()
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "no font with Chinese glyphs" in err, err
+    assert all(ch in err.split("boxes in the pictures:")[1] for ch in "你好吗？")
+
+
+def test_out_is_published_whole_and_replaced_only_with_force(tmp_path, monkeypatch, capsys):
+    from moeformer.publish import MARKER
+
+    _no_pictures(monkeypatch)
+    run = save_run(tmp_path / "run", tiny_loaded())
+    out = tmp_path / "att"
+    argv = ["inspect", "attention", str(run), "--text", "Are you OK?", "--target", "你好吗？", "--out", str(out)]
+    assert main(argv) == 0 and (out / MARKER).is_file()
+    (out / "mine.txt").write_text("an old file of the old output\n")
+    assert main(argv) == 1 and "--force" in capsys.readouterr().err  # refused: nothing replaced
+    assert (out / "mine.txt").is_file()
+    assert main([*argv, "--force"]) == 0
+    assert not (out / "mine.txt").exists() and (out / "attention.npz").is_file()  # the old directory is gone whole
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"jpeg")
+    for target, message in ((foreign, "does not look like"), (run, "source model")):
+        assert main([*argv[:-1], str(target), "--force"]) == 1
+        assert message in capsys.readouterr().err
+    assert (foreign / "cat.jpg").read_bytes() == b"jpeg" and (run / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["att", "photos", "run"]  # no temporary left

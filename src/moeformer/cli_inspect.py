@@ -4,8 +4,11 @@ moeformer.inspect, prints what was written."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from moeformer.cli_refusal import reporting_refused_outputs
 
 if TYPE_CHECKING:
     from moeformer.inspect.run import Written
@@ -14,9 +17,10 @@ if TYPE_CHECKING:
 def _attention(args: argparse.Namespace) -> int:
     from moeformer.inspect.run import inspect_attention
 
+    limit = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
     written = inspect_attention(
-        args.checkpoint, args.text, args.out, target=args.target, which=args.which,
-        max_tokens=args.max_tokens, font=args.font,
+        args.checkpoint, args.text, args.out, target=args.target, which=args.which, font=args.font,
+        force=args.force, **limit,
     )  # fmt: skip
     _print_written(written)
     return 0
@@ -27,7 +31,7 @@ def _routing(args: argparse.Namespace) -> int:
 
     written = inspect_routing(
         args.checkpoint, args.data, args.out, which=args.which, limit=args.limit, batch_size=args.batch_size,
-        text=args.text, target=args.target, progress=not args.quiet, font=args.font,
+        text=args.text, target=args.target, progress=not args.quiet, font=args.font, force=args.force,
     )  # fmt: skip
     _print_written(written)
     return 0
@@ -39,6 +43,7 @@ def _report(args: argparse.Namespace) -> int:
     written = write_report(
         args.checkpoint, args.data, args.out, which=args.which, limit=args.limit, batch_size=args.batch_size,
         text=args.text, target=args.target, max_tokens=args.max_tokens, progress=not args.quiet, font=args.font,
+        force=args.force,
     )  # fmt: skip
     _print_written(written)
     return 0
@@ -50,19 +55,28 @@ def _print_written(written: Written) -> None:
         print(f"input: {item.source}" + (f"  ->  {item.target}" if item.target is not None else ""))
     for path in written.files:
         print(f"wrote {path}")
+    for note in written.notes:  # after the files: what is wrong with them, said once
+        print(f"moeformer: note: {note}", file=sys.stderr)
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory or a run directory")
     p.add_argument("--which", choices=["best", "latest"], default="best", help="in a run directory (default best)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (created; same-named files replaced)")
-    p.add_argument("--font", metavar="FILE", help="a .ttf/.otf with Chinese glyphs (default: Noto Sans SC)")
+    p.add_argument("--out", required=True, type=Path, help="output directory, written whole (must not exist "
+                   "unless --force)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace an existing --out that this tool wrote; any other "
+                   "directory is refused")  # fmt: skip
+    p.add_argument("--font", metavar="FILE", help="a .ttf/.otf with Chinese glyphs (default: Noto Sans SC, else a "
+                   "system CJK font)")  # fmt: skip
     if data:
         p.add_argument("--data", required=True, metavar="FILE", help="TSV/JSONL pairs (translation), or text (LM)")
-        p.add_argument("--limit", type=int, default=1000, help="use at most this many pairs / lines (default 1000)")
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--text", help="the sentence for the per-token pictures (default: the first of --data)")
-        p.add_argument("--target", help="its translation, teacher-forced (default: the model's greedy one)")
+        p.add_argument("--limit", type=int, default=1000, help="use at most this many pairs / lines, spread evenly "
+                       "over the file (default 1000)")  # fmt: skip
+        p.add_argument("--batch-size", type=int, default=32, help="items per forward pass (default 32)")
+        p.add_argument("--text", help="the sentence for the per-token pictures (default: the median-length item "
+                       "of those read from --data, with its own target)")  # fmt: skip
+        p.add_argument("--target", help="translation model: the translation of --text, teacher-forced (default: "
+                       "the model's greedy translation)")  # fmt: skip
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -75,14 +89,16 @@ def add_inspect_commands(sub: argparse._SubParsersAction) -> None:
     _common(att, data=False)
     att.add_argument("--text", required=True, help="the input sentence (the source, for a translation model)")
     att.add_argument("--target", help="translation model: the target, teacher-forced (default: greedy translation)")
-    att.add_argument("--max-tokens", type=int, help="cut each side to this many tokens")
-    att.set_defaults(run=_attention)
+    # The default lives in moeformer.inspect.run (DEFAULT_MAX_TOKENS, a test keeps this help in step);
+    # importing it here would slow every command's start.
+    att.add_argument("--max-tokens", type=int, help="cut each side to this many tokens (default 32)")
+    att.set_defaults(run=reporting_refused_outputs(_attention))
 
     rt = commands.add_parser("routing", help="which experts each token goes to; load, entropy, specialisation")
     _common(rt, data=True)
-    rt.set_defaults(run=_routing)
+    rt.set_defaults(run=reporting_refused_outputs(_routing))
 
     rep = sub.add_parser("report", help="one self-contained HTML page: training curves, attention, routing")
     _common(rep, data=True)
     rep.add_argument("--max-tokens", type=int, default=24, help="tokens per side in the attention maps (default 24)")
-    rep.set_defaults(run=_report)
+    rep.set_defaults(run=reporting_refused_outputs(_report))

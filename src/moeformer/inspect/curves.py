@@ -16,6 +16,7 @@ from pathlib import Path
 
 from moeformer.inspect.files import figure_png
 from moeformer.inspect.fonts import plot_style
+from moeformer.inspect.plots import bounded
 
 LOG_NAME = "metrics.jsonl"
 # panel title -> which numeric keys it draws
@@ -117,12 +118,13 @@ def plot_expert_load(log: TrainingLog) -> bytes | None:
     cols = 2 if len(layers) == 4 else min(3, len(layers))
     rows = -(-len(layers) // cols)
     with plot_style():
-        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 2.6 * rows), squeeze=False, layout="constrained")
+        size, _ = bounded(4.6 * cols, 2.6 * rows)
+        fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
         image = None
         for ax, (layer, (steps, shares)) in zip(axes.flat, layers.items()):
             grid = np.array(shares).T * len(shares[0])  # (experts, steps), 1 = a uniform share
             image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2, interpolation="nearest",
-                              extent=(steps[0], steps[-1], grid.shape[0] - 0.5, -0.5))  # fmt: skip
+                              extent=(*_step_span(steps), grid.shape[0] - 0.5, -0.5))  # fmt: skip
             ax.set_title(layer, fontsize=9)
             ax.set_xlabel("step")
             ax.set_ylabel("expert")
@@ -130,3 +132,8 @@ def plot_expert_load(log: TrainingLog) -> bytes | None:
             ax.axis("off")
         fig.colorbar(image, ax=axes, shrink=0.8, label="load x E (1 = uniform)")
         return figure_png(fig)
+
+
+def _step_span(steps: list[float]) -> tuple[float, float]:
+    """The x extent of the columns; one logged step gets a column of width 1, not an empty axis."""
+    return (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)

@@ -19,6 +19,9 @@ from moeformer.inspect.fonts import plot_style
 from moeformer.inspect.routing import SentenceRouting
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "")
+# A figure's longest side in inches: about 5,300 px at 110 dpi, 28 Mpx at most, far below PIL's
+# decompression-bomb limit (89 Mpx) that a 512-token attention grid once crossed (11,748 x 8,800 px).
+MAX_INCHES = 48.0
 STACK_TITLES = {"encoder": "encoder (source tokens)", "decoder": "decoder (target tokens)", "layers": "language model"}
 
 
@@ -30,7 +33,7 @@ def attention_grid(maps: AttentionMaps, kind: str, *, font: str | Path | None = 
     queries, keys = maps.axes(names[0])
     n_layers, n_heads = len(names), maps.maps[names[0]].shape[0]
     cell = max(1.7, 0.2 * max(len(queries), len(keys)) + 0.8)  # inches: room for the token labels
-    size = (cell * n_heads + 1.2, cell * n_layers + 0.8)
+    size, scale = bounded(cell * n_heads + 1.2, cell * n_layers + 0.8)
     with plot_style(font):
         fig, axes = plt.subplots(n_layers, n_heads, figsize=size, squeeze=False, layout="constrained")
         for row, name in enumerate(names):
@@ -38,17 +41,24 @@ def attention_grid(maps: AttentionMaps, kind: str, *, font: str | Path | None = 
                 ax = axes[row, head]
                 image = ax.imshow(maps.maps[name][head], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
                 ax.set_title(f"layer {_layer(name)} · head {head}", fontsize=8)
-                _token_ticks(ax, keys if row == n_layers - 1 else None, queries if head == 0 else None)
+                _token_ticks(ax, keys if row == n_layers - 1 else None, queries if head == 0 else None,
+                             size=max(3.0, 7 * scale))  # fmt: skip
         fig.suptitle(f"{KIND_TITLES.get(kind, kind)}: rows are queries, columns are keys", fontsize=10)
         fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
         return figure_png(fig)
+
+
+def bounded(width: float, height: float) -> tuple[tuple[float, float], float]:
+    """((width, height), scale): a figure size in inches shrunk, aspect kept, to MAX_INCHES a side."""
+    scale = min(1.0, MAX_INCHES / width, MAX_INCHES / height)
+    return (width * scale, height * scale), scale
 
 
 def _layer(name: str) -> str:
     return name.split(".")[1]
 
 
-def _token_ticks(ax: Any, x: Sequence[str] | None, y: Sequence[str] | None, size: int = 7) -> None:
+def _token_ticks(ax: Any, x: Sequence[str] | None, y: Sequence[str] | None, size: float = 7) -> None:
     """Token labels on the axes; x labels stand upright when all are short (Chinese characters)."""
     upright = not x or max((len(t) for t in x if t not in SPECIALS), default=0) <= 2
     ax.set_xticks(range(len(x)) if x else [], x or [], rotation=0 if upright else 90, fontsize=size)
@@ -69,19 +79,19 @@ def sentence_experts(routing: SentenceRouting, *, font: str | Path | None = None
     cmap = plt.get_cmap("tab20" if n_experts <= 20 else "turbo", n_experts)
     norm = BoundaryNorm(np.arange(n_experts + 1) - 0.5, n_experts)
     heights = [len(rows[s]) for s in stacks]
+    size, scale = bounded(0.75 * width + 2.5, sum(heights) * (0.3 + 0.22 * lines) + 1.3 * len(stacks))
     with plot_style(font):
-        fig, axes = plt.subplots(
-            len(stacks), 1, figsize=(0.75 * width + 2.5, sum(heights) * (0.3 + 0.22 * lines) + 1.3 * len(stacks)),
-            squeeze=False, layout="constrained", height_ratios=heights,
-        )  # fmt: skip
+        fig, axes = plt.subplots(len(stacks), 1, figsize=size, squeeze=False, layout="constrained",
+                                 height_ratios=heights)  # fmt: skip
         for ax, stack in zip(axes[:, 0], stacks):
             first = np.stack([routing.index[n][:, 0].numpy() for n in rows[stack]])  # (L, T)
             image = ax.imshow(first, cmap=cmap, norm=norm, aspect="auto")
             for r, name in enumerate(rows[stack]):
                 for t, experts in enumerate(routing.index[name].tolist()):
                     ax.text(t, r, _expert_text(experts, routing.n_experts[name]), ha="center", va="center",
-                            fontsize=7, color=_ink(cmap(norm(experts[0]))))  # fmt: skip
-            _token_ticks(ax, routing.tokens[stack], [f"layer {_layer(n)}" for n in rows[stack]], size=8)
+                            fontsize=max(3.0, 7 * scale), color=_ink(cmap(norm(experts[0]))))  # fmt: skip
+            labels = [f"layer {_layer(n)}" for n in rows[stack]]
+            _token_ticks(ax, routing.tokens[stack], labels, size=max(3.0, 8 * scale))
             ax.set_title(f"{STACK_TITLES.get(stack, stack)}: experts per token, best first (colour: first)", fontsize=9)
         bar = fig.colorbar(image, ax=axes, shrink=0.8, label="first expert")
         bar.set_ticks(np.unique(np.linspace(0, n_experts - 1, min(n_experts, 8)).round().astype(int)))
@@ -110,7 +120,8 @@ def expert_load(summaries: Sequence[dict[str, Any]], *, font: str | Path | None 
         ratio[i, : s["n_experts"]] = np.asarray(s["load"]) * s["n_experts"]
     top = max(2.0, float(np.nanmax(ratio)))
     with plot_style(font):
-        fig, ax = plt.subplots(figsize=(min(2 + 0.3 * n_experts, 24), 1.4 + 0.4 * len(summaries)), layout="constrained")
+        size, _ = bounded(min(2 + 0.3 * n_experts, 24), 1.4 + 0.4 * len(summaries))
+        fig, ax = plt.subplots(figsize=size, layout="constrained")
         image = ax.imshow(ratio, cmap="RdBu_r", norm=TwoSlopeNorm(1.0, 0.0, top), aspect="auto")
         ax.set_yticks(range(len(summaries)), [f"{s['layer']} ({s['tokens']:,} tokens)" for s in summaries], fontsize=8)
         ax.set_xticks(range(n_experts), [str(e) for e in range(n_experts)], fontsize=7)

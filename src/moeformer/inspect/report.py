@@ -155,10 +155,18 @@ def _model_section(loaded: LoadedModel) -> Section:
         ["d_model / layers / heads", f"{c.d_model} / {c.n_layers} / {c.attention.n_heads}"],
     ]
     if moe is not None and moe.kind != "dense":
-        facts.append(["MoE", f"{moe.kind}: {moe.n_experts} experts, top-{moe.top_k}, {moe.n_shared} shared"])
+        facts.append(["MoE", _moe_fact(moe)])
     metrics = loaded.meta.get("metrics") or {}
     facts += [[k, f"{v:.4g}"] for k, v in metrics.items() if isinstance(v, (int, float))]
     return Section("Model", facts=Table(["", "value"], facts))
+
+
+def _moe_fact(moe: Any) -> str:
+    """The layer as it routes: a soft layer weighs every expert, whatever its config's top_k."""
+    if moe.kind == "soft":
+        return f"soft: every token to all {moe.routed_experts} experts (softmax gate)"
+    routing = f"top-{moe.routed_top_k}" + (", noisy" if moe.noisy else "") + (f", {moe.score} scores")
+    return f"{moe.kind}: {moe.routed_experts} experts, {routing}, {moe.n_shared} shared"
 
 
 def _training_section(loaded: LoadedModel) -> Section:

@@ -26,7 +26,7 @@ from moeformer.publish import staged_dir
 from moeformer.refusal.interventions import BASELINE, Intervention
 from moeformer.refusal.lm import ChatLM, RefusalError, iter_batches
 from moeformer.refusal.orthogonalize import orthogonalize
-from moeformer.refusal.outputs import check_output
+from moeformer.results import check_output
 from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, Completion, score_completions
 from moeformer.refusal.selection import kl_divergence, last_logits
 
@@ -109,7 +109,7 @@ def save_evaluation(
     """Write ``eval.json`` (the table, every completion, ``routing`` if given), ``eval.md`` and, with
     ``routing`` (:meth:`LayerRouting.to_dict` entries), ``routing.png`` as one published directory.
 
-    Returns the names written. ``force`` replaces an old output (see :mod:`moeformer.refusal.outputs`).
+    Returns the names written. ``force`` replaces an old output (see :mod:`moeformer.results`).
     """
     check_output(out, force=force)
     data = report.to_dict()

@@ -32,7 +32,7 @@ from moeformer.publish import staged_dir
 from moeformer.refusal.directions import Candidates, candidate_directions
 from moeformer.refusal.instructions import sample_instructions
 from moeformer.refusal.lm import ChatLM, RefusalError
-from moeformer.refusal.outputs import check_output
+from moeformer.results import check_output
 from moeformer.refusal.selection import Selection, last_logits, refusal_metric, refusal_token_ids, select_direction
 
 DIRECTION_FILE = "direction.safetensors"
@@ -128,7 +128,7 @@ def extract(
 
 def save_extraction(result: Extraction, out: str | Path, *, force: bool = False, plot: bool = True) -> Path:
     """Write the files listed in the module docstring as one directory; nothing is written if anything
-    fails. ``force`` replaces an old output of this project (see :func:`moeformer.refusal.outputs.check_output`)."""
+    fails. ``force`` replaces an old output of this project (see :func:`moeformer.results.check_output`)."""
     check_output(out, force=force)
     s, c = result.selection, result.candidates
     chosen = s.chosen

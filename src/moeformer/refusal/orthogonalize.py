@@ -21,7 +21,7 @@ from torch import Tensor
 from moeformer.publish import staged_dir
 from moeformer.refusal.interventions import edit_sites, unit
 from moeformer.refusal.lm import Batch, ChatLM, RefusalError
-from moeformer.refusal.outputs import check_output
+from moeformer.results import check_output
 
 
 @dataclass

@@ -1,13 +1,14 @@
-"""Where the refusal commands write, checked before any model is loaded.
+"""Where the commands that write results (``refusal``, ``inspect``, ``report``) may write, checked
+before any model is loaded.
 
-Every output is one directory published by :func:`moeformer.publish.staged_dir` (assembled in a
-temporary sibling, fsynced, swapped in; an old one is deleted only once the new one is in place).
-``--force`` replaces only a directory this project or transformers wrote
+Every such output is one directory published by :func:`moeformer.publish.staged_dir` (assembled
+in a temporary sibling, fsynced, swapped in; an old one is deleted only once the new one is in
+place). ``--force`` replaces only a directory this project or transformers wrote
 (:func:`moeformer.publish.check_replaceable`), and never
 
 - the source model, or a directory that holds it (replacing it would delete the model);
-- for ``extract`` and ``eval``, whose outputs are results and not models, a model or run
-  directory: ``--force`` there would swap a trained model for a few JSON files.
+- for outputs that are results and not models, a model or run directory: ``--force`` there would
+  swap a trained model for a few pictures or JSON files.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def check_output(
     """Refuse ``out`` (an :class:`~moeformer.publish.OutputExistsError`) unless it may be written.
 
     ``source``: the model read; ``out`` may not be it or hold it. ``model_output``: ``out`` will be
-    a model (``orthogonalize``), so an existing model directory is ours to replace with ``force``.
+    a model (``refusal orthogonalize``), so an existing model directory is ours to replace with ``force``.
     """
     out = Path(out)
     if source is not None:
