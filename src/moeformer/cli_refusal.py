@@ -58,7 +58,7 @@ def _instruction_sets(args: argparse.Namespace, n_val: int) -> dict[str, list[st
 def _extract(args: argparse.Namespace) -> int:
     from moeformer.refusal.extract import ExtractOptions, extract, save_extraction
     from moeformer.refusal.loading import load_chat_lm
-    from moeformer.refusal.outputs import check_output
+    from moeformer.results import check_output
 
     options = ExtractOptions(
         n_train=args.n_train, n_val=args.n_val, batch_size=args.batch_size, seed=args.seed,
@@ -85,7 +85,7 @@ def _eval(args: argparse.Namespace) -> int:
     from moeformer.refusal.extract import load_direction
     from moeformer.refusal.instructions import load_instructions, sample_instructions
     from moeformer.refusal.loading import check_hidden_size, load_chat_lm
-    from moeformer.refusal.outputs import check_output
+    from moeformer.results import check_output
     from moeformer.refusal.routing import routing_report
     from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, load_substrings
 
@@ -114,7 +114,7 @@ def _orthogonalize(args: argparse.Namespace) -> int:
     from moeformer.refusal.extract import load_direction
     from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
     from moeformer.refusal.orthogonalize import orthogonalize, save_model
-    from moeformer.refusal.outputs import check_output
+    from moeformer.results import check_output
 
     check_output_path(args.model, args.out)
     direction, _ = load_direction(args.direction)
