@@ -85,9 +85,9 @@ def _eval(args: argparse.Namespace) -> int:
     from moeformer.refusal.extract import load_direction
     from moeformer.refusal.instructions import load_instructions, sample_instructions
     from moeformer.refusal.loading import check_hidden_size, load_chat_lm
-    from moeformer.results import check_output
     from moeformer.refusal.routing import routing_report
     from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, load_substrings
+    from moeformer.results import check_output
 
     direction, layer = load_direction(args.direction)
     check_hidden_size(args.model, direction)

@@ -26,9 +26,9 @@ from moeformer.publish import staged_dir
 from moeformer.refusal.interventions import BASELINE, Intervention
 from moeformer.refusal.lm import ChatLM, RefusalError, iter_batches
 from moeformer.refusal.orthogonalize import orthogonalize
-from moeformer.results import check_output
 from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, Completion, score_completions
 from moeformer.refusal.selection import kl_divergence, last_logits
+from moeformer.results import check_output
 
 CONDITIONS = ("baseline", "ablation", "actadd", "orthogonalized")
 

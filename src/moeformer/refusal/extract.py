@@ -32,8 +32,8 @@ from moeformer.publish import staged_dir
 from moeformer.refusal.directions import Candidates, candidate_directions
 from moeformer.refusal.instructions import sample_instructions
 from moeformer.refusal.lm import ChatLM, RefusalError
-from moeformer.results import check_output
 from moeformer.refusal.selection import Selection, last_logits, refusal_metric, refusal_token_ids, select_direction
+from moeformer.results import check_output
 
 DIRECTION_FILE = "direction.safetensors"
 
