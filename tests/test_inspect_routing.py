@@ -154,3 +154,19 @@ def test_corpus_sample_spans_a_sorted_file_and_the_example_is_typical():
     assert spread(values, 4) == [0, 25, 50, 75] and spread(values, None) == values and spread(values, 500) == values
     items = [Item("x" * n) for n in (1, 9, 3, 7, 5)]
     assert example_item(items).source == "xxxxx"
+
+
+def test_the_sentence_options_say_what_the_code_does(tmp_path, capsys):
+    """--text's help names the median-length default that example_item picks; --target alone was ignored."""
+    from moeformer.cli import build_parser
+
+    inspect = build_parser()._subparsers._group_actions[0].choices["inspect"]
+    routing = inspect._subparsers._group_actions[0].choices["routing"]
+    helps = {a.option_strings[0]: a.help for a in routing._actions if a.option_strings}
+    assert "median-length" in helps["--text"] and "first" not in helps["--text"]
+    data = write_pairs(tmp_path / "p.tsv")
+    for command in (["inspect", "routing"], ["report"]):
+        assert main([*command, str(tmp_path / "no-run"), "--data", str(data), "--target", "你好",
+                     "--out", str(tmp_path / "o")]) == 1  # fmt: skip
+        assert "--target is the translation of --text" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

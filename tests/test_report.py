@@ -142,3 +142,40 @@ def test_expert_load_over_training_is_read_per_layer(tmp_path):
     log = read_log(log_file)
     assert log.expert_load == {"layers.1": ([1.0, 2.0], [[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]])}
     assert plot_expert_load(log).startswith(b"\x89PNG")
+
+
+def test_one_logged_step_draws_without_a_warning(tmp_path):
+    """A run stopped after its first log line: matplotlib warned of identical xlims (a zero-width extent)."""
+    log_file = tmp_path / "metrics.jsonl"
+    log_file.write_text(json.dumps({"step": 5, "loss": 1.0, "expert_load": {"layers.1": [0.5, 0.5]}}) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert plot_expert_load(read_log(log_file)).startswith(b"\x89PNG")
+        assert plot_curves(read_log(log_file)).startswith(b"\x89PNG")
+    assert [str(w.message) for w in caught] == []
+
+
+def test_the_model_facts_say_what_a_soft_layer_does():
+    """A soft layer routes every token to every expert: no "top-2" from its config's unused top_k."""
+    from moeformer.config import MoEConfig
+    from moeformer.inspect.report import _moe_fact
+
+    assert _moe_fact(MoEConfig(kind="soft", n_experts=4)) == "soft: every token to all 4 experts (softmax gate)"
+    deepseek = MoEConfig(kind="deepseek", n_experts=4, top_k=2, granularity=2, n_shared=1, noisy=True)
+    assert _moe_fact(deepseek) == "deepseek: 8 experts, top-4, noisy, softmax scores, 1 shared"
+
+
+def test_notes_from_drawing_are_one_line_each():
+    from moeformer.inspect.notes import Notes, collecting_notes
+
+    raised = [UserWarning(f"Glyph {ord(ch)} (\\N{{X}}) missing from font(s) DejaVu Sans.") for ch in "汉字汉"]
+    raised += [fonts.CJKFontWarning("no font"), fonts.CJKFontWarning("no font"),
+               UserWarning("Attempting to set identical low and high xlims makes transformation singular"),
+               RuntimeWarning("something else"), RuntimeWarning("something else")]  # fmt: skip
+    with collecting_notes(Notes()) as notes:
+        for warning in raised:
+            warnings.warn(warning, stacklevel=1)
+    lines = notes.messages()
+    assert len(lines) == 2 and lines[1] == "something else"
+    assert "2 characters have no glyph in the font(s) used (DejaVu Sans)" in lines[0] and ": 汉 字;" in lines[0]
+    assert "no font with Chinese glyphs" in lines[0]
