@@ -1,4 +1,8 @@
-"""Data: tokenizers (and, later, corpus readers, splits and batching)."""
+"""Data: corpus checks and readers, cleaning, splits, tokenizers, batching, and the run's data report.
+
+``pipeline.prepare`` ties them together for training; ``report.format_data_report`` prints
+what it read and rejected.
+"""
 
 from moeformer.data.char_tokenizer import CharTokenizer
 
