@@ -8,13 +8,13 @@
 """
 
 from moeformer.refusal.directions import Candidates, candidate_directions, mean_activations
-from moeformer.refusal.evaluation import EvalReport, evaluate
+from moeformer.refusal.evaluation import EvalReport, evaluate, save_evaluation
 from moeformer.refusal.extract import Extraction, ExtractOptions, extract, load_direction, save_extraction
 from moeformer.refusal.instructions import InstructionError, load_instructions, sample_instructions
 from moeformer.refusal.interventions import Intervention, ablate, add, project_out
 from moeformer.refusal.lm import ChatLM, PromptFormat, RefusalError
 from moeformer.refusal.loading import load_chat_lm
-from moeformer.refusal.orthogonalize import orthogonalize
+from moeformer.refusal.orthogonalize import orthogonalize, save_model
 from moeformer.refusal.routing import routing_report
 from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, is_refusal, score_completions
 from moeformer.refusal.selection import refusal_metric, select_direction
@@ -23,6 +23,6 @@ __all__ = [
     "REFUSAL_SUBSTRINGS", "Candidates", "ChatLM", "EvalReport", "ExtractOptions", "Extraction", "InstructionError",
     "Intervention", "PromptFormat", "RefusalError", "ablate", "add", "candidate_directions", "evaluate", "extract",
     "is_refusal", "load_chat_lm", "load_direction", "load_instructions", "mean_activations", "orthogonalize",
-    "project_out", "refusal_metric", "routing_report", "sample_instructions", "save_extraction", "score_completions",
-    "select_direction",
+    "project_out", "refusal_metric", "routing_report", "sample_instructions", "save_evaluation", "save_extraction",
+    "save_model", "score_completions", "select_direction",
 ]
