@@ -84,7 +84,7 @@ def test_convert_refuses_existing_and_overlapping_outputs(tmp_path, capsys):
     hf_model(HF_CONFIGS["llama"]()).save_pretrained(tmp_path / "hf")
     (tmp_path / "taken").mkdir()
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "taken")]) == 1
-    assert "exists; pass --force" in capsys.readouterr().err
+    assert "already exists; choose another output path or pass --force" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "hf" / "inside")]) == 1
     assert "overlaps the source" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
@@ -92,9 +92,65 @@ def test_convert_refuses_existing_and_overlapping_outputs(tmp_path, capsys):
         "generation_config.json",
         "model.safetensors",
     ]
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "taken"), "--force"]) == 0
-    note = capsys.readouterr().out
-    assert "no tokenizer came along" in note
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "taken"), "--force"]) == 0  # empty: replaced
+    assert "no tokenizer came along" in capsys.readouterr().err
+
+
+def test_convert_force_replaces_only_a_model_directory(tmp_path, capsys, monkeypatch):
+    """A user's folder, the working directory and a regular file are refused, before the model is read."""
+    hf_model(HF_CONFIGS["llama"]()).save_pretrained(tmp_path / "hf")
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "thesis.txt").write_text("three years")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "draft.txt").write_text("today's")
+    monkeypatch.chdir(tmp_path / "work")
+    capsys.readouterr()
+    refused = {
+        str(tmp_path / "thesis"): "does not look like a directory this tool wrote",
+        ".": "refusing to write over the working directory",
+        str(tmp_path / "notes.txt"): "exists and is not a directory",
+    }
+    with monkeypatch.context() as m:
+        m.setattr("moeformer.interop.checkpoints.import_hf", lambda *a: pytest.fail("read before checking OUT"))
+        for out, message in refused.items():
+            assert main(["convert", str(tmp_path / "hf"), out, "--force"]) == 1
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1, err
+    assert (tmp_path / "thesis" / "thesis.txt").read_text() == "three years"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "work" / "draft.txt").read_text() == "today's"
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    for out in (tmp_path / "ours", tmp_path / "back"):  # our own outputs: --force may replace them
+        source = tmp_path / ("hf" if out.name == "ours" else "ours")
+        assert main(["convert", str(source), str(out), "--force"]) == 0
+
+
+def test_a_weights_only_checkpoint_converts_both_ways_and_takes_a_tokenizer(tmp_path, capsys):
+    theirs = hf_model(HF_CONFIGS["qwen2_moe"]())
+    theirs.save_pretrained(tmp_path / "hf")  # no tokenizer.json
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    assert "no tokenizer came along" in capsys.readouterr().err
+    tokens = token_batch(theirs.config.vocab_size)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert (back(input_ids=tokens).logits - theirs(input_ids=tokens).logits).abs().max() < 1e-4
+    generate = ["generate", str(tmp_path / "ours"), "--prompt", "w1 w2", "--max-new-tokens", "3"]
+    assert main(generate) == 1
+    assert "holds weights but no tokenizer" in capsys.readouterr().err
+    (tmp_path / "tok").mkdir()
+    write_hub_tokenizer(tmp_path / "tok", theirs.config.vocab_size)
+    assert main([*generate, "--tokenizer", str(tmp_path / "tok" / "tokenizer.json")]) == 0
+    (tmp_path / "text.txt").write_text("w1 w2 w3 w4 w5 w6 w7 w8\n")
+    assert main(["eval", str(tmp_path / "ours"), "--data", str(tmp_path / "text.txt"), "--tokenizer",
+                 str(tmp_path / "tok")]) == 0  # fmt: skip
+    capsys.readouterr()
+    with_tok = ["convert", str(tmp_path / "ours"), str(tmp_path / "with-tok"), "--tokenizer", str(tmp_path / "tok")]
+    assert main(with_tok) == 0
+    assert "no tokenizer" not in capsys.readouterr().err
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "with-tok")("w3 w5")["input_ids"] == [3, 5]
 
 
 def test_convert_refuses_a_model_without_counterpart(tmp_path, capsys):
@@ -123,4 +179,3 @@ def test_a_transformers_directory_is_read_directly_by_generate_and_report(tmp_pa
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
     ]  # fmt: skip
-

@@ -11,6 +11,7 @@ import torch
 
 from moeformer import DecoderLM
 from moeformer.interop import InteropError, export_hf, family_for, import_hf
+from moeformer.publish import OutputExistsError
 
 transformers = pytest.importorskip("transformers", reason="interop tests compare logits with transformers' models")
 
@@ -248,15 +249,36 @@ def test_export_refuses_a_trained_balancing_bias_without_sigmoid_routing(tmp_pat
         export_hf(ours, tmp_path / "hf")
 
 
-def test_export_never_overwrites_without_force(tmp_path):
+def test_export_never_overwrites_without_force_nor_a_foreign_directory(tmp_path):
     ours = our_model(lm_config())
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")
-    with pytest.raises(InteropError, match="exists"):
+    with pytest.raises(OutputExistsError, match="already exists; .* pass --force"):
         export_hf(ours, tmp_path / "hf")
-    assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+    with pytest.raises(OutputExistsError, match="does not look like a directory this tool wrote"):
+        export_hf(ours, tmp_path / "hf", force=True)
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
+    (tmp_path / "hf" / "keep.txt").unlink()
     export_hf(ours, tmp_path / "hf", force=True)
-    assert (tmp_path / "hf" / "config.json").exists() and not (tmp_path / "hf" / "keep.txt").exists()
+    other = our_model(lm_config(), seed=4)
+    export_hf(other, tmp_path / "hf", force=True)  # our own output: replaced
+    assert import_hf(tmp_path / "hf").lm_head.weight.equal(other.lm_head.weight)
+
+
+@pytest.mark.parametrize("moe", [
+    {"kind": "deepseek", "n_experts": 4, "top_k": 2, "n_shared": 1, "expert_hidden": 22},  # -> Qwen2-MoE
+    {"kind": "topk", "n_experts": 4, "top_k": 2, "expert_hidden": 22},  # -> Mixtral
+])  # fmt: skip
+def test_export_with_an_odd_expert_width_runs_after_a_plain_from_pretrained(moe, tmp_path):
+    """transformers' default grouped_mm kernel needs 16-byte strides; the saved config asks for eager."""
+    ours = our_model(lm_config(moe=moe))
+    export_hf(ours, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["experts_implementation"] == "eager"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = token_batch(ours.config.vocab_size)
+    assert (hf_logits(theirs, tokens) - our_logits(ours, tokens)).abs().max() < ATOL
+    export_hf(our_model(lm_config(moe={**moe, "expert_hidden": 24})), tmp_path / "wide")
+    assert "experts_implementation" not in json.loads((tmp_path / "wide" / "config.json").read_text())
 
 
 def test_family_is_chosen_from_the_config():

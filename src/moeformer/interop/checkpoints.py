@@ -2,23 +2,27 @@
 
 A converted moeformer checkpoint is an ordinary one (``model.safetensors`` + ``checkpoint.json``,
 step 0, no trainer state): ``moeformer generate``, ``inspect`` and the refusal tools read it, and
-it keeps the model's own tokenizer (``tokenizer.json``) when the source has one.
+it keeps the model's own tokenizer (``tokenizer.json``) when the source has one, or the one given
+with ``tokenizer=``. Without either it is a weights-only checkpoint: it loads and converts back,
+and the commands that need text take ``--tokenizer``.
+
+Every check (overlap, an existing output, the tokenizer) runs before the model is read, and the
+output is built in a temporary sibling published only when complete (:mod:`moeformer.publish`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 
 from moeformer.config import config_to_dict
-from moeformer.data.hub_tokenizer import HubTokenizer
+from moeformer.data.tokenizer import TokenizerPair
 from moeformer.interop.convert import export_hf, import_hf, read_hf_config
 from moeformer.interop.hf_config import InteropError
+from moeformer.publish import check_replaceable, staged_dir
 from moeformer.train.checkpoint import SIDECAR, WEIGHTS, paths_overlap
 
 
@@ -31,47 +35,63 @@ class Converted:
 
 
 def check_paths(source: str | Path, out: str | Path, force: bool) -> None:
-    """Refuse to write into (or over) the source, or over an existing path without ``force``."""
+    """Refuse to write into (or over) the source, or over an existing path that ``force`` may not replace."""
     if paths_overlap(source, out):
         raise InteropError(f"output {out} overlaps the source {source}; the source is never modified")
-    if Path(out).exists() and not force:
-        raise InteropError(f"{out} exists; pass --force to replace it")
+    check_replaceable(out, force=force)
 
 
-def hf_to_checkpoint(source: str | Path, out: str | Path, *, force: bool = False) -> Converted:
-    """A transformers checkpoint directory -> a moeformer checkpoint directory."""
+def hf_to_checkpoint(
+    source: str | Path, out: str | Path, *, force: bool = False, tokenizer: str | Path | None = None
+) -> Converted:
+    """A transformers checkpoint directory -> a moeformer checkpoint directory.
+
+    tokenizer: a tokenizer.json (or a directory holding one) to store instead of the source's own.
+    """
+    from moeformer.inference import check_vocabulary, read_tokenizer
+
     check_paths(source, out, force)
     hf = read_hf_config(source)
+    pair: TokenizerPair | None = None
+    if tokenizer is not None or (Path(source) / "tokenizer.json").exists():
+        pair = read_tokenizer(tokenizer if tokenizer is not None else source)
     model = import_hf(source)
-    tokenizer = HubTokenizer.from_directory(source) if (Path(source) / "tokenizer.json").exists() else None
+    if pair is not None:
+        check_vocabulary(pair, model.config.vocab_size, str(tokenizer or source))
     meta: dict = {
         "config": {"model": config_to_dict(model.config)},
         "step": 0,
         "converted_from": {"path": str(source), "model_type": hf["model_type"]},
     }
-    if tokenizer is not None:
-        meta["tokenizer"] = {"shared": True, "tokenizer": tokenizer.to_dict()}
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    safetensors.torch.save_model(model, str(tmp / WEIGHTS))
-    (tmp / SIDECAR).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return Converted(out, hf["model_type"], tokenizer is not None, model.num_parameters())
+    if pair is not None:
+        meta["tokenizer"] = pair.to_dict()
+    with staged_dir(out, force=force) as tmp:
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        (tmp / SIDECAR).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+    return Converted(Path(out), hf["model_type"], pair is not None, model.num_parameters())
 
 
-def checkpoint_to_hf(source: str | Path, out: str | Path, *, which: str = "best", force: bool = False) -> Converted:
-    """A moeformer checkpoint (or run directory) of a DecoderLM -> a transformers checkpoint directory."""
+def checkpoint_to_hf(
+    source: str | Path,
+    out: str | Path,
+    *,
+    which: str = "best",
+    force: bool = False,
+    tokenizer: str | Path | None = None,
+) -> Converted:
+    """A moeformer checkpoint (or run directory) of a DecoderLM -> a transformers checkpoint directory.
+
+    The tokenizer (the checkpoint's, or ``tokenizer``) is written when it has a tokenizer.json form;
+    a weights-only checkpoint exports weights only.
+    """
     from moeformer.inference import load_model
 
     check_paths(source, out, force)
-    loaded = load_model(source, which=which)
+    loaded = load_model(source, which=which, tokenizer=tokenizer)
     if loaded.model.config.arch != "decoder":
         raise InteropError(f"{source} holds a {loaded.model.config.arch} model; only decoder-only LMs export")
-    tokenizer = loaded.tokenizers.target
-    with_tokenizer = getattr(tokenizer, "backend", None) is not None
-    family = export_hf(loaded.model, out, tokenizer=tokenizer if with_tokenizer else None, force=force)
+    pair = loaded.tokenizer_pair
+    target = pair.target if pair is not None else None
+    with_tokenizer = getattr(target, "backend", None) is not None
+    family = export_hf(loaded.model, out, tokenizer=target if with_tokenizer else None, force=force)
     return Converted(Path(out), family, with_tokenizer, loaded.model.num_parameters())

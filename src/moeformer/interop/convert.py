@@ -5,16 +5,14 @@
 
 Both check everything they can before touching a tensor: the config is mapped (or refused with
 the reason) first, then every tensor name the model needs is looked up in the checkpoint's index,
-then the tensors are read. Writes go to a temporary directory renamed into place, so an
+then the tensors are read. Writes go through :func:`moeformer.publish.staged_dir`, so an
 interrupted export leaves no half-written checkpoint, and an existing directory is replaced only
-with ``force``.
+with ``force`` and only if this project or transformers wrote it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from moeformer.interop.hf_weights import build_rules
 from moeformer.models.decoder import DecoderLM
 from moeformer.models.embedder import rotary_embedding
 from moeformer.moe.router import Router
+from moeformer.publish import check_replaceable, staged_dir
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -155,8 +154,7 @@ def export_hf(model: DecoderLM, out: str | Path, *, tokenizer: Any = None, force
     out = Path(out)
     config = model.config
     family = family_for(config)
-    if out.exists() and not force:
-        raise InteropError(f"{out} exists; pass force=True (--force) to replace it")
+    check_replaceable(out, force=force)
     state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
     _check_bias(state, family)
     hf_config = config_to_hf(config, family)
@@ -166,18 +164,29 @@ def export_hf(model: DecoderLM, out: str | Path, *, tokenizer: Any = None, force
             tensors[name] = tensor.contiguous().clone()
     if family == "qwen2_moe" and not config.moe.shared_gate:
         _open_shared_gates(tensors, config)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    safetensors.torch.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    if tokenizer is not None:
-        hf_config.update(_write_tokenizer(tmp, tokenizer))
-    hf_config["dtype"] = "float32"
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    hf_config.update(experts_kernel(config))
+    with staged_dir(out, force=force) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            hf_config.update(_write_tokenizer(tmp, tokenizer))
+        hf_config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
     return family
+
+
+def experts_kernel(config: ModelConfig) -> dict[str, str]:
+    """``experts_implementation`` for config.json where transformers' default MoE kernel cannot run.
+
+    transformers runs routed experts with ``grouped_mm`` by default, which needs every weight
+    stride to be a multiple of 16 bytes: expert width and d_model multiples of 8 elements (2-byte
+    dtypes; 4 for float32). Other widths (the shipped DeepSeekMoE preset's 86) load but fail on
+    the first forward, so the saved config asks for the plain loop ("eager") that
+    ``from_pretrained`` reads from config.json.
+    """
+    if config.moe is None:
+        return {}
+    widths = (config.moe.expert_width(config.ffn.d_ff), config.d_model)
+    return {"experts_implementation": "eager"} if any(w % 8 for w in widths) else {}
 
 
 def _check_bias(state: dict[str, torch.Tensor], family: str) -> None:
