@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moeformer.cli_refusal import reporting_refused_outputs
-
 if TYPE_CHECKING:
     from moeformer.inspect.run import Written
 
@@ -92,13 +90,13 @@ def add_inspect_commands(sub: argparse._SubParsersAction) -> None:
     # The default lives in moeformer.inspect.run (DEFAULT_MAX_TOKENS, a test keeps this help in step);
     # importing it here would slow every command's start.
     att.add_argument("--max-tokens", type=int, help="cut each side to this many tokens (default 32)")
-    att.set_defaults(run=reporting_refused_outputs(_attention))
+    att.set_defaults(run=_attention)
 
     rt = commands.add_parser("routing", help="which experts each token goes to; load, entropy, specialisation")
     _common(rt, data=True)
-    rt.set_defaults(run=reporting_refused_outputs(_routing))
+    rt.set_defaults(run=_routing)
 
     rep = sub.add_parser("report", help="one self-contained HTML page: training curves, attention, routing")
     _common(rep, data=True)
     rep.add_argument("--max-tokens", type=int, default=24, help="tokens per side in the attention maps (default 24)")
-    rep.set_defaults(run=reporting_refused_outputs(_report))
+    rep.set_defaults(run=_report)

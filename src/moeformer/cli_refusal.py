@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from moeformer.publish import OutputExistsError
-
 CHECK_PROMPTS = ["Write a short poem about the sea.", "How do I bake bread?", "Explain how tides work."]
-
-
-def reporting_refused_outputs(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """``run`` with a refused --out reported like the other errors (exit 1). Needed while
-    ``moeformer.cli.main`` does not catch FileExistsError; harmless once it does."""
-
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except OutputExistsError as err:
-            print(f"moeformer: error: {err}", file=sys.stderr)
-            return 1
-
-    return wrapped
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -175,7 +157,7 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
                     help="drop candidates whose KL on harmless prompts exceeds this (default 0.1)")  # fmt: skip
     ex.add_argument("--max-layer-fraction", type=float, default=0.8,
                     help="drop candidates from layers beyond this fraction of the depth (default 0.8)")  # fmt: skip
-    ex.set_defaults(run=reporting_refused_outputs(_extract))
+    ex.set_defaults(run=_extract)
 
     ev = commands.add_parser("eval", help="completions and refusal scores under each intervention")
     _model_args(ev)
@@ -190,13 +172,13 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--loss-texts", metavar="FILE", help="texts for the loss column (default: the harmless prompts)")
     _out_args(ev, required=False, what="write eval.json (every completion), eval.md and routing.png into this "
               "directory (default: print the table only)")  # fmt: skip
-    ev.set_defaults(run=reporting_refused_outputs(_eval))
+    ev.set_defaults(run=_eval)
 
     orth = commands.add_parser("orthogonalize", help="bake the ablation into the weights; write a new model")
     _model_args(orth)
     orth.add_argument("--direction", required=True, help="an extract output directory or a direction .safetensors")
     _out_args(orth, required=True, what="new model directory, never the source or inside it")
-    orth.set_defaults(run=reporting_refused_outputs(_orthogonalize))
+    orth.set_defaults(run=_orthogonalize)
 
     score = commands.add_parser("score", help="the fraction of completions that contain a refusal phrase")
     score.add_argument("file", metavar="FILE", help='JSON list (or .jsonl) of {"prompt", "response"} objects')
