@@ -183,3 +183,14 @@ def test_an_interrupted_write_keeps_the_old_output_and_leaves_no_temporary(plant
         save_evaluation(bigger, out, routing=routing, force=True)
     assert (out / "eval.json").read_text() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no .eval.tmp-* or .eval.old-* left
+
+
+def test_every_refusal_and_inspect_option_has_help_showing_its_default():
+    """tests/test_cli.py's walk, over the subcommands cli_refusal.py and cli_inspect.py define."""
+    from test_cli import options_without_help_or_default, subparsers
+
+    from moeformer.cli import build_parser
+
+    checked = [(path, options_without_help_or_default(sub)) for path, sub in subparsers(build_parser())
+               if path[0] in ("refusal", "inspect", "report")]  # fmt: skip
+    assert len(checked) == 9 and all(bad == [] for _, bad in checked), checked
