@@ -52,10 +52,19 @@ def test_a_long_input_is_translated_sentence_by_sentence_with_a_note(seq2seq, ch
 
 def test_a_sentence_longer_than_the_model_is_refused_before_decoding(seq2seq, chars, monkeypatch):
     monkeypatch.setattr("moeformer.inference._translate_ids", lambda *a: pytest.fail("decoded before checking"))
-    with pytest.raises(ValueError, match=r"input 2: 21 tokens .* limit of 16"):
+    with pytest.raises(ValueError, match=r"input 2: a sentence of 21 tokens .* longer than the model's limit of 16"):
         translate(seq2seq, chars, ["abc.", "abcdefghij abcdefghi"])
-    with pytest.raises(ValueError, match=r"input 1, sentence 'abcdefghij abcdefghij.'...: 23 tokens"):
+    with pytest.raises(ValueError, match=r"input 1: a sentence of 23 tokens .* starting 'abcdefghij abcdefghij.'"):
         translate(seq2seq, chars, ["abc. abcdefghij abcdefghij. abc."])
+
+
+def test_a_sentence_longer_than_the_model_may_be_cut_with_a_note(seq2seq, chars):
+    """overlong="cut": for scoring a test set after training, where refusing would lose the run's scores."""
+    notes: list[str] = []
+    out = translate(seq2seq, chars, ["abcdefghij abcdefghi"], overlong="cut", note=notes.append)
+    assert out == translate(seq2seq, chars, ["abcdefghij abcd"])  # 15 characters + EOS
+    assert notes == ["input 1: a sentence of 21 tokens (end of sentence included) starting 'abcdefghij abcdefghi' "
+                     "was cut to the model's limit of 16 tokens"]  # fmt: skip
 
 
 def test_blank_inputs_give_blank_outputs_in_place(seq2seq, chars):

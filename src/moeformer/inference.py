@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from moeformer.models import build_model
 from moeformer.train.checkpoint import Checkpoint, CheckpointError, load_weights, read_checkpoint
 
 Note = Callable[[str], None]
+Overlong = Literal["refuse", "cut"]  # what translate does with a sentence longer than the model
 
 
 class MissingTokenizerError(CheckpointError):
@@ -158,19 +159,20 @@ def translate(
     max_len: int | None = None,
     length_penalty: float = 0.6,
     note: Note | None = None,
+    overlong: Overlong = "refuse",
 ) -> list[str]:
     """Translations of ``texts`` (greedy when beam_size is 1), one per text, in order, batched by length.
 
     A blank text translates to "". A text longer than the model's ``max_seq_len`` source tokens is
     split into sentences (. ! ? 。！？), translated piece by piece and joined, and ``note`` is told;
     a single sentence still too long raises ValueError with the limit and its length, before any
-    decoding.
+    decoding (or, with ``overlong="cut"``, is cut to the limit and ``note`` told).
     """
     require_arch(model, "seq2seq", "translate")
     if beam_size < 1:
         raise ValueError(f"beam size must be at least 1 (1 is greedy), got {beam_size}")
     limit = model.config.max_seq_len
-    pieces, owners = plan_inputs(tokenizers.source, texts, limit, note)
+    pieces, owners = plan_inputs(tokenizers.source, texts, limit, note, overlong=overlong)
     max_len = min(max_len or limit, limit)
     outputs = _translate_ids(model, tokenizers, pieces, beam_size, batch_size, max_len, length_penalty)
     grouped: list[list[str]] = [[] for _ in texts]
@@ -180,11 +182,18 @@ def translate(
 
 
 def plan_inputs(
-    tokenizer: Tokenizer, texts: Sequence[str], limit: int, note: Note | None = None
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    limit: int,
+    note: Note | None = None,
+    *,
+    overlong: Overlong = "refuse",
 ) -> tuple[list[list[int]], list[int]]:
     """Source ids to translate (each <= ``limit`` tokens, EOS included) and the text each belongs to.
 
-    Blank texts get no piece; texts over the limit one piece per sentence.
+    Blank texts get no piece; texts over the limit one piece per sentence. A sentence still over
+    the limit raises ValueError (``overlong="refuse"``) or keeps its first ``limit`` tokens and
+    tells ``note`` (``"cut"``: for scoring a test set at the end of a run, where stopping loses more).
     """
     pieces: list[list[int]] = []
     owners: list[int] = []
@@ -196,23 +205,30 @@ def plan_inputs(
             pieces.append(ids)
             owners.append(i)
             continue
-        texts_s = split_sentences(text)
-        sentences = [tokenizer.encode(s, eos=True) for s in texts_s]
-        for sentence, ids_s in zip(texts_s, sentences):
-            if len(ids_s) > limit:
-                where = f"input {i + 1}" + (f", sentence {sentence[:40]!r}..." if len(sentences) > 1 else "")
-                raise ValueError(
-                    f"{where}: {len(ids_s)} tokens (end of sentence included), more than the model's limit "
-                    f"of {limit}; split it into shorter sentences"
-                )
+        sentences = [_fit(tokenizer, s, limit, f"input {i + 1}", overlong, note) for s in split_sentences(text)]
         pieces.extend(sentences)
         owners.extend([i] * len(sentences))
-        if note is not None:
+        if note is not None and len(sentences) > 1:
             note(
                 f"input {i + 1} has {len(ids)} tokens, more than the model's limit of {limit}: "
                 f"translated as {len(sentences)} sentences, one at a time"
             )
     return pieces, owners
+
+
+def _fit(
+    tokenizer: Tokenizer, sentence: str, limit: int, where: str, overlong: Overlong, note: Note | None
+) -> list[int]:
+    """The ids of one sentence, refused or cut when over ``limit`` (see :func:`plan_inputs`)."""
+    ids = tokenizer.encode(sentence, eos=True)
+    if len(ids) <= limit:
+        return ids
+    message = f"{where}: a sentence of {len(ids)} tokens (end of sentence included) starting {sentence[:40]!r}"
+    if overlong == "refuse":
+        raise ValueError(f"{message} is longer than the model's limit of {limit} tokens; split it")
+    if note is not None:
+        note(f"{message} was cut to the model's limit of {limit} tokens")
+    return [*ids[: limit - 1], tokenizer.eos_id]
 
 
 def _translate_ids(
