@@ -180,4 +180,68 @@ def test_warmup_longer_than_training_is_warned(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, steps=1)
     assert main(["train", str(config), "--out", "run", "--quiet", "--set", "train.warmup_steps=5"]) == 0
-    assert "warning: train.warmup_steps = 5 is more than train.steps = 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: train.warmup_steps = 5 is more than train.steps = 1" in err
+    assert f"data: {tmp_path / 'text.txt'}: 400 lines read" in err  # the data report, at every start
+
+
+def check_run_is_consistent(run: Path) -> None:
+    """Every checkpoint loads, latest/best name complete checkpoints, metrics.jsonl parses."""
+    from moeformer.inference import load_model
+    from moeformer.train.checkpoint import load_trainer_state
+
+    for ckpt_dir in sorted((run / "checkpoints").glob("step-*")):
+        load_model(ckpt_dir)
+        load_trainer_state(read_checkpoint(ckpt_dir))
+    for pointer in ("latest", "best"):
+        if (run / pointer).exists():
+            load_model(read_checkpoint(run, which=pointer).path)
+    if (run / "metrics.jsonl").exists():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            json.loads(line)
+
+
+def _latest_step(run: Path) -> int:
+    try:
+        return read_checkpoint(run, which="latest").meta["step"]
+    except Exception:  # noqa: BLE001  not written yet
+        return 0
+
+
+@pytest.mark.slow
+def test_twenty_kills_at_random_moments_lose_nothing(tmp_path):
+    """SIGKILL (no chance to clean up) at random moments of a run that saves every step; after
+    each kill the run directory is consistent, and resuming until the end gives the losses of an
+    uninterrupted run, each step logged once."""
+    import random
+
+    steps = 300
+    config = write_config(tmp_path, steps=steps, eval_every=7, save_every=1)
+    reference = start(str(config), "--out", str(tmp_path / "reference"), cwd=tmp_path)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+    rng, run, kills = random.Random(0), tmp_path / "run", 0
+    while kills < 20:
+        resuming = (run / "latest").exists()
+        args = ["--resume", str(run)] if resuming else [str(config), "--out", str(run), "--force"]
+        saved = read_checkpoint(run, which="latest").meta["step"] if resuming else 0
+        proc = start(*args, cwd=tmp_path)
+        if kills % 4 == 3:  # now and then during start-up: importing, reading, resuming
+            time.sleep(rng.uniform(0.0, 3.0))
+        else:  # else once this process has saved a checkpoint, so that the run advances
+            while _latest_step(run) <= saved and proc.poll() is None:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.5))
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended by itself after {kills} kills ({proc.stderr.read()})")
+        proc.kill()
+        proc.wait()
+        kills += 1
+        check_run_is_consistent(run)
+    final = start("--resume", str(run), cwd=tmp_path)
+    _, err = final.communicate(timeout=600)
+    assert final.returncode == 0, err
+    check_run_is_consistent(run)
+    got = [(r["step"], r["loss"]) for r in rows(run) if "loss" in r]
+    want = [(r["step"], r["loss"]) for r in rows(tmp_path / "reference") if "loss" in r]
+    assert [s for s, _ in got] == list(range(1, steps + 1))
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-7)

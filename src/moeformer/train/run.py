@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from moeformer.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
 from moeformer.data.pipeline import PreparedData, prepare
+from moeformer.data.report import format_data_report
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.models import build_model
 from moeformer.train.checkpoint import load_weights, read_checkpoint, remove_partial, write_atomic
@@ -118,6 +119,8 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
         for warning in config_warnings(config):
             echo(f"warning: {warning}")
     prepared = prepare(config, tokenizers)
+    if main:
+        echo(format_data_report(prepared.report))
     device = _device(config.train.device, ctx)
     model = build_model(prepared.model_config).to(device)
     n_test = len(prepared.test_pairs)
