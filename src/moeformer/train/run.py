@@ -23,11 +23,19 @@ from moeformer.data.pipeline import PreparedData, prepare
 from moeformer.data.report import format_data_report
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.models import build_model
-from moeformer.train.checkpoint import load_weights, read_checkpoint, remove_partial, write_atomic
+from moeformer.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_weights,
+    read_checkpoint,
+    remove_partial,
+    write_atomic,
+)
 from moeformer.train.distributed import Distributed, init_distributed
 from moeformer.train.rundir import RunLock, claim_run_dir, trim_metrics
 from moeformer.train.trainer import Trainer, TrainResult
 
+Note = Callable[[str], None]
 TEST_CHUNK = 128  # test pairs decoded between two looks at the clock
 
 
@@ -114,7 +122,7 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
     main = ctx is None or ctx.main
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     ckpt = read_checkpoint(run_dir, which="latest") if resume else None
-    tokenizers = TokenizerPair.from_dict(ckpt.meta["tokenizer"]) if ckpt else None
+    tokenizers = _resume_tokenizers(ckpt) if ckpt else None
     if main:
         for warning in config_warnings(config):
             echo(f"warning: {warning}")
@@ -146,7 +154,7 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
     if not main:
         return outcome
     if prepared.test_pairs:
-        _score_test(outcome, prepared, model, run_dir, config, deadline, progress)
+        _score_test(outcome, prepared, model, run_dir, config, deadline, progress, echo)
     summary = {
         "step": result.step,
         "stopped_by": result.stopped_by,
@@ -156,6 +164,15 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
     }
     write_atomic(run_dir / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1))
     return outcome
+
+
+def _resume_tokenizers(ckpt: Checkpoint) -> TokenizerPair:
+    from moeformer.inference import checkpoint_tokenizers
+
+    tokenizers = checkpoint_tokenizers(ckpt)
+    if tokenizers is None:  # a new tokenizer would not match the trained embeddings
+        raise CheckpointError(f"{ckpt.path} holds no tokenizer (a weights-only checkpoint); it cannot be resumed")
+    return tokenizers
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -171,7 +188,7 @@ def config_warnings(config: Config) -> list[str]:
 
 
 def _score_test(outcome: RunOutcome, prepared: PreparedData, model: torch.nn.Module, run_dir: Path,
-                config: Config, deadline: float | None, progress: bool) -> None:  # fmt: skip
+                config: Config, deadline: float | None, progress: bool, echo: Note) -> None:  # fmt: skip
     """BLEU and chrF of the best checkpoint on the test split, decoded in chunks with a progress bar;
     with a deadline, decoding stops when it comes and the scores cover the pairs decoded."""
     from moeformer.evaluate.metrics import bleu, chrf
@@ -185,7 +202,7 @@ def _score_test(outcome: RunOutcome, prepared: PreparedData, model: torch.nn.Mod
             if deadline is not None and time.monotonic() >= deadline:
                 break
             chunk = [s for s, _ in pairs[start : start + TEST_CHUNK]]
-            hyps += translate(model, prepared.tokenizers, chunk, batch_size=64)
+            hyps += translate(model, prepared.tokenizers, chunk, batch_size=64, overlong="cut", note=echo)
             bar.update(len(chunk))
     decoded = pairs[: len(hyps)]
     if not decoded:
