@@ -93,15 +93,6 @@ def test_bad_override_and_missing_checkpoint_are_clear(tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_demo_learns_the_generated_task(tmp_path, capsys):
-    """A short demo run on the generated corpus beats a BLEU threshold on held-out pairs."""
-    assert main(["demo", "--steps", "400", "--out", str(tmp_path), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    bleu = float(out.split("BLEU ")[1].split()[0])
-    assert bleu > 40.0, out
-
-
 def test_the_command_line_keeps_freed_memory_for_its_user(monkeypatch, capsys):
     """Every command applies the allocator setting (moeformer.runtime); importing the library does not."""
     calls = []

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from moeformer.demo import DEMO_STEPS
+
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -17,17 +19,22 @@ def _say(message: str) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from moeformer.demo import run_demo
+    from moeformer.train.run import TrainingInterrupted
 
-    print(
-        run_demo(
+    try:
+        report = run_demo(
             corpus=args.corpus,
             data=args.data,
             minutes=args.minutes,
             steps=args.steps,
             run_dir=Path(args.out),
             progress=not args.quiet,
+            echo=_say,
         )
-    )
+    except TrainingInterrupted as stop:
+        _say(str(stop))
+        return stop.exit_code
+    print(report)
     return 0
 
 
@@ -88,8 +95,12 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
         help="synthetic: generated English->Chinese numbers and dates (offline); tatoeba: real pairs",
     )
     demo.add_argument("--data", help="path to the Tatoeba cmn.txt (default: ../shared/data/cmn-eng/cmn.txt)")
-    demo.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
-    demo.add_argument("--steps", type=int, help="stop after this many updates instead (e.g. for a quick check)")
+    demo.add_argument(
+        "--steps", type=int, help=f"training updates (default {DEMO_STEPS}: the same model on every machine)"
+    )
+    demo.add_argument(
+        "--minutes", type=float, help="train for this long instead (results then depend on the machine; default: off)"
+    )
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)

@@ -48,6 +48,12 @@ from moeformer.train.sharded import apply_fsdp, full_weights, has_sharded_state,
 from moeformer.train.signals import StopSignals, signal_name
 from moeformer.validation import ConfigError
 
+ESTIMATE_AFTER = 20  # updates timed before the remaining time is estimated
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
@@ -242,6 +248,7 @@ class Trainer:
         cfg = self.config
         log_path = self.run_dir / "metrics.jsonl"
         window = {"tokens": 0, "start": time.monotonic()}
+        first_step = self.step
         while self.step < cfg.steps:
             began = time.monotonic()
             loss, nll, aux, n_tokens = self._update(stream, tracker)
@@ -249,6 +256,8 @@ class Trainer:
             self._step_seconds += (time.monotonic() - began - self._step_seconds) / min(self.step, 20)
             window["tokens"] += n_tokens
             bar.update(1)
+            if self.step == first_step + ESTIMATE_AFTER and self.deadline is None:
+                self._estimate()
             if cfg.log_every and self.step % cfg.log_every == 0:
                 row = self._log_row(loss, nll, aux, window)
                 result.metrics.append(row)
@@ -271,6 +280,13 @@ class Trainer:
             if out_of_time:
                 result.stopped_by = "max_minutes"
                 return
+
+    def _estimate(self) -> None:
+        """Tell the user how long the rest will take here, from the updates timed so far."""
+        left = (self.config.steps - self.step) * self._step_seconds
+        if left >= 60:
+            self.echo(f"about {_minutes(left)} for the remaining {self.config.steps - self.step} steps on this "
+                      f"machine (from the first {ESTIMATE_AFTER}; evaluations come on top)")  # fmt: skip
 
     def _log_row(self, loss: float, nll: float, aux: float, window: dict) -> dict[str, Any]:
         elapsed = time.monotonic() - window["start"]
