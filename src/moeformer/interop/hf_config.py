@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` <-> :class:`~moeformer.config.ModelConfig`, for five families.
+"""Hugging Face ``config.json`` <-> :class:`~moeformer.config.ModelConfig`, for eight families (``FAMILIES``).
 
 Every family is a pre-norm RMSNorm decoder with RoPE and SwiGLU FFNs; they differ in biases,
 the attention kind and the FFN:
