@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moeformer-installed
 
-.PHONY: install demo test test-all lint gpu-check clean
+.PHONY: install demo test test-all test-repeat lint gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ test: $(STAMP)
 # Also the end-to-end tests marked slow.
 test-all: $(STAMP)
 	$(PY) -m pytest -m ""
+
+# Every multi-process test file N times in a row (a teardown race fails one run in ten, not every
+# run), stopping at the first failure, whose output is shown; prints "k/N passed" per file.
+# E.g. make test-repeat N=5, or with the slow modes: make test-repeat N=10 PYTEST_ARGS='-m ""'
+N ?= 20
+PYTEST_ARGS ?=
+MULTIPROCESS_TESTS ?= $(shell grep -lE 'from spawn import|torch.multiprocessing|torchrun' tests/test_*.py)
+test-repeat: $(STAMP)
+	@log=$$(mktemp); for f in $(MULTIPROCESS_TESTS); do k=0; \
+	  for i in $$(seq 1 $(N)); do \
+	    if $(PY) -m pytest $$f -q -x -p no:cacheprovider $(PYTEST_ARGS) > $$log 2>&1; then k=$$((k + 1)); \
+	    else cat $$log; echo "$$f: $$k/$(N) passed (run $$i failed)"; rm -f $$log; exit 1; fi; \
+	  done; echo "$$f: $$k/$(N) passed"; \
+	done; rm -f $$log
 
 # On a machine with a CUDA GPU: device tests, MoE layer and training benchmarks, one table.
 gpu-check: $(STAMP)

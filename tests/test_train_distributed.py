@@ -16,7 +16,13 @@ from spawn import free_port, spawn
 from moeformer import DecoderLM, preset
 from moeformer.train.checkpoint import read_checkpoint, resolve
 from moeformer.train.config import TrainConfig
-from moeformer.train.distributed import Distributed, init_distributed, reduce_loads
+from moeformer.train.distributed import (
+    Distributed,
+    close_distributed,
+    init_distributed,
+    process_group,
+    reduce_loads,
+)
 from moeformer.train.sharded import full_weights
 from moeformer.train.trainer import Batch, Trainer, TrainingTask
 from moeformer.validation import ConfigError
@@ -132,14 +138,42 @@ def test_world_size_mismatch_is_a_config_error(monkeypatch):
 
 def _dead_peer_worker(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    init_distributed(timeout_s=5)
-    if rank == 1:
-        os._exit(0)  # dies without a word
-    start = time.monotonic()
-    with pytest.raises(RuntimeError):
-        dist.all_reduce(torch.ones(1))
-    assert time.monotonic() - start < 60  # an error after the timeout, not a hang
+    # The survivor destroys its group in the with block's exit: left to the interpreter's exit,
+    # the failed collective's pending work made rank 0 abort with SIGABRT some of the times.
+    with process_group(timeout_s=5):
+        if rank == 1:
+            os._exit(0)  # dies without a word
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):
+            dist.all_reduce(torch.ones(1))
+        assert time.monotonic() - start < 60  # an error after the timeout, not a hang
 
 
 def test_a_dead_rank_ends_the_collective_with_an_error():
     spawn(_dead_peer_worker, (2, free_port()), timeout_s=120)
+
+
+def _failing_worker(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    with pytest.raises(ValueError, match="boom"), process_group(expected_world_size=2, timeout_s=60) as ctx:
+        assert ctx is not None and dist.is_initialized()
+        assert float(ctx.sum(torch.ones(()))) == 2.0
+        raise ValueError("boom")
+    assert not dist.is_initialized()  # destroyed by the exception's way out, on every rank
+    with process_group(timeout_s=60):  # a fresh group can be made after it (the atexit hook stays one)
+        close_distributed()
+        close_distributed()  # idempotent
+
+
+def test_the_process_group_is_destroyed_also_when_the_block_raises():
+    spawn(_failing_worker, (2, free_port()), timeout_s=120)
+
+
+def _leaking_worker(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    init_distributed(timeout_s=60)  # and never destroyed
+
+
+def test_a_worker_that_leaves_its_process_group_fails_with_its_rank_named():
+    with pytest.raises(Exception, match=r"rank \d returned with its process group alive"):
+        spawn(_leaking_worker, (2, free_port()), timeout_s=120)

@@ -8,10 +8,20 @@ rank takes every N-th batch of the shared, deterministic batch order (no overlap
 of each rank is weighted by its share of the step's tokens, so the averaged gradient is that of
 the whole global batch. Routing loads are summed over ranks before the bias update and before
 logging; only rank 0 logs, evaluates into files and writes checkpoints.
+
+Lifetime: :func:`process_group` (a ``with`` block) destroys the group it created on the way
+out, also on an exception. A group left alive at exit is destroyed by Python's last garbage
+collection inside ``Py_FinalizeEx``, in a half-finalized interpreter: gloo's destructor joins
+its worker threads and frees their pending work (futures, tensors, a failed collective's
+error) there, and whether anything is still pending is a race, so the process aborts
+(SIGABRT, "terminate called ...") some of the times only. :func:`init_distributed` therefore
+also registers an ``atexit`` hook that destroys a group still alive while the interpreter is
+whole.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Iterator
@@ -65,7 +75,30 @@ def init_distributed(*, expected_world_size: int | None = None, timeout_s: float
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.unregister(close_distributed)  # once, however many groups this process makes in turn
+        atexit.register(close_distributed)  # runs before Py_FinalizeEx tears the interpreter down
     return Distributed(rank, world, local_rank)
+
+
+def close_distributed() -> None:
+    """Destroy the default process group and every group made from it (ExpertShards' EP and
+    replica groups), if one is alive. Idempotent. The groups are shut down here, with the
+    interpreter whole, instead of by the garbage collector at exit (see the module docstring)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(*, expected_world_size: int | None = None, timeout_s: float = 600.0) -> Iterator[Distributed | None]:
+    """:func:`init_distributed` for the length of a ``with`` block; a group the block created is
+    destroyed when it ends, normally or by an exception (a group that existed before is left)."""
+    existed = dist.is_initialized()
+    ctx = init_distributed(expected_world_size=expected_world_size, timeout_s=timeout_s)
+    try:
+        yield ctx
+    finally:
+        if ctx is not None and not existed:
+            close_distributed()
 
 
 def reduce_loads(loads: dict[str, Tensor], ctx: Distributed | None) -> dict[str, Tensor]:
