@@ -3,6 +3,7 @@ training on the same global batches: losses, weights and the aux-loss-free balan
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import time
@@ -167,6 +168,17 @@ def _failing_worker(rank: int, world: int, port: int) -> None:
 
 def test_the_process_group_is_destroyed_also_when_the_block_raises():
     spawn(_failing_worker, (2, free_port()), timeout_s=120)
+
+
+def _forgetful_worker(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    init_distributed(timeout_s=60)  # a caller (e.g. the torchrun CLI path) that never destroys it
+    atexit._run_exitfuncs()  # what the interpreter runs first on its way out
+    assert not dist.is_initialized()  # destroyed there, before Py_FinalizeEx
+
+
+def test_a_group_the_caller_forgets_is_destroyed_at_exit_before_finalization():
+    spawn(_forgetful_worker, (2, free_port()), timeout_s=120)
 
 
 def _leaking_worker(rank: int, world: int, port: int) -> None:

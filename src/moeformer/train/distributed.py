@@ -10,13 +10,13 @@ the whole global batch. Routing loads are summed over ranks before the bias upda
 logging; only rank 0 logs, evaluates into files and writes checkpoints.
 
 Lifetime: :func:`process_group` (a ``with`` block) destroys the group it created on the way
-out, also on an exception. A group left alive at exit is destroyed by Python's last garbage
-collection inside ``Py_FinalizeEx``, in a half-finalized interpreter: gloo's destructor joins
-its worker threads and frees their pending work (futures, tensors, a failed collective's
-error) there, and whether anything is still pending is a race, so the process aborts
-(SIGABRT, "terminate called ...") some of the times only. :func:`init_distributed` therefore
-also registers an ``atexit`` hook that destroys a group still alive while the interpreter is
-whole.
+out, also on an exception. Why it matters: a group left alive at exit is destroyed by the last
+garbage collection inside ``Py_FinalizeEx`` (seen in gdb), in a half-finalized interpreter,
+where gloo's destructor joins its worker threads and frees their pending work (futures,
+tensors, a failed collective's error); whether anything is still pending then is a race, so
+such a process aborts (SIGABRT) some of the times only (issue 13). :func:`init_distributed`
+therefore also registers an ``atexit`` hook that destroys a group still alive while the
+interpreter is whole, for callers that forget.
 """
 
 from __future__ import annotations
