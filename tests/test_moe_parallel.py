@@ -22,10 +22,18 @@ CASES = {
 }
 
 
-def _worker(rank: int, world: int, init_file: str, case: str) -> None:
-    torch.set_num_threads(1)
+def _join(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    # init_process_group may return here while the peer is still connecting to us; a rank that
+    # then leaves without a collective (the uneven case raises before any) made the peer's init
+    # fail with "Connection closed by peer". After the barrier both ranks have joined.
+    dist.barrier()
+
+
+def _worker(rank: int, world: int, init_file: str, case: str) -> None:
+    torch.set_num_threads(1)
+    _join(rank, world, init_file)
     try:
         torch.manual_seed(0)
         layer = build_moe(d_model=16, expert_hidden=8, **CASES[case])
@@ -72,8 +80,7 @@ def test_expert_parallel_equals_one_process(case, tmp_path):
 
 
 def _uneven_worker(rank: int, world: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    _join(rank, world, init_file)
     try:
         layer = build_moe(kind="topk", d_model=8, n_experts=3, top_k=1, expert_hidden=4)
         with pytest.raises(ValueError, match="cannot be split evenly"):

@@ -75,6 +75,11 @@ def init_distributed(*, expected_world_size: int | None = None, timeout_s: float
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # init_process_group can return on one rank while a peer is still connecting its side of
+        # gloo's full mesh; a rank that then leaves at once (an error, a test that needs no
+        # collective) closes its sockets under the peer, whose init fails "Connection closed by
+        # peer". After this barrier every rank has finished joining.
+        dist.barrier()
         atexit.unregister(close_distributed)  # once, however many groups this process makes in turn
         atexit.register(close_distributed)  # runs before Py_FinalizeEx tears the interpreter down
     return Distributed(rank, world, local_rank)
