@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 
 from moeformer.compiled import CompiledModel
 from moeformer.moe.balancing import LoadTracker
+from moeformer.train.board import board_write, open_board
+from moeformer.train.budget import ESTIMATE_AFTER, TimeBudget
 from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint, staging_dir
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
@@ -47,12 +49,6 @@ from moeformer.train.schedule import lr_multiplier, noam_peak
 from moeformer.train.sharded import apply_fsdp, full_weights, has_sharded_state, load_sharded, save_sharded
 from moeformer.train.signals import StopSignals, signal_name
 from moeformer.validation import ConfigError
-
-ESTIMATE_AFTER = 20  # updates timed before the remaining time is estimated
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,9 +101,8 @@ class Trainer:
         ``max_minutes``); reserve: seconds that the caller needs after training, given the
         duration of one evaluation (e.g. test-set decoding); echo: where notes for the user go."""
         self.model, self.task, self.config, self.run_dir = model, task, config, Path(run_dir)
-        self.deadline, self.reserve, self.echo = deadline, reserve or (lambda _: 0.0), echo or (lambda _: None)
-        self.eval_seconds: float | None = None  # how long the last evaluation took
-        self._step_seconds = 0.0  # running mean of one update's time
+        self.echo = echo or (lambda _: None)
+        self.clock = TimeBudget(deadline, 60 * config.max_minutes if config.max_minutes else None, reserve)
         self._signals: StopSignals | None = None  # while train() runs
         self.dist = distributed
         self.main = distributed is None or distributed.main
@@ -229,10 +224,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         result = TrainResult(step=self.step)
         stream, tracker = self._stream(), LoadTracker()
-        timed = self.deadline is not None
+        timed = self.clock.deadline is not None
         bar = tqdm(total=None if timed else self.config.steps, initial=self.step, desc="training",
                    disable=not self.progress, unit="step", dynamic_ncols=True)  # fmt: skip
-        board = _tensorboard(self.run_dir, self.step) if self.main else None
+        board = open_board(self.run_dir, self.step) if self.main else None
         with StopSignals() as self._signals:
             try:
                 self._loop(result, stream, tracker, bar, board)
@@ -253,17 +248,17 @@ class Trainer:
             began = time.monotonic()
             loss, nll, aux, n_tokens = self._update(stream, tracker)
             self.step += 1
-            self._step_seconds += (time.monotonic() - began - self._step_seconds) / min(self.step, 20)
+            self.clock.step_took(time.monotonic() - began)
             window["tokens"] += n_tokens
             bar.update(1)
-            if self.step == first_step + ESTIMATE_AFTER and self.deadline is None:
-                self._estimate()
+            if self.step == first_step + ESTIMATE_AFTER and (estimate := self.clock.estimate(cfg.steps - self.step)):
+                self.echo(estimate)
             if cfg.log_every and self.step % cfg.log_every == 0:
                 row = self._log_row(loss, nll, aux, window)
                 result.metrics.append(row)
                 if self.main:
                     append_line(log_path, json.dumps(row))
-                _board_write(board, "train", row, self.step)
+                board_write(board, "train", row, self.step)
                 bar.set_postfix(self._postfix(loss, row), refresh=False)
             out_of_time, signum = self._should_stop()
             if signum:
@@ -271,8 +266,8 @@ class Trainer:
                 self._checkpoint()
                 result.stopped_by, result.signal = signal_name(signum), signum
                 return
-            first_timed_eval = self.deadline is not None and self.eval_seconds is None and self._early_eval_due()
-            evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time or first_timed_eval
+            evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time
+            evaluate = evaluate or self.clock.first_eval_due()
             if evaluate and (self.main or self.collective):
                 self._evaluate_and_save(result, log_path, board)
             elif self.step % cfg.save_every == 0:
@@ -280,13 +275,6 @@ class Trainer:
             if out_of_time:
                 result.stopped_by = "max_minutes"
                 return
-
-    def _estimate(self) -> None:
-        """Tell the user how long the rest will take here, from the updates timed so far."""
-        left = (self.config.steps - self.step) * self._step_seconds
-        if left >= 60:
-            self.echo(f"about {_minutes(left)} for the remaining {self.config.steps - self.step} steps on this "
-                      f"machine (from the first {ESTIMATE_AFTER}; evaluations come on top)")  # fmt: skip
 
     def _log_row(self, loss: float, nll: float, aux: float, window: dict) -> dict[str, Any]:
         elapsed = time.monotonic() - window["start"]
@@ -298,15 +286,14 @@ class Trainer:
     def _postfix(self, loss: float, row: dict[str, Any]) -> dict[str, str]:
         postfix = {"loss": f"{loss:.3f}", "lr": f"{row['lr']:.2e}", "tok_s": f"{row['tokens_per_s']:.0f}",
                    "load": f"{row.get('max_over_mean_load', 1.0):.2f}"}  # fmt: skip
-        if self.deadline is not None:
-            left = max(self.deadline - time.monotonic(), 0.0)
-            postfix["left"] = f"{int(left // 60)}:{int(left % 60):02d}"
+        if (left := self.clock.left()) is not None:
+            postfix["left"] = left
         return postfix
 
     def _evaluate_and_save(self, result: TrainResult, log_path: Path, board) -> None:  # noqa: ANN001
         began = time.monotonic()
         evaluation = self._evaluate()
-        self.eval_seconds = time.monotonic() - began
+        self.clock.eval_seconds = time.monotonic() - began
         improved = evaluation["valid_loss"] < self.best_loss
         if improved:
             self.best_loss = evaluation["valid_loss"]
@@ -314,7 +301,7 @@ class Trainer:
         if self.main:
             result.evals.append(evaluation)
             append_line(log_path, json.dumps({"step": self.step, **evaluation}))
-            _board_write(board, "valid", evaluation, self.step)
+            board_write(board, "valid", evaluation, self.step)
         self._checkpoint(best=improved, metrics=evaluation)
 
     def _checkpoint(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> None:
@@ -329,7 +316,7 @@ class Trainer:
     def _should_stop(self) -> tuple[bool, int]:
         """(out of time, signal number or 0), agreed by every rank: rank 0's clock decides the
         time, and a signal received by any rank stops all of them at the same step."""
-        out_of_time = float(self.main and self._out_of_time())
+        out_of_time = float(self.main and self.clock.out_of_time())
         signum = float(self._signals_received())
         if self.dist is None:
             return bool(out_of_time), int(signum)
@@ -339,21 +326,6 @@ class Trainer:
 
     def _signals_received(self) -> int:
         return (self._signals.received or 0) if self._signals is not None else 0
-
-    def _out_of_time(self) -> bool:
-        """Whether another update would leave too little time for what must follow it: the final
-        evaluation and the caller's reserve (test decoding), both estimated from the last evaluation."""
-        if self.deadline is None:
-            return False
-        eval_seconds = self.eval_seconds or 0.0
-        needed = self._step_seconds + eval_seconds + self.reserve(eval_seconds)
-        return time.monotonic() + needed >= self.deadline
-
-    def _early_eval_due(self) -> bool:
-        """With a deadline, the first evaluation comes once a tenth of the budget is spent, so the
-        duration of the final one (and of test decoding) can be planned."""
-        budget = 60 * (self.config.max_minutes or 0.0)
-        return budget > 0 and self.deadline - time.monotonic() < 0.9 * budget
 
     def _update(self, stream: Iterator[Batch], tracker: LoadTracker) -> tuple[float, float, float, int]:
         """One optimiser update over ``grad_accum`` micro-batches; returns mean loss terms."""
@@ -449,21 +421,3 @@ def _data_parallel(model: nn.Module, device: torch.device, ignore: list[str]) ->
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def _tensorboard(run_dir: Path, step: int):  # noqa: ANN202
-    """A SummaryWriter into run_dir/tensorboard when the tensorboard package is installed, else None;
-    on resume, events logged after ``step`` by the interrupted run are purged."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
-
-
-def _board_write(board, prefix: str, row: dict[str, float], step: int) -> None:  # noqa: ANN001
-    if board is None:
-        return
-    for key, value in row.items():
-        if key != "step" and isinstance(value, (int, float)):
-            board.add_scalar(f"{prefix}/{key}", value, step)
