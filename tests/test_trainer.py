@@ -146,18 +146,18 @@ def test_deadline_leaves_room_for_the_final_evaluation_and_what_follows(tmp_path
     final evaluation and the caller's reserve (test decoding) need; the final evaluation still runs."""
     import time
 
-    config = cfg(steps=50, eval_every=100, save_every=100, max_minutes=10.0)
+    config = cfg(steps=50, eval_every=100, save_every=100, max_minutes=10_000.0)  # no machine is that slow
     roomy = Trainer(lm(0.0), copy_task(), config, tmp_path / "a", progress=False,
-                    deadline=time.monotonic() + 600, reserve=lambda eval_s: 0.0).train()  # fmt: skip
+                    deadline=time.monotonic() + 600_000, reserve=lambda eval_s: 0.0).train()  # fmt: skip
     assert roomy.stopped_by == "steps" and roomy.step == 50
     reserve_calls: list[float] = []
 
     def reserve(eval_seconds: float) -> float:
         reserve_calls.append(eval_seconds)
-        return 10_000.0  # test decoding that would not fit: stop at once
+        return 1e7  # test decoding that would not fit: stop at once
 
     tight = Trainer(lm(0.0), copy_task(), config, tmp_path / "b", progress=False,
-                    deadline=time.monotonic() + 600, reserve=reserve).train()  # fmt: skip
+                    deadline=time.monotonic() + 600_000, reserve=reserve).train()  # fmt: skip
     assert tight.stopped_by == "max_minutes" and tight.step == 1
     assert len(tight.evals) == 1 and read_checkpoint(tmp_path / "b").meta["step"] == 1
 
