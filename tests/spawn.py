@@ -11,6 +11,9 @@ rank named.
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -30,15 +33,19 @@ def spawn(fn: Callable, args: tuple, nprocs: int = 2, timeout_s: float = 300.0) 
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=5):  # raises ProcessRaisedException when a rank fails
         if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
+            alive = [process for process in context.processes if process.is_alive()]
+            for process in alive:  # each hung rank's Python stacks to stderr, shown with the failure
+                os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(2)  # the dumps are written before the kill (not a wait for a race)
+            for process in alive:
+                process.kill()
             pytest.fail(f"{nprocs} spawned processes did not finish within {timeout_s:.0f} s")
 
 
 def _checked(rank: int, fn: Callable, *args: object) -> None:
     """``fn(rank, *args)``, then fail if it left a process group behind (destroyed here first, so
     this process still exits cleanly and the failure is the message, not an abort)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # spawn's deadline asks for the stacks
     fn(rank, *args)
     if dist.is_initialized():
         dist.destroy_process_group()
