@@ -31,7 +31,7 @@ from moeformer.train.checkpoint import (
     remove_partial,
     write_atomic,
 )
-from moeformer.train.distributed import Distributed, init_distributed
+from moeformer.train.distributed import Distributed, process_group
 from moeformer.train.rundir import RunLock, claim_run_dir, trim_metrics
 from moeformer.train.trainer import Trainer, TrainResult
 
@@ -88,27 +88,36 @@ def run_training(
     began = time.monotonic()
     deadline = began + 60 * config.train.max_minutes if config.train.max_minutes else None
     echo = echo or (lambda _: None)
-    ctx = init_distributed(expected_world_size=config.train.world_size, timeout_s=config.train.dist_timeout_s)
-    main = ctx is None or ctx.main
-    lock = RunLock(run_dir, echo=echo) if main else contextlib.nullcontext()
-    with _agreed(lock, ctx):
-        if main:
+    with process_group(expected_world_size=config.train.world_size, timeout_s=config.train.dist_timeout_s) as ctx:
+        main = ctx is None or ctx.main
+        lock = RunLock(run_dir, echo=echo) if main else contextlib.nullcontext()
+
+        def claim() -> None:
             claim_run_dir(run_dir, resume=resume, force=force)
             remove_partial(run_dir)
-        return _run(config, run_dir, ctx, resume, progress, echo, deadline)
+
+        with _agreed(lock, ctx, claim if main else None):
+            return _run(config, run_dir, ctx, resume, progress, echo, deadline)
 
 
 @contextlib.contextmanager
-def _agreed(lock: contextlib.AbstractContextManager, ctx: Distributed | None) -> Iterator[None]:
-    """Enter ``lock`` on rank 0; the other ranks learn whether it failed instead of waiting forever."""
+def _agreed(lock: contextlib.AbstractContextManager, ctx: Distributed | None,
+            claim: Callable[[], None] | None) -> Iterator[None]:  # fmt: skip
+    """Enter ``lock`` and ``claim`` the run directory on rank 0; the other ranks learn whether that
+    failed and stop too, instead of waiting in their first collective until the timeout."""
     failed = None
     try:
         lock.__enter__()
+        try:
+            if claim is not None:
+                claim()
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
     except Exception as err:  # noqa: BLE001  re-raised below, after the other ranks are told
         failed = err
-    if ctx is not None and bool(ctx.sum(torch.tensor(float(failed is not None)))):
-        if failed is None:
-            raise RuntimeError("rank 0 could not take the run directory (see its error)")
+    if ctx is not None and bool(ctx.sum(torch.tensor(float(failed is not None)))) and failed is None:
+        raise RuntimeError("rank 0 could not take the run directory (see its error)")
     if failed is not None:
         raise failed
     try:

@@ -260,14 +260,14 @@ class Trainer:
                     append_line(log_path, json.dumps(row))
                 board_write(board, "train", row, self.step)
                 bar.set_postfix(self._postfix(loss, row), refresh=False)
-            out_of_time, signum = self._should_stop()
+            out_of_time, eval_due, signum = self._after_step()
             if signum:
                 self.echo(f"{signal_name(signum)} received: saving a checkpoint at step {self.step}, then stopping")
                 self._checkpoint()
                 result.stopped_by, result.signal = signal_name(signum), signum
                 return
             evaluate = self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time
-            evaluate = evaluate or self.clock.first_eval_due()
+            evaluate = evaluate or eval_due
             if evaluate and (self.main or self.collective):
                 self._evaluate_and_save(result, log_path, board)
             elif self.step % cfg.save_every == 0:
@@ -313,16 +313,15 @@ class Trainer:
         elif self.main or self.fsdp:
             self.save(best=best, metrics=metrics)
 
-    def _should_stop(self) -> tuple[bool, int]:
-        """(out of time, signal number or 0), agreed by every rank: rank 0's clock decides the
-        time, and a signal received by any rank stops all of them at the same step."""
-        out_of_time = float(self.main and self.clock.out_of_time())
-        signum = float(self._signals_received())
-        if self.dist is None:
-            return bool(out_of_time), int(signum)
-        flags = torch.tensor([out_of_time, signum], device=self.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return bool(flags[0]), int(flags[1])
+    def _after_step(self) -> tuple[bool, bool, int]:
+        """(out of time, first timed evaluation due, signal number or 0), agreed by every rank:
+        rank 0's clock decides both times (ranks that evaluate together must agree), and a signal
+        received by any rank stops all of them at the same step."""
+        clock = [float(self.main and self.clock.out_of_time()), float(self.main and self.clock.first_eval_due())]
+        flags = torch.tensor([*clock, float(self._signals_received())], device=self.device)
+        if self.dist is not None:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1]), int(flags[2])
 
     def _signals_received(self) -> int:
         return (self._signals.received or 0) if self._signals is not None else 0
