@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import time
 
@@ -78,37 +79,45 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
                       LOCAL_RANK=str(rank))  # fmt: skip
     ctx = init_distributed(expected_world_size=2, timeout_s=60)
     try:
-        trainer, losses = _train(_batches(), os.path.join(tmp, "ddp"), ctx, mode)
-        model = trainer.model
-        if mode == "ddp+ep":
-            assert model.layers[0].ffn.experts.n_experts == 2
-        with trainer.shards.full(model) if trainer.shards else contextlib.nullcontext():
-            state = {k: v.clone() for k, v in model.state_dict().items()}  # every rank joins the gather
-        if mode.startswith("fsdp"):
-            state = full_weights(model)
-        if rank == 0:
-            ref_trainer, ref_losses = _train(_merged(), os.path.join(tmp, "single"), None)
-            ref_model = ref_trainer.model
-            assert len(losses) == STEPS
-            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=1e-5, rtol=0)
-            ref = ref_model.state_dict()
-            for name, value in state.items():
-                torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
-            assert ref_model.layers[0].ffn.router.expert_bias.abs().sum() > 0  # the biases did move
-            assert os.path.exists(os.path.join(tmp, "ddp", "metrics.jsonl"))  # written by rank 0 only
-            ckpt = resolve(os.path.join(tmp, "ddp"), "latest")
-            saved = safetensors.torch.load_file(str(ckpt / "model.safetensors"))  # the full experts
-            assert set(saved) <= set(ref) and len(saved) >= len(ref) - 1  # tied weights are stored once
-            for name, value in saved.items():
-                torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0)
-            if mode.startswith("fsdp"):  # the 2-rank sharded checkpoint of step 2 resumes in one process
-                dist.destroy_process_group()
-                _, resumed = _train(_merged(), os.path.join(tmp, "ddp"), None, resume_step=2)
-                torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
-                return
+        losses = _check(rank, tmp, mode, ctx)
+        # The DDP/FSDP wrappers made in _check hold the process group; freed (with their gloo work)
+        # here, while every rank's group is alive, not after it is destroyed (teardown order, issue 13).
+        gc.collect()
+        dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if rank == 0 and mode.startswith("fsdp"):  # the 2-rank sharded checkpoint of step 2 resumes in one process
+        _, resumed = _train(_merged(), os.path.join(tmp, "ddp"), None, resume_step=2)
+        torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
+
+
+def _check(rank: int, tmp: str, mode: str, ctx: Distributed | None) -> list[float]:
+    """The distributed run equals one process on the global batch; returns its losses."""
+    trainer, losses = _train(_batches(), os.path.join(tmp, "ddp"), ctx, mode)
+    model = trainer.model
+    if mode == "ddp+ep":
+        assert model.layers[0].ffn.experts.n_experts == 2
+    with trainer.shards.full(model) if trainer.shards else contextlib.nullcontext():
+        state = {k: v.clone() for k, v in model.state_dict().items()}  # every rank joins the gather
+    if mode.startswith("fsdp"):
+        state = full_weights(model)
+    if rank == 0:
+        ref_trainer, ref_losses = _train(_merged(), os.path.join(tmp, "single"), None)
+        ref_model = ref_trainer.model
+        assert len(losses) == STEPS
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=1e-5, rtol=0)
+        ref = ref_model.state_dict()
+        for name, value in state.items():
+            torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        assert ref_model.layers[0].ffn.router.expert_bias.abs().sum() > 0  # the biases did move
+        assert os.path.exists(os.path.join(tmp, "ddp", "metrics.jsonl"))  # written by rank 0 only
+        ckpt = resolve(os.path.join(tmp, "ddp"), "latest")
+        saved = safetensors.torch.load_file(str(ckpt / "model.safetensors"))  # the full experts
+        assert set(saved) <= set(ref) and len(saved) >= len(ref) - 1  # tied weights are stored once
+        for name, value in saved.items():
+            torch.testing.assert_close(value, ref[name], atol=2e-5, rtol=0)
+    return losses
 
 
 COMPILED = pytest.mark.slow  # torch.compile in two processes: a minute or two on a cold cache

@@ -3,6 +3,7 @@ several ranks every rank stops at the same step even when only one of them got t
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 
@@ -71,23 +72,28 @@ def _worker(rank: int, port: int, tmp: str) -> None:
                       LOCAL_RANK=str(rank))  # fmt: skip
     ctx = init_distributed(expected_world_size=2, timeout_s=60)
     try:
-        trainer = _trainer(tmp, at=None, sig=signal.SIGINT, ctx=ctx)
-        if rank == 1:  # only rank 1 is signalled, during its forward of step 3
-            calls = []
-
-            def hook(*_: object) -> None:
-                calls.append(1)
-                if len(calls) == 3:
-                    os.kill(os.getpid(), signal.SIGINT)
-
-            trainer.model.register_forward_hook(hook)
-        result = trainer.train()
-        assert (result.stopped_by, result.step) == ("SIGINT", 3), (rank, result.stopped_by, result.step)
+        _stop_together(rank, tmp, ctx)
+        gc.collect()  # the DDP wrapper holds the group: freed while every rank's group is alive
         dist.barrier()
         if rank == 0:
             assert read_checkpoint(tmp, which="latest").meta["step"] == 3
     finally:
         dist.destroy_process_group()
+
+
+def _stop_together(rank: int, tmp: str, ctx) -> None:  # noqa: ANN001
+    trainer = _trainer(tmp, at=None, sig=signal.SIGINT, ctx=ctx)
+    if rank == 1:  # only rank 1 is signalled, during its forward of step 3
+        calls = []
+
+        def hook(*_: object) -> None:
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        trainer.model.register_forward_hook(hook)
+    result = trainer.train()
+    assert (result.stopped_by, result.step) == ("SIGINT", 3), (rank, result.stopped_by, result.step)
 
 
 def test_every_rank_stops_at_the_step_one_rank_was_signalled(tmp_path):
