@@ -94,6 +94,7 @@ def demo_config(corpus: str, data: str | None, minutes: float | None, steps: int
         data_table = {
             "corpus": "tatoeba",
             "path": str(path),
+            "zh_script": "simplified",  # one script, full-width punctuation: "Are you OK?" -> "你好吗？"
             "tokenizer": "bpe",
             "vocab_size": 8000,
             "valid_size": 500,

@@ -5,9 +5,10 @@ and a length-ratio limit of 9; exact-pair de-duplication), applied to characters
 words so that they work for unspaced Chinese as well. Every pair that is dropped is counted by
 reason in a :class:`CleaningReport`.
 
-NFKC (the default) also folds full-width forms: Chinese "你好吗？" becomes "你好吗?", "，" becomes
-",". Use ``unicode_form="NFC"`` to keep full-width punctuation. Traditional -> simplified
-conversion (OpenCC) is not done here.
+NFKC (the default) also folds full-width forms: "你好吗？" would become "你好吗?". The sides named
+in ``CleaningConfig.chinese`` are cleaned as Chinese instead (:mod:`moeformer.data.chinese`):
+full-width punctuation is kept and ASCII "?" after a CJK character becomes "？". Traditional ->
+simplified conversion (OpenCC) is not done here: see :func:`moeformer.data.chinese.convert_script`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from moeformer.data.chinese import fullwidth_after_cjk, nfkc_keeping_punctuation
 from moeformer.data.readers import ReadReport
 from moeformer.validation import ConfigError, check_field_types
 
@@ -42,6 +44,8 @@ class CleaningConfig:
     max_chars: int | None = 300  # longest side kept; None: no limit
     max_ratio: float | None = 9.0  # longer side / shorter side, in characters; None: no limit
     dedupe: bool = True  # drop exact repeats of a (source, target) pair, keeping the first
+    # the sides cleaned as Chinese text (full-width punctuation kept; see clean_text's chinese=)
+    chinese: Literal["none", "source", "target", "both"] = "none"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -60,12 +64,27 @@ class CleaningReport(ReadReport):
     changed: int = 0
 
 
-def clean_text(text: str, unicode_form: Literal["NFKC", "NFC", "none"] = "NFKC") -> str:
-    """``text`` normalised, control and invisible characters dropped, whitespace runs made one space, stripped."""
-    if unicode_form != "none":
+def clean_text(text: str, unicode_form: Literal["NFKC", "NFC", "none"] = "NFKC", *, chinese: bool = False) -> str:
+    """``text`` normalised, control and invisible characters dropped, whitespace runs made one space, stripped.
+
+    ``chinese``: NFKC leaves full-width punctuation alone ("你好吗？" stays) and ASCII ``? ! , : ;``
+    after a CJK character are made full-width ("你好吗?" -> "你好吗？"); see :mod:`moeformer.data.chinese`.
+    """
+    if unicode_form == "NFKC" and chinese:
+        text = nfkc_keeping_punctuation(text)
+    elif unicode_form != "none":
         text = unicodedata.normalize(unicode_form, text)
     kept = (" " if ch.isspace() else ch for ch in text if not _is_invisible(ch))
-    return " ".join("".join(kept).split())
+    text = " ".join("".join(kept).split())
+    return fullwidth_after_cjk(text) if chinese else text
+
+
+def clean_pair(source: str, target: str, config: CleaningConfig) -> Pair:
+    """Both sides cleaned by :func:`clean_text`, the Chinese ones (``config.chinese``) as Chinese."""
+    return (
+        clean_text(source, config.unicode_form, chinese=config.chinese in ("source", "both")),
+        clean_text(target, config.unicode_form, chinese=config.chinese in ("target", "both")),
+    )
 
 
 def _is_invisible(ch: str) -> bool:
@@ -93,7 +112,7 @@ def clean_pairs(pairs: Iterable[Pair], config: CleaningConfig | None = None) -> 
     seen: set[Pair] = set()
     out: list[Pair] = []
     for source, target in pairs:
-        pair = (clean_text(source, config.unicode_form), clean_text(target, config.unicode_form))
+        pair = clean_pair(source, target, config)
         reason = rejection_reason(*pair, config)
         if reason is None and config.dedupe:
             reason = DUPLICATE if pair in seen else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from moeformer.data.chinese import ZH_SCRIPTS, ZhScript, is_chinese
 from moeformer.validation import ConfigError, check_field_types, positive
 
 
@@ -20,7 +21,11 @@ class DataConfig:
     # more than this fraction of the lines read being defective (not UTF-8, no tab, empty field,
     # bad JSON, ...; see moeformer.data.report) stops the run before any training
     max_rejected_fraction: float = 0.01
-    target_lang: str = "zh"  # decides the BLEU tokenizer ("zh" for Chinese)
+    source_lang: str = "en"  # "zh*": the source side is cleaned (and converted) as Chinese
+    target_lang: str = "zh"  # decides the BLEU tokenizer ("zh" for Chinese) and the Chinese side
+    # the script of the Chinese side(s) of parallel data, converted by OpenCC (and of the
+    # references in evaluation's script-normalised scores); "keep": no conversion
+    zh_script: ZhScript = "keep"
     tokenizer: Literal["char", "bpe"] = "char"
     vocab_size: int = 8000  # bpe only
     shared_vocab: bool = True  # translation: one tokenizer for source and target
@@ -45,6 +50,27 @@ class DataConfig:
             )
         if self.corpus != "synthetic" and self.path is None:
             raise ConfigError("path", f"corpus {self.corpus!r} reads a file: set path (or use corpus 'synthetic')")
+        self._check_zh_script()
+
+    def _check_zh_script(self) -> None:
+        """A script other than "keep" needs a Chinese side of parallel text to convert."""
+        if self.zh_script == "keep":
+            return
+        if not self.is_translation:
+            raise ConfigError("zh_script", f"{self.zh_script!r} converts parallel text; corpus 'text' needs 'keep'")
+        if self.chinese_sides == "none":
+            raise ConfigError(
+                "zh_script",
+                f"{self.zh_script!r} converts the Chinese side, but neither source_lang ({self.source_lang!r}) nor "
+                f"target_lang ({self.target_lang!r}) is Chinese ('zh', 'zh-CN', ...); use 'keep' "
+                f"(allowed: {', '.join(map(repr, ZH_SCRIPTS))})",
+            )
+
+    @property
+    def chinese_sides(self) -> Literal["none", "source", "target", "both"]:
+        """Which sides of the pairs are Chinese text, by ``source_lang`` and ``target_lang``."""
+        src, tgt = is_chinese(self.source_lang), is_chinese(self.target_lang)
+        return "both" if src and tgt else "source" if src else "target" if tgt else "none"
 
     @property
     def is_translation(self) -> bool:

@@ -24,6 +24,7 @@ import torch
 
 from moeformer.config import Config, ModelConfig, config_to_dict
 from moeformer.data.batching import pad_batch, token_batches
+from moeformer.data.chinese import convert_pairs
 from moeformer.data.cleaning import CleaningConfig, clean_pairs
 from moeformer.data.config import DataConfig
 from moeformer.data.filecheck import CorpusError, check_text_file
@@ -64,7 +65,7 @@ def read_pairs(config: Config) -> tuple[list[Pair], dict[str, Any]]:
         fmt = "jsonl" if data.corpus == "jsonl" else "tsv"
         pairs, read_report = read_parallel(data.path, format=fmt)
         report = read_summary(read_report)
-    pairs, clean_report = clean_pairs(pairs, CleaningConfig(max_chars=data.max_chars))
+    pairs, clean_report = clean_pairs(pairs, CleaningConfig(max_chars=data.max_chars, chinese=data.chinese_sides))
     return pairs, {**report, "filtered": dict(clean_report.rejected), "pairs": len(pairs)}
 
 
@@ -112,20 +113,29 @@ def _prepare_translation(config: Config, tokenizers: TokenizerPair | None) -> Pr
         check_rejected(report, data.max_rejected_fraction)
     _check_enough_pairs(data, report)
     splits = split_pairs(pairs, valid=data.valid_size, test=data.test_size, seed=data.seed)
+    # one script (data.zh_script) for training and validation, where a traditional and a
+    # simplified translation of one sentence become one pair; the test references stay as given:
+    # evaluation scores against them and against their converted form
+    train_pairs = list(dict.fromkeys(convert_pairs(splits.train, data.zh_script, data.chinese_sides)))
+    converted_valid = list(dict.fromkeys(convert_pairs(splits.valid, data.zh_script, data.chinese_sides)))
+    test_pairs = _convert_sources(splits.test, data)
     if tokenizers is None:
         tokenizers = train_tokenizer_pair(
-            splits.train, kind=data.tokenizer, vocab_size=data.vocab_size, shared=data.shared_vocab
+            train_pairs, kind=data.tokenizer, vocab_size=data.vocab_size, shared=data.shared_vocab
         )
     model_config = _with_vocab(config.model, tokenizers)
     limit = model_config.max_seq_len
-    _, train = _encode_pairs(tokenizers, splits.train, limit)
-    valid_pairs, valid = _encode_pairs(tokenizers, splits.valid, limit)
+    _, train = _encode_pairs(tokenizers, train_pairs, limit)
+    valid_pairs, valid = _encode_pairs(tokenizers, converted_valid, limit)
     report.update(
         train=len(train),
         valid=len(valid),
-        test=len(splits.test),
-        too_long=len(splits.train) + len(splits.valid) - len(train) - len(valid),
+        test=len(test_pairs),
+        too_long=len(train_pairs) + len(converted_valid) - len(train) - len(valid),
     )
+    merged = len(splits.train) + len(splits.valid) - len(train_pairs) - len(converted_valid)
+    if merged:  # pairs that differed only in script
+        report["merged_by_script"] = merged
     pad = tokenizers.target.pad_id
 
     def batches(encoded: Sequence[tuple[list[int], list[int]]], seed: int, shuffle: bool) -> list[Batch]:
@@ -150,7 +160,14 @@ def _prepare_translation(config: Config, tokenizers: TokenizerPair | None) -> Pr
         meta=_meta(config, model_config, tokenizers),
         pad_id=pad,
     )
-    return PreparedData(task, model_config, tokenizers, splits.test, report)
+    return PreparedData(task, model_config, tokenizers, test_pairs, report)
+
+
+def _convert_sources(pairs: list[Pair], data: DataConfig) -> list[Pair]:
+    """Test pairs with a Chinese source in ``data.zh_script``; the references are kept as given."""
+    if data.chinese_sides not in ("source", "both"):
+        return pairs
+    return [(s, t) for (s, _), (_, t) in zip(convert_pairs(pairs, data.zh_script, "source"), pairs)]
 
 
 def _check_enough_pairs(data: DataConfig, report: dict[str, Any]) -> None:

@@ -1,7 +1,10 @@
 """``moeformer eval``: score a checkpoint on a file it has not seen.
 
 Translation checkpoints: BLEU (``zh`` tokenisation for Chinese targets) and chrF on a TSV/JSONL
-file of pairs, cleaned as the training data was (NFKC, whitespace). Language models:
+file of pairs, cleaned as the training data was (NFKC, whitespace; a Chinese side keeps its
+full-width punctuation, except for runs saved before ``data.zh_script`` existed, whose training
+text was NFKC'd throughout), scored against the references as given and, with the run's
+``data.zh_script``, converted to that script (``bleu_simplified``, ...). Language models:
 perplexity over consecutive windows of ``max_seq_len`` tokens of a text file. Sources longer
 than the model's limit are translated sentence by sentence (:func:`moeformer.inference.translate`),
 and ``note`` is told.
@@ -10,10 +13,12 @@ and ``note`` is told.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from moeformer.data.cleaning import clean_text
+from moeformer.data.cleaning import CleaningConfig, clean_pair
+from moeformer.data.config import DataConfig
 from moeformer.data.readers import read_documents, read_parallel
 from moeformer.evaluate.metrics import translation_scores
 from moeformer.evaluate.perplexity import perplexity
@@ -35,13 +40,15 @@ def evaluate_checkpoint(
     tokenizers = loaded.tokenizers  # a weights-only checkpoint fails here, before the data is read
     if loaded.model.config.arch == "seq2seq":
         pairs, report = read_parallel(data)
-        pairs = [(clean_text(s), clean_text(t)) for s, t in pairs][:limit]
+        saved = loaded.meta.get("config", {}).get("data", {})
+        cleaning = _cleaning(saved)
+        pairs = [clean_pair(s, t, cleaning) for s, t in pairs][:limit]
         if not pairs:
             raise ValueError(f"{data}: no readable pairs (rejected: {dict(report.rejected)})")
         hyps = translate(loaded.model, tokenizers, [s for s, _ in pairs], beam_size=beam_size, note=note)
-        lang = loaded.meta.get("config", {}).get("data", {}).get("target_lang", "zh")
-        scores = translation_scores(hyps, [t for _, t in pairs], target_lang=lang)
-        return {"pairs": len(pairs), "bleu": scores.bleu, "chrf": scores.chrf, "bleu_signature": scores.bleu_signature}
+        lang, script = saved.get("target_lang", "zh"), saved.get("zh_script", "keep")
+        scores = translation_scores(hyps, [t for _, t in pairs], target_lang=lang, zh_script=script)
+        return {"pairs": len(pairs), **scores.as_dict(), "bleu_signature": scores.bleu_signature}
     texts, _ = read_documents(data)
     ids = torch.tensor(tokenizers.source.encode("\n".join(texts)), dtype=torch.long)
     window = loaded.model.config.max_seq_len
@@ -50,3 +57,15 @@ def evaluate_checkpoint(
     if not chunks:
         raise ValueError(f"{data}: too little text to score")
     return {"windows": len(chunks), "perplexity": perplexity(loaded.model, ((c[None], None) for c in chunks))}
+
+
+def _cleaning(saved: dict[str, Any]) -> CleaningConfig:
+    """How the run's training text was cleaned, from its saved ``data`` table.
+
+    A table without ``zh_script`` comes from a run made before Chinese punctuation was kept: its
+    tokenizer and model saw NFKC'd text ("你好吗?"), so its references are NFKC'd the same way.
+    """
+    if "zh_script" not in saved:
+        return CleaningConfig()
+    sides = DataConfig(source_lang=saved.get("source_lang", "en"), target_lang=saved.get("target_lang", "zh"))
+    return CleaningConfig(chinese=sides.chinese_sides)

@@ -200,7 +200,7 @@ def _score_test(outcome: RunOutcome, prepared: PreparedData, model: torch.nn.Mod
                 config: Config, deadline: float | None, progress: bool, echo: Note) -> None:  # fmt: skip
     """BLEU and chrF of the best checkpoint on the test split, decoded in chunks with a progress bar;
     with a deadline, decoding stops when it comes and the scores cover the pairs decoded."""
-    from moeformer.evaluate.metrics import bleu, chrf
+    from moeformer.evaluate.metrics import translation_scores
     from moeformer.inference import translate
 
     load_weights(model, read_checkpoint(run_dir, which="best"))
@@ -217,11 +217,9 @@ def _score_test(outcome: RunOutcome, prepared: PreparedData, model: torch.nn.Mod
     if not decoded:
         return
     refs = [t for _, t in decoded]
-    outcome.test_scores = {
-        "test_bleu": bleu(hyps, refs, target_lang=config.data.target_lang),
-        "test_chrf": chrf(hyps, refs),
-        "test_pairs": float(len(refs)),
-    }
+    # references as given and, with data.zh_script, in that script: test_bleu_simplified, ...
+    scores = translation_scores(hyps, refs, target_lang=config.data.target_lang, zh_script=config.data.zh_script)
+    outcome.test_scores = {**scores.as_dict("test_"), "test_pairs": float(len(refs))}
     if len(decoded) < len(pairs):
         outcome.test_scores["test_pairs_skipped_for_time"] = float(len(pairs) - len(decoded))
     outcome.samples = [(s, t, h) for (s, t), h in zip(decoded, hyps)][:10]
