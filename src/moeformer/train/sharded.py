@@ -12,6 +12,7 @@ or on one process without any process group.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,9 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+
+from moeformer.models import build_model
+from moeformer.train.checkpoint import save_checkpoint, staging_dir
 
 DCP_DIR = "dcp"
 
@@ -61,3 +65,38 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(checkpoint_dir / DCP_DIR))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def save_fsdp_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_dir: Path,
+    step: int,
+    meta: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    main: bool,
+    best: bool,
+    keep_last: int,
+) -> Path | None:
+    """One checkpoint from every rank: the full weights (rank 0) and every rank's DCP shards.
+
+    A collective: every rank calls it. Rank 0 stages the checkpoint directory; the other ranks
+    write their shards into that staging directory before rank 0 publishes it, so a checkpoint
+    is either whole or absent. Returns the published directory on rank 0, None elsewhere.
+    """
+    full = full_weights(model)
+
+    def write_shards(tmp: Path) -> None:
+        dist.barrier()  # rank 0 has created the staging directory
+        save_sharded(model, optimizer, tmp)
+        dist.barrier()
+
+    if not main:
+        write_shards(staging_dir(run_dir, step))
+        return None
+    plain = build_model(model.config)
+    plain.load_state_dict(full)
+    return save_checkpoint(
+        run_dir, step, plain, meta, state, best=best, keep_last=keep_last, before_publish=write_shards
+    )

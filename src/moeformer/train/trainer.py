@@ -39,14 +39,14 @@ from moeformer.compiled import CompiledModel
 from moeformer.moe.balancing import LoadTracker
 from moeformer.train.board import board_write, open_board
 from moeformer.train.budget import ESTIMATE_AFTER, TimeBudget
-from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint, staging_dir
+from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
 from moeformer.train.loss import smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
 from moeformer.train.rundir import append_line
 from moeformer.train.schedule import lr_multiplier, noam_peak
-from moeformer.train.sharded import apply_fsdp, full_weights, has_sharded_state, load_sharded, save_sharded
+from moeformer.train.sharded import apply_fsdp, has_sharded_state, load_sharded, save_fsdp_checkpoint
 from moeformer.train.signals import StopSignals, signal_name
 from moeformer.validation import ConfigError
 
@@ -162,10 +162,8 @@ class Trainer:
 
     def save(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> Path | None:
         """Write a checkpoint (rank 0); under FSDP every rank calls this and writes its shards."""
-        if self.fsdp:
-            return self._save_sharded(best, metrics)
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.fsdp else self.optimizer.state_dict(),  # FSDP: in the DCP shards
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "step": self.step,
@@ -173,34 +171,18 @@ class Trainer:
             "best_loss": self.best_loss,
         }
         meta = {**self.task.meta, "metrics": metrics or {}}
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir, self.step, self.model, meta, state, best=best, keep_last=self.config.keep_last
-        )
-        return self.last_checkpoint
-
-    def _save_sharded(self, best: bool, metrics: dict[str, float] | None) -> Path | None:
-        from moeformer.models import build_model
-
-        full = full_weights(self.model)  # collective
-
-        def write_shards(tmp: Path) -> None:
-            torch.distributed.barrier()  # rank 0 has created the staging directory
-            save_sharded(self.model, self.optimizer, tmp)
-            torch.distributed.barrier()
-
-        if not self.main:
-            write_shards(staging_dir(self.run_dir, self.step))
-            return None
-        plain = build_model(self.model.config)
-        plain.load_state_dict(full)
-        state = {"optimizer": None, "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
-                 "step": self.step, "position": list(self.position), "best_loss": self.best_loss}  # fmt: skip
-        meta = {**self.task.meta, "metrics": metrics or {}}
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir, self.step, plain, meta, state, best=best, keep_last=self.config.keep_last,
-            before_publish=write_shards,
-        )  # fmt: skip
-        return self.last_checkpoint
+        if self.fsdp:
+            path = save_fsdp_checkpoint(
+                self.model, self.optimizer, self.run_dir, self.step, meta, state,
+                main=self.main, best=best, keep_last=self.config.keep_last,
+            )  # fmt: skip
+        else:
+            path = save_checkpoint(
+                self.run_dir, self.step, self.model, meta, state, best=best, keep_last=self.config.keep_last
+            )
+        if path is not None:
+            self.last_checkpoint = path
+        return path
 
     # -- data -------------------------------------------------------------------------------
     def _stream(self) -> Iterator[Batch]:
