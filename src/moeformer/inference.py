@@ -19,7 +19,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from moeformer.config import model_config_from_dict
 from moeformer.data.batching import pad_batch
 from moeformer.data.sentences import join_sentences, split_sentences
 from moeformer.data.tokenizer import Tokenizer, TokenizerPair
@@ -27,6 +26,7 @@ from moeformer.decode.beam import beam_translate
 from moeformer.decode.greedy import greedy_translate
 from moeformer.decode.sampling import sample_generate
 from moeformer.models import build_model
+from moeformer.presets import model_config_from_dict
 from moeformer.train.checkpoint import Checkpoint, CheckpointError, load_weights, read_checkpoint
 
 Note = Callable[[str], None]
@@ -130,8 +130,8 @@ def _is_hf_directory(path: Path) -> bool:
 
 def _load_hf(path: Path, device: str) -> LoadedModel:
     """A transformers checkpoint imported as it is, with its own tokenizer if it has one (nothing is written)."""
-    from moeformer.config import config_to_dict
     from moeformer.interop import import_hf
+    from moeformer.model_config import config_to_dict
 
     tokenizers = read_tokenizer(path) if (path / "tokenizer.json").exists() else None
     model = import_hf(path)

@@ -1,8 +1,12 @@
 """Named model sizes: the paper's base and big Transformers, decoder-only LMs, and debug sizes.
 
-A preset is a plain dict of :class:`~moeformer.config.ModelConfig` keys (without ``vocab_size``,
+A preset is a plain dict of :class:`~moeformer.model_config.ModelConfig` keys (without ``vocab_size``,
 which comes from the tokenizer); TOML files select one with ``preset = "..."`` and override any
 key. ``*-tiny`` sizes are for tests and run in milliseconds on a CPU.
+
+:func:`model_config_from_dict` (a ``[model]`` table, with or without a ``preset``, to a validated
+:class:`~moeformer.model_config.ModelConfig`) lives here, above ``model_config``, so that neither
+module imports the other's importer.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from moeformer.config import ModelConfig, model_config_from_dict
+from moeformer.model_config import ModelConfig
+from moeformer.validation import ConfigError, from_dict
 
 # "Attention Is All You Need", Table 3: base (65M) and big (213M) models.
 _PAPER = {
@@ -128,3 +133,31 @@ def preset_dict(name: str) -> dict[str, Any]:
 def preset(name: str, *, vocab_size: int, **overrides: Any) -> ModelConfig:
     """Build a validated config from a preset, e.g. ``preset("transformer-base", vocab_size=37000)``."""
     return model_config_from_dict({"preset": name, "vocab_size": vocab_size, **overrides})
+
+
+def model_config_from_dict(data: dict[str, Any], prefix: str = "model") -> ModelConfig:
+    """Build a :class:`ModelConfig`; a ``preset`` key starts from that named preset."""
+    data = dict(data)
+    preset = data.pop("preset", None)
+    if preset is not None:
+        try:
+            base = preset_dict(preset)
+        except KeyError as err:
+            raise ConfigError(f"{prefix}.preset", str(err.args[0])) from None
+        own_attention = data.get("attention") or {}
+        data = _merge(base, data)
+        if own_attention.get("kind") == "mla":  # an MHA preset's K/V head count means nothing for MLA
+            for key in ("n_kv_heads", "qkv_bias"):
+                if key not in own_attention:
+                    data["attention"].pop(key, None)
+    return from_dict(ModelConfig, data, prefix)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import safetensors.torch
 
-from moeformer.config import config_to_dict
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.interop.convert import export_hf, import_hf, read_hf_config
 from moeformer.interop.hf_config import InteropError
+from moeformer.model_config import config_to_dict
 from moeformer.publish import check_replaceable, staged_dir
 from moeformer.train.checkpoint import SIDECAR, WEIGHTS, paths_overlap
 

@@ -20,10 +20,10 @@ import safetensors
 import safetensors.torch
 import torch
 
-from moeformer.config import ModelConfig
 from moeformer.interop.hf_config import InteropError, config_from_hf, model_type
 from moeformer.interop.hf_family import config_to_hf, family_for
 from moeformer.interop.hf_weights import build_rules
+from moeformer.model_config import ModelConfig
 from moeformer.models.decoder import DecoderLM
 from moeformer.models.embedder import rotary_embedding
 from moeformer.moe.router import Router

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeformer.config import ConfigError, ModelConfig, model_config_from_dict
+from moeformer.model_config import ConfigError, ModelConfig
+from moeformer.presets import model_config_from_dict
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 ARCHITECTURES = {

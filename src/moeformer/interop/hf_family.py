@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeformer.config import AttentionConfig, ModelConfig, MoEConfig
 from moeformer.interop.hf_config import ARCHITECTURES, YARN_FIELDS, InteropError
+from moeformer.model_config import AttentionConfig, ModelConfig, MoEConfig
 
 
 def family_for(config: ModelConfig) -> str:

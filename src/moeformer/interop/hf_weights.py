@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moeformer.config import ModelConfig
+from moeformer.model_config import ModelConfig
 
 Join = Callable[[list[Tensor]], Tensor]
 Split = Callable[[Tensor], list[Tensor]]

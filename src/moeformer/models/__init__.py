@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moeformer.config import ModelConfig
+from moeformer.model_config import ModelConfig
 from moeformer.models.cache import DecoderCache
 from moeformer.models.decoder import DecoderLM
 from moeformer.models.outputs import EncoderOutput, ModelOutput

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from moeformer.config import ModelConfig
 from moeformer.hooks import HookPoint
 from moeformer.layers.attention import KVCache, MultiHeadAttention
 from moeformer.layers.feedforward import FFNOutput
 from moeformer.layers.mla import LatentKVCache, MultiHeadLatentAttention
 from moeformer.layers.norm import build_norm
+from moeformer.model_config import ModelConfig
 from moeformer.moe.layer import MoELayer
 
 

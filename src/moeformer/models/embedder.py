@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moeformer.config import ModelConfig
 from moeformer.layers.embedding import TokenEmbedding
 from moeformer.layers.position import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
+from moeformer.model_config import ModelConfig
 
 
 def rotary_embedding(config: ModelConfig) -> RotaryEmbedding:

@@ -11,8 +11,8 @@ from typing import Literal
 
 from torch import nn
 
-from moeformer.config import ModelConfig
 from moeformer.layers.feedforward import FeedForward
+from moeformer.model_config import ModelConfig
 from moeformer.moe.layer import moe_from_config
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moeformer.config import ModelConfig
 from moeformer.layers.embedding import TokenEmbedding
 from moeformer.layers.norm import build_norm
+from moeformer.model_config import ModelConfig
 from moeformer.models.blocks import DecoderBlock, EncoderBlock
 from moeformer.models.cache import DecoderCache, step_positions
 from moeformer.models.embedder import InputEmbedding

@@ -24,9 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from moeformer.config import MoEConfig
 from moeformer.hooks import HookPoint
 from moeformer.layers.feedforward import FeedForward, FFNOutput
+from moeformer.model_config import MoEConfig
 from moeformer.moe import losses
 from moeformer.moe.experts import Experts
 from moeformer.moe.router import Router, Routing, apply_capacity

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from moeformer.config import MoEConfig
+from moeformer.model_config import MoEConfig
 
 
 @dataclass

@@ -21,9 +21,9 @@ from typing import Any
 import safetensors.torch
 from torch import Tensor, nn
 
-from moeformer.config import config_to_dict
 from moeformer.data.tokenizer import Tokenizer, TokenizerPair
 from moeformer.decode.sampling import sample_generate
+from moeformer.model_config import config_to_dict
 from moeformer.models.decoder import DecoderLM
 from moeformer.moe.layer import MoELayer
 from moeformer.refusal.lm import Batch, ChatLM, PromptFormat, RefusalError, Site, WriterWeight
