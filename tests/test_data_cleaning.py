@@ -57,6 +57,17 @@ def test_clean_pairs_counts_changed_pairs_and_can_keep_duplicates():
     assert report.changed == 1 and report.rejected == {}
 
 
+def test_clean_pairs_cleans_the_chinese_side_as_chinese():
+    """CleaningConfig.chinese: that side keeps "？" (and gets it for "?" after CJK); the other is NFKC'd."""
+    pairs = [("Are you OK？", "你好吗?"), ("你好吗？", "Are you OK？")]
+    assert clean_pairs(pairs, CleaningConfig(chinese="target"))[0] == [
+        ("Are you OK?", "你好吗？"),
+        ("你好吗?", "Are you OK？"),  # a Chinese side keeps its full-width marks wherever they are
+    ]
+    assert clean_pairs(pairs, CleaningConfig(chinese="source"))[0][1] == ("你好吗？", "Are you OK?")
+    assert clean_pairs(pairs)[0][0] == ("Are you OK?", "你好吗?")  # default: NFKC on both sides, as before
+
+
 @pytest.mark.parametrize(
     ("options", "field", "message"),
     [
@@ -65,6 +76,7 @@ def test_clean_pairs_counts_changed_pairs_and_can_keep_duplicates():
         ({"max_ratio": 0.5}, "max_ratio", ">= 1"),
         ({"unicode_form": "NFD"}, "unicode_form", "one of 'NFKC', 'NFC', 'none'"),
         ({"min_chars": "3"}, "min_chars", "expected int"),
+        ({"chinese": "zh"}, "chinese", "one of 'none', 'source', 'target', 'both'"),
     ],
 )
 def test_config_errors_name_the_field(options, field, message):
