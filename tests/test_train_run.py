@@ -246,3 +246,35 @@ def test_twenty_kills_at_random_moments_lose_nothing(tmp_path):
     assert [s for s, _ in got] == list(range(1, steps + 1))
     assert [s for s, _ in want] == list(range(1, steps + 1))
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", [False, True], ids=["SIGTERM-to-torchrun", "Ctrl-C-to-the-process-group"])
+def test_torchrun_stops_every_rank_at_one_step(tmp_path, group):
+    """As schedulers stop jobs (SIGTERM to torchrun, which passes it on to its workers) and as a
+    terminal does (SIGINT to torchrun and both workers at once): both ranks save one checkpoint
+    at the same step, and the note is said once."""
+    config = write_config(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "moeformer", "train", str(config), "--out", str(run), "--quiet"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    wait_for_rows(run, 3, proc)
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    name = "SIGINT" if group else "SIGTERM"
+    notes = [line for line in err.splitlines() if line.startswith("interrupted at step")]
+    assert len(notes) == 1, err
+    assert sum(line.startswith(f"{name} received") for line in err.splitlines()) == 1, err
+    step = read_checkpoint(run, which="latest").meta["step"]
+    assert notes[0].startswith(f"interrupted at step {step}; saved {run}/checkpoints/step-{step:08d}")
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")] == [f"step-{step:08d}"]
+    logged = [r["step"] for r in rows(run) if "loss" in r]
+    assert logged == list(range(1, step + 1))
+    assert not (run / ".lock").exists()

@@ -101,11 +101,11 @@ class Trainer:
         ``max_minutes``); reserve: seconds that the caller needs after training, given the
         duration of one evaluation (e.g. test-set decoding); echo: where notes for the user go."""
         self.model, self.task, self.config, self.run_dir = model, task, config, Path(run_dir)
-        self.echo = echo or (lambda _: None)
         self.clock = TimeBudget(deadline, 60 * config.max_minutes if config.max_minutes else None, reserve)
         self._signals: StopSignals | None = None  # while train() runs
         self.dist = distributed
         self.main = distributed is None or distributed.main
+        self.echo = echo if echo is not None and self.main else (lambda _: None)  # one voice under torchrun
         self.progress = progress and self.main
         self.device = next(model.parameters()).device
         self.shards = None
