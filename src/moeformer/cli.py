@@ -17,6 +17,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from moeformer.checkpoint_io import CheckpointError
 from moeformer.cli_help import LayoutFormatter, Parser, positive_int
 from moeformer.cli_inspect import add_inspect_commands
 from moeformer.cli_refusal import add_refusal_commands
@@ -24,7 +25,6 @@ from moeformer.cli_train import add_train_commands
 from moeformer.config import ConfigError
 from moeformer.data.download import DownloadError
 from moeformer.runtime import keep_freed_memory
-from moeformer.train.checkpoint import CheckpointError
 from moeformer.train.trainer import TrainingDiverged
 
 DESCRIPTION = """\

@@ -1,5 +1,9 @@
 """Using a trained checkpoint: load it, translate sentences, generate text.
 
+Loading lives below this module: a moeformer checkpoint in :mod:`moeformer.checkpoint_io`, either
+format (moeformer or transformers) in :func:`moeformer.interop.checkpoints.load_model`; the names
+are re-exported here. This module is the decoding on top of them.
+
 loaded = load_model("runs/tatoeba-deepseek")          # its best checkpoint
 translate(loaded.model, loaded.tokenizers, ["Are you OK?"], beam_size=4)
 
@@ -12,131 +16,41 @@ sentence, generation stopped at the model's limit) is passed to the ``note`` cal
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
+from moeformer.checkpoint_io import (  # re-exported: loading a checkpoint lives there
+    LoadedModel,
+    MissingTokenizerError,
+    check_vocabulary,
+    checkpoint_tokenizers,
+    read_tokenizer,
+)
 from moeformer.data.batching import pad_batch
 from moeformer.data.sentences import join_sentences, split_sentences
 from moeformer.data.tokenizer import Tokenizer, TokenizerPair
 from moeformer.decode.beam import beam_translate
 from moeformer.decode.greedy import greedy_translate
 from moeformer.decode.sampling import sample_generate
-from moeformer.models import build_model
-from moeformer.presets import model_config_from_dict
-from moeformer.train.checkpoint import Checkpoint, CheckpointError, load_weights, read_checkpoint
+from moeformer.interop.checkpoints import load_model  # re-exported: loads either format
+
+__all__ = [
+    "LoadedModel",
+    "MissingTokenizerError",
+    "check_vocabulary",
+    "checkpoint_tokenizers",
+    "generate",
+    "load_model",
+    "plan_inputs",
+    "read_tokenizer",
+    "require_arch",
+    "translate",
+]
 
 Note = Callable[[str], None]
 Overlong = Literal["refuse", "cut"]  # what translate does with a sentence longer than the model
-
-
-class MissingTokenizerError(CheckpointError):
-    """A weights-only checkpoint was asked to encode or decode text; the message says how to give one."""
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module  # in eval mode
-    tokenizer_pair: TokenizerPair | None  # None: a weights-only checkpoint and no tokenizer given
-    checkpoint: Checkpoint
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return self.checkpoint.meta
-
-    @property
-    def tokenizers(self) -> TokenizerPair:
-        """The tokenizers, or MissingTokenizerError for a checkpoint that has none."""
-        if self.tokenizer_pair is None:
-            raise MissingTokenizerError(
-                f"{self.checkpoint.path} holds weights but no tokenizer (e.g. converted from a transformers "
-                "directory without tokenizer.json), so text cannot be encoded; give one with --tokenizer PATH "
-                "(a tokenizer.json or a directory holding one)"
-            )
-        return self.tokenizer_pair
-
-
-def load_model(
-    path: str | Path, *, which: str = "best", device: str = "cpu", tokenizer: str | Path | None = None
-) -> LoadedModel:
-    """A model and its tokenizers from a checkpoint or run directory, or from a Hugging Face checkpoint
-    directory of a family :mod:`moeformer.interop` imports (config.json + safetensors [+ tokenizer.json]);
-    errors name the bad file.
-
-    tokenizer: a tokenizer.json (or a directory holding one) used instead of the checkpoint's own;
-    without it a weights-only checkpoint loads with ``tokenizer_pair`` None.
-    """
-    given = read_tokenizer(tokenizer) if tokenizer is not None else None
-    if _is_hf_directory(Path(path)):
-        loaded = _load_hf(Path(path), device)
-    else:
-        ckpt = read_checkpoint(path, which)
-        try:
-            config = model_config_from_dict(ckpt.meta["config"]["model"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{ckpt.path}/checkpoint.json: bad model config entry ({err})") from None
-        model = build_model(config)
-        load_weights(model, ckpt)
-        loaded = LoadedModel(model.to(device).eval(), checkpoint_tokenizers(ckpt), ckpt)
-    if given is not None:
-        check_vocabulary(given, loaded.model.config.vocab_size, str(tokenizer))
-        loaded.tokenizer_pair = given
-    return loaded
-
-
-def checkpoint_tokenizers(ckpt: Checkpoint) -> TokenizerPair | None:
-    """The tokenizers saved in ``checkpoint.json``; None for a weights-only checkpoint (no entry)."""
-    entry = ckpt.meta.get("tokenizer")
-    if entry is None:
-        return None
-    try:
-        return TokenizerPair.from_dict(entry)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{ckpt.path}/checkpoint.json: bad tokenizer entry ({err})") from None
-
-
-def read_tokenizer(path: str | Path) -> TokenizerPair:
-    """A transformers tokenizer from a ``tokenizer.json`` file or a directory holding one (its
-    ``tokenizer_config.json`` beside it gives the special tokens), shared by source and target."""
-    from moeformer.data.hub_tokenizer import HubTokenizer
-
-    path = Path(path)
-    directory = path.parent if path.name == "tokenizer.json" else path
-    if not (directory / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path}: expected a tokenizer.json or a directory holding one")
-    try:
-        tokenizer = HubTokenizer.from_directory(directory)
-    except Exception as err:  # the tokenizers library raises its own plain Exception for a bad file
-        raise ValueError(f"{directory / 'tokenizer.json'}: not a readable tokenizer ({err})") from None
-    return TokenizerPair(tokenizer, tokenizer)
-
-
-def check_vocabulary(tokenizers: TokenizerPair, vocab_size: int, where: str) -> None:
-    """A tokenizer whose ids the model's embedding cannot look up is refused before it is used."""
-    for tok in {id(t): t for t in (tokenizers.source, tokenizers.target)}.values():
-        if tok.vocab_size > vocab_size:
-            raise ValueError(
-                f"{where}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has "
-                f"{vocab_size}; it is not this model's tokenizer"
-            )
-
-
-def _is_hf_directory(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "checkpoint.json").exists()
-
-
-def _load_hf(path: Path, device: str) -> LoadedModel:
-    """A transformers checkpoint imported as it is, with its own tokenizer if it has one (nothing is written)."""
-    from moeformer.interop import import_hf
-    from moeformer.model_config import config_to_dict
-
-    tokenizers = read_tokenizer(path) if (path / "tokenizer.json").exists() else None
-    model = import_hf(path)
-    meta = {"config": {"model": config_to_dict(model.config)}, "step": 0, "converted_from": {"path": str(path)}}
-    return LoadedModel(model.to(device).eval(), tokenizers, Checkpoint(path, meta))
 
 
 def require_arch(model: nn.Module, arch: str, task: str) -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moeformer.checkpoint_io import SIDECAR
 from moeformer.publish import OutputExistsError, check_replaceable
-from moeformer.train.checkpoint import SIDECAR
 
 # A directory holding one of these is a model (transformers or moeformer) or a training run.
 MODEL_OR_RUN = ("config.json", SIDECAR, "latest", "best", "run.json", "metrics.jsonl", "checkpoints")

@@ -8,6 +8,8 @@ and the commands that need text take ``--tokenizer``.
 
 Every check (overlap, an existing output, the tokenizer) runs before the model is read, and the
 output is built in a temporary sibling published only when complete (:mod:`moeformer.publish`).
+
+:func:`load_model` opens either kind of directory (re-exported by :mod:`moeformer.inference`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,21 @@ from pathlib import Path
 
 import safetensors.torch
 
+from moeformer.checkpoint_io import (
+    SIDECAR,
+    WEIGHTS,
+    Checkpoint,
+    LoadedModel,
+    check_vocabulary,
+    load_checkpoint,
+    paths_overlap,
+    read_tokenizer,
+)
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.interop.convert import export_hf, import_hf, read_hf_config
 from moeformer.interop.hf_config import InteropError
 from moeformer.model_config import config_to_dict
 from moeformer.publish import check_replaceable, staged_dir
-from moeformer.train.checkpoint import SIDECAR, WEIGHTS, paths_overlap
 
 
 @dataclass
@@ -48,8 +59,6 @@ def hf_to_checkpoint(
 
     tokenizer: a tokenizer.json (or a directory holding one) to store instead of the source's own.
     """
-    from moeformer.inference import check_vocabulary, read_tokenizer
-
     check_paths(source, out, force)
     hf = read_hf_config(source)
     pair: TokenizerPair | None = None
@@ -84,8 +93,6 @@ def checkpoint_to_hf(
     The tokenizer (the checkpoint's, or ``tokenizer``) is written when it has a tokenizer.json form;
     a weights-only checkpoint exports weights only.
     """
-    from moeformer.inference import load_model
-
     check_paths(source, out, force)
     loaded = load_model(source, which=which, tokenizer=tokenizer)
     if loaded.model.config.arch != "decoder":
@@ -95,3 +102,36 @@ def checkpoint_to_hf(
     with_tokenizer = getattr(target, "backend", None) is not None
     family = export_hf(loaded.model, out, tokenizer=target if with_tokenizer else None, force=force)
     return Converted(Path(out), family, with_tokenizer, loaded.model.num_parameters())
+
+
+def load_model(
+    path: str | Path, *, which: str = "best", device: str = "cpu", tokenizer: str | Path | None = None
+) -> LoadedModel:
+    """A model and its tokenizers from a checkpoint or run directory, or from a Hugging Face checkpoint
+    directory of a family :mod:`moeformer.interop` imports (config.json + safetensors [+ tokenizer.json]);
+    errors name the bad file.
+
+    tokenizer: a tokenizer.json (or a directory holding one) used instead of the checkpoint's own;
+    without it a weights-only checkpoint loads with ``tokenizer_pair`` None.
+    """
+    given = read_tokenizer(tokenizer) if tokenizer is not None else None
+    if _is_hf_directory(Path(path)):
+        loaded = _load_hf(Path(path), device)
+    else:
+        loaded = load_checkpoint(path, which=which, device=device)
+    if given is not None:
+        check_vocabulary(given, loaded.model.config.vocab_size, str(tokenizer))
+        loaded.tokenizer_pair = given
+    return loaded
+
+
+def _is_hf_directory(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "checkpoint.json").exists()
+
+
+def _load_hf(path: Path, device: str) -> LoadedModel:
+    """A transformers checkpoint imported as it is, with its own tokenizer if it has one (nothing is written)."""
+    tokenizers = read_tokenizer(path) if (path / "tokenizer.json").exists() else None
+    model = import_hf(path)
+    meta = {"config": {"model": config_to_dict(model.config)}, "step": 0, "converted_from": {"path": str(path)}}
+    return LoadedModel(model.to(device).eval(), tokenizers, Checkpoint(path, meta))

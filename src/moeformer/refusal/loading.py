@@ -8,8 +8,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from moeformer.checkpoint_io import SIDECAR, paths_overlap, read_checkpoint
 from moeformer.refusal.lm import ChatLM, RefusalError
-from moeformer.train.checkpoint import SIDECAR
 
 
 def load_chat_lm(
@@ -44,8 +44,6 @@ def check_hidden_size(path: str | Path, direction: Tensor) -> None:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
             size = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
         else:
-            from moeformer.train.checkpoint import read_checkpoint
-
             size = read_checkpoint(path).meta["config"]["model"].get("d_model")
     except (OSError, ValueError, KeyError, AttributeError):
         return  # the loader reports unreadable configs with the full context
@@ -58,7 +56,5 @@ def check_hidden_size(path: str | Path, direction: Tensor) -> None:
 
 def check_output_path(source: str | Path, out: str | Path) -> None:
     """Refuse to write an edited model into (or over) its own source directory."""
-    from moeformer.train.checkpoint import paths_overlap
-
     if paths_overlap(source, out):
         raise RefusalError(f"--out {out} overlaps the source model {source}; the source is never modified")

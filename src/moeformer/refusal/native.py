@@ -21,19 +21,18 @@ from typing import Any
 import safetensors.torch
 from torch import Tensor, nn
 
+from moeformer.checkpoint_io import SIDECAR, WEIGHTS
 from moeformer.data.tokenizer import Tokenizer, TokenizerPair
 from moeformer.decode.sampling import sample_generate
+from moeformer.interop.checkpoints import load_model
 from moeformer.model_config import config_to_dict
 from moeformer.models.decoder import DecoderLM
 from moeformer.moe.layer import MoELayer
 from moeformer.refusal.lm import Batch, ChatLM, PromptFormat, RefusalError, Site, WriterWeight
-from moeformer.train.checkpoint import SIDECAR, WEIGHTS
 
 
 def load_native(path: str | Path, *, template: str | None, device: str = "cpu") -> NativeChatLM:
     """A moeformer DecoderLM checkpoint (or run directory) with a prompt template."""
-    from moeformer.inference import load_model
-
     if template is None:
         raise RefusalError(
             f"{path}: moeformer checkpoints have no chat template; give one with --template, "

@@ -1,6 +1,8 @@
-"""Checkpoints: safetensors weights + JSON sidecar + trainer state, written atomically.
+"""Writing a run's checkpoints: safetensors weights + JSON sidecar + trainer state, atomically.
 
-A run directory holds::
+The file names, :class:`Checkpoint`, finding and reading one live in :mod:`moeformer.checkpoint_io`
+(a low floor that inference, interop and refusal read through); they are re-exported here, so
+``moeformer.train.checkpoint`` keeps every name it had. A run directory holds::
 
     checkpoints/step-00000400/model.safetensors   weights and persistent buffers (MoE balancing
                                                   biases included); tied matrices stored once
@@ -20,38 +22,45 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import safetensors.torch
 import torch
 from torch import nn
 
-from moeformer.publish import publish_dir, write_text
+from moeformer.checkpoint_io import (
+    SIDECAR,
+    TRAINER,
+    WEIGHTS,
+    Checkpoint,
+    CheckpointError,
+    load_weights,
+    paths_overlap,
+    pointer_target,
+    read_checkpoint,
+    resolve,
+    write_atomic,
+)
+from moeformer.publish import publish_dir
 
-WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "checkpoint.json", "trainer.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or inconsistent; the message names the file."""
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    meta: dict[str, Any]  # checkpoint.json: config, tokenizer, step, metrics
-
-
-def write_atomic(path: Path, text: str) -> None:
-    write_text(path, text)
-
-
-def paths_overlap(a: str | Path, b: str | Path) -> bool:
-    """Whether one path is the other or lies inside it (writing to one would touch the other)."""
-    a, b = Path(a).resolve(), Path(b).resolve()
-    return a == b or a in b.parents or b in a.parents
+__all__ = [  # the first eleven re-exported from moeformer.checkpoint_io
+    "SIDECAR",
+    "TRAINER",
+    "WEIGHTS",
+    "Checkpoint",
+    "CheckpointError",
+    "load_weights",
+    "paths_overlap",
+    "pointer_target",
+    "read_checkpoint",
+    "resolve",
+    "write_atomic",
+    "load_trainer_state",
+    "remove_partial",
+    "save_checkpoint",
+    "staging_dir",
+]
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:
@@ -96,7 +105,7 @@ def save_checkpoint(
 
 def _prune(run_dir: Path, keep_last: int) -> None:
     """Delete old checkpoints, never the ones ``latest`` or ``best`` name."""
-    protected = {_pointer(run_dir, name) for name in ("latest", "best")}
+    protected = {pointer_target(run_dir, name) for name in ("latest", "best")}
     steps = sorted((run_dir / "checkpoints").glob("step-*"))
     for old in steps[: max(len(steps) - keep_last, 0)]:
         if old.resolve() not in protected:
@@ -109,59 +118,6 @@ def remove_partial(run_dir: Path) -> int:
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
     return len(partial)
-
-
-def _pointer(run_dir: Path, name: str) -> Path | None:
-    file = run_dir / name
-    if not file.exists():
-        return None
-    return (run_dir / file.read_text(encoding="utf-8").strip()).resolve()
-
-
-def resolve(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint directory from itself or from a run directory (its ``best``, else ``latest``)."""
-    path = Path(path)
-    if (path / WEIGHTS).exists() or (path / SIDECAR).exists():
-        return path
-    for name in (which, "latest"):
-        target = _pointer(path, name)
-        if target is not None:
-            return target
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    raise CheckpointError(f"{path}: neither a checkpoint ({WEIGHTS} + {SIDECAR}) nor a run directory with latest/best")
-
-
-def read_checkpoint(path: str | Path, which: str = "best") -> Checkpoint:
-    """The sidecar of a checkpoint, checked for presence and valid JSON."""
-    ckpt = resolve(path, which)
-    for name in (WEIGHTS, SIDECAR):
-        if not (ckpt / name).exists():
-            raise CheckpointError(f"{ckpt}: missing {name}")
-    try:
-        meta = json.loads((ckpt / SIDECAR).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{ckpt / SIDECAR}: not valid JSON ({err})") from None
-    for key in ("config", "step"):
-        if key not in meta:
-            raise CheckpointError(f"{ckpt / SIDECAR}: missing key {key!r}")
-    return Checkpoint(ckpt, meta)
-
-
-def load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Load model.safetensors into ``model`` (built from the sidecar's config); strict."""
-    file = ckpt.path / WEIGHTS
-    try:
-        missing, unexpected = safetensors.torch.load_model(model, str(file), strict=False)
-    except (safetensors.SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file}: unreadable or truncated safetensors file ({err})") from None
-    except RuntimeError as err:  # shape mismatch between the JSON config and the stored tensors
-        raise CheckpointError(f"{file}: weights do not match the config in {SIDECAR}: {err}") from None
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{file}: weights do not match the config in {SIDECAR}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
 
 
 def load_trainer_state(ckpt: Checkpoint) -> dict[str, Any]:
