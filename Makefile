@@ -49,8 +49,10 @@ test-repeat: $(STAMP)
 gpu-check: $(STAMP)
 	bash benchmarks/gpu_check.sh
 
+# ruff, then the import contracts in pyproject.toml ([tool.importlinter]: the floors of README's Architecture).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
