@@ -138,3 +138,11 @@ def test_the_low_floors_import_no_application_or_cli():
         and (source, target) not in allowed
     ]
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_diagram_is_the_contract():
+    """README's "Architecture" block lists the same floors, top to bottom, as the layers contract."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    drawn = [" | ".join(part.strip() for part in line.split("  ")[0].split("|")) for line in block.strip().splitlines()]
+    assert drawn == [" | ".join(part.strip() for part in layer.split("|")) for layer in LAYERS["layers"]]
