@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,42 @@ def test_checkpoint_eval_cleans_references_as_the_run_was_trained():
     assert _cleaning({"target_lang": "zh"}) == CleaningConfig()  # old run: "？" -> "?" as in its training
     assert _cleaning({"target_lang": "zh", "zh_script": "keep"}) == CleaningConfig(chinese="target")
     assert _cleaning({"source_lang": "zh", "target_lang": "en", "zh_script": "simplified"}).chinese == "source"
+
+
+TINY_RUN = """
+[model]
+preset = "transformer-tiny"
+vocab_size = 100
+d_model = 32
+max_seq_len = 64
+[data]
+corpus = "synthetic"
+synthetic_pairs = 400
+valid_size = 20
+test_size = 20
+zh_script = "simplified"
+[train]
+steps = 4
+eval_every = 4
+log_every = 2
+bleu_samples = 8
+batch_tokens = 512
+"""
+
+
+def test_both_score_variants_reach_summary_and_eval(tmp_path, capsys):
+    """The final test (summary.json, printed) and `moeformer eval` report as-given and simplified scores."""
+    from moeformer.cli import main
+    from moeformer.data.synthetic import generate_pairs
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_RUN, encoding="utf-8")
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    test = json.loads((tmp_path / "run" / "summary.json").read_text(encoding="utf-8"))["test"]
+    assert {"test_bleu", "test_chrf", "test_bleu_simplified", "test_chrf_simplified"} <= set(test)
+    assert "test_bleu_simplified=" in capsys.readouterr().out
+    data = tmp_path / "pairs.tsv"
+    data.write_text("".join(f"{s}\t{t}\n" for s, t in generate_pairs(8, seed=99)), encoding="utf-8")
+    assert main(["eval", str(tmp_path / "run"), "--data", str(data)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert {"bleu", "chrf", "bleu_simplified", "chrf_simplified"} <= set(scores)
