@@ -17,9 +17,11 @@ models' outputs (``ModelOutput.reports.stats``), never through global state:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from torch import Tensor, nn
+
+from moeformer.moe.router import Router
 
 
 class LoadTracker:
@@ -37,8 +39,22 @@ class LoadTracker:
 
     def update_biases(self, model: nn.Module) -> None:
         """Apply one bias step to every tracked layer whose router balances without a loss."""
+        routers = routers_by_layer(model, self.loads)
         for layer, load in self.loads.items():
-            router = model.get_submodule(f"{layer}.ffn.router")
+            router = routers[layer]
             if router.config.bias_update_rate > 0:
                 router.update_bias(load)
         self.loads = {}
+
+
+def routers_by_layer(model: nn.Module, layers: Iterable[str]) -> dict[str, Router]:
+    """The one :class:`Router` inside each named layer ("layers.3", "decoder.1", ...), found by type,
+    not by where a model keeps it; a layer with none or several is an error that names it."""
+    routers = [(name, module) for name, module in model.named_modules() if isinstance(module, Router)]
+    out = {}
+    for layer in layers:
+        inside = [module for name, module in routers if name.startswith(f"{layer}.")]
+        if len(inside) != 1:
+            raise ValueError(f"layer {layer!r} holds {len(inside)} routers; expected one")
+        out[layer] = inside[0]
+    return out
