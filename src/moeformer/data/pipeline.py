@@ -205,6 +205,9 @@ def _translation_batch(examples: Sequence[tuple[list[int], list[int]]], pad: int
 
 
 def _bleu_evaluator(tok: TokenizerPair, pairs: Sequence[Pair], target_lang: str) -> Callable | None:
+    """BLEU / chrF on validation ``pairs`` during training. Their references are already in
+    ``data.zh_script`` (validation follows the training data), so one variant is scored here; the
+    final test scores both the given and the converted references (``translation_scores``)."""
     if not pairs:
         return None
 
