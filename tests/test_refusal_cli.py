@@ -56,8 +56,8 @@ def test_extract_eval_orthogonalize_on_a_saved_model(planted_dir, tmp_path, caps
     r, _ = load_direction(tmp_path / "dir")
     with torch.no_grad(), ablate(lm, r):
         expected = lm.forward_logits(batch)
-    positions = (batch.mask.long().cumsum(-1) - 1).clamp(min=0)
-    got = reloaded(input_ids=batch.ids, attention_mask=batch.mask.long(), position_ids=positions).logits
+    positions = ((~batch.padding_mask).long().cumsum(-1) - 1).clamp(min=0)
+    got = reloaded(input_ids=batch.ids, attention_mask=(~batch.padding_mask).long(), position_ids=positions).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert main(["refusal", "orthogonalize", str(d / "model"), "--direction", str(tmp_path / "dir"),
                  "--out", str(out)]) == 1  # fmt: skip

@@ -16,13 +16,13 @@ def test_mixtral_frequencies_match_its_router_logits():
     lm = hf_chat_lm("mixtral")
     freqs = routing_frequencies(lm, HARMFUL, batch_size=3)
     batch = lm.batch(HARMFUL)
-    positions = (batch.mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = ((~batch.padding_mask).long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = lm.model(input_ids=batch.ids, attention_mask=batch.mask.long(), position_ids=positions,
+        out = lm.model(input_ids=batch.ids, attention_mask=(~batch.padding_mask).long(), position_ids=positions,
                        output_router_logits=True)  # fmt: skip
     assert sorted(freqs) == [0, 1, 2]
     for layer, logits in enumerate(out.router_logits):
-        chosen = logits.topk(2, dim=-1).indices[batch.mask.reshape(-1)]
+        chosen = logits.topk(2, dim=-1).indices[~batch.padding_mask.reshape(-1)]
         expected = torch.bincount(chosen.reshape(-1), minlength=4).float()
         torch.testing.assert_close(freqs[layer], expected / expected.sum())
 
@@ -32,7 +32,7 @@ def test_moeformer_frequencies_match_the_layer_statistics():
     freqs = routing_frequencies(lm, HARMLESS, batch_size=4)
     batch = lm.batch(HARMLESS)
     with torch.no_grad():
-        stats = lm.model(batch.ids, padding_mask=~batch.mask).reports.stats
+        stats = lm.model(batch.ids, padding_mask=batch.padding_mask).reports.stats
     for layer, f in freqs.items():
         counts = stats[f"layers.{layer}"]["tokens_per_expert"]
         torch.testing.assert_close(f, counts / counts.sum())

@@ -58,7 +58,7 @@ def text_loss(lm: ChatLM, texts: Sequence[str], *, batch_size: int = 16) -> floa
     for chunk in iter_batches(texts, batch_size):
         batch = lm.batch(chunk, chat=False)
         logits = lm.forward_logits(batch)[:, :-1]
-        targets, real = batch.ids[:, 1:], batch.mask[:, 1:] & batch.mask[:, :-1]
+        targets, real = batch.ids[:, 1:], ~batch.padding_mask[:, 1:] & ~batch.padding_mask[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         total += float(nll[real].sum())
         count += int(real.sum())

@@ -100,8 +100,9 @@ class HFChatLM(ChatLM):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def forward_logits(self, batch: Batch) -> Tensor:
-        positions = (batch.mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions from 0
-        out = self.model(input_ids=batch.ids, attention_mask=batch.mask.long(), position_ids=positions, use_cache=False)
+        real = (~batch.padding_mask).long()  # transformers' attention_mask: 1 at real tokens
+        positions = (real.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions from 0
+        out = self.model(input_ids=batch.ids, attention_mask=real, position_ids=positions, use_cache=False)
         return out.logits.float()
 
     def generate_ids(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
@@ -110,7 +111,8 @@ class HFChatLM(ChatLM):
         config = tf.GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id, eos_token_id=eos
         )
-        out = self.model.generate(input_ids=batch.ids, attention_mask=batch.mask.long(), generation_config=config)
+        real = (~batch.padding_mask).long()  # transformers' attention_mask: 1 at real tokens
+        out = self.model.generate(input_ids=batch.ids, attention_mask=real, generation_config=config)
         rows = out[:, batch.ids.shape[1] :].tolist()
         return [row[: row.index(eos)] if eos in row else row for row in rows]
 

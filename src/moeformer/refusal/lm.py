@@ -87,7 +87,7 @@ class WriterWeight:
 @dataclass
 class Batch:
     ids: Tensor  # (B, T) left-padded
-    mask: Tensor  # (B, T) bool, True at real tokens
+    padding_mask: Tensor  # (B, T) bool, True at padding (as every padding mask in moeformer)
 
 
 class ChatLM(ABC):
@@ -181,7 +181,7 @@ class ChatLM(ABC):
         if any(not row for row in rows):
             raise RefusalError("a prompt encodes to zero tokens; give non-empty instructions")
         ids, padding = pad_batch(rows, self.pad_id, left=True)
-        return Batch(ids.to(self.device), (~padding).to(self.device))
+        return Batch(ids.to(self.device), padding.to(self.device))
 
     def token_id(self, text: str) -> int:
         """The first token of ``text`` as the model would generate it (e.g. "I" for refusal tokens)."""

@@ -74,7 +74,7 @@ class NativeChatLM(ChatLM):
         return self.tokenizer.decode(ids)
 
     def forward_logits(self, batch: Batch) -> Tensor:
-        return self.model(batch.ids, padding_mask=~batch.mask).logits.float()
+        return self.model(batch.ids, padding_mask=batch.padding_mask).logits.float()
 
     def generate_ids(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
         room = self.model.config.max_seq_len - batch.ids.shape[1]
@@ -82,7 +82,7 @@ class NativeChatLM(ChatLM):
             raise RefusalError(f"prompts of {batch.ids.shape[1]} tokens leave no room in max_seq_len")
         eos = self.tokenizer.eos_id
         out = sample_generate(
-            self.model, batch.ids, padding_mask=~batch.mask, max_new_tokens=min(max_new_tokens, room),
+            self.model, batch.ids, padding_mask=batch.padding_mask, max_new_tokens=min(max_new_tokens, room),
             temperature=0.0, eos_id=eos,
         )  # fmt: skip
         rows = out.tolist()

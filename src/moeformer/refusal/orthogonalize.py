@@ -52,7 +52,8 @@ def residual_leak(lm: ChatLM, batch: Batch, direction: Tensor) -> float:
 
     def measure(x: Tensor) -> Tensor:
         nonlocal worst
-        xf = x.float()[batch.mask] if x.shape[:2] == batch.mask.shape else x.float().reshape(-1, x.shape[-1])
+        real = ~batch.padding_mask
+        xf = x.float()[real] if x.shape[:2] == real.shape else x.float().reshape(-1, x.shape[-1])
         ratio = (xf @ r_hat).abs() / xf.norm(dim=-1).clamp_min(1e-12)
         worst = torch.maximum(worst, ratio.max())
         return x

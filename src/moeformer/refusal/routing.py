@@ -34,7 +34,7 @@ def routing_frequencies(
     def count(layer: int):  # noqa: ANN202
         def hook(module: object, args: tuple, output: object) -> None:
             choices = lm.router_choices(output)
-            real = current[0].mask.reshape(-1)
+            real = ~current[0].padding_mask.reshape(-1)
             chosen = choices.reshape(real.shape[0], -1)[real].reshape(-1)
             chosen = chosen[chosen < counts[layer].shape[0]]  # padding sentinels, if any
             counts[layer] += torch.bincount(chosen.cpu(), minlength=counts[layer].shape[0]).double()
