@@ -5,15 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-CHECK_PROMPTS = ["Write a short poem about the sea.", "How do I bake bread?", "Explain how tides work."]
+if TYPE_CHECKING:
+    from moeformer.refusal.run import InstructionFiles, ModelSource
+
+
+def _source(args: argparse.Namespace) -> ModelSource:
+    from moeformer.refusal.run import ModelSource
+
+    return ModelSource(path=args.model, template=args.template, dtype=args.dtype, device=args.device)
+
+
+def _files(args: argparse.Namespace) -> InstructionFiles:
+    from moeformer.refusal.run import InstructionFiles
+
+    return InstructionFiles(harmful=args.harmful, harmless=args.harmless, field=args.field,
+                            harmful_val=getattr(args, "harmful_val", None),
+                            harmless_val=getattr(args, "harmless_val", None))  # fmt: skip
 
 
 def _score(args: argparse.Namespace) -> int:
-    from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, load_completions, load_substrings, score_completions
+    from moeformer.refusal.run import score_file
 
-    substrings = load_substrings(args.substrings) if args.substrings else REFUSAL_SUBSTRINGS
-    score = score_completions(load_completions(args.file), substrings)
+    score = score_file(args.file, substrings_file=args.substrings)
     if args.json:
         print(json.dumps(score.to_dict(), ensure_ascii=False))
     else:
@@ -21,93 +36,48 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _instruction_sets(args: argparse.Namespace, n_val: int) -> dict[str, list[str]]:
-    """Read every instruction file before the model is loaded, so bad files fail fast."""
-    from moeformer.refusal.extract import holdout
-    from moeformer.refusal.instructions import load_instructions
-
-    sets = {}
-    for side in ("harmful", "harmless"):
-        items = load_instructions(getattr(args, side), field=args.field)
-        val_file = getattr(args, f"{side}_val", None)
-        if val_file:
-            sets[f"{side}_train"], sets[f"{side}_val"] = items, load_instructions(val_file, field=args.field)
-        else:
-            sets[f"{side}_train"], sets[f"{side}_val"] = holdout(items, n_val, args.seed)
-    return sets
-
-
 def _extract(args: argparse.Namespace) -> int:
-    from moeformer.refusal.extract import ExtractOptions, extract, save_extraction
-    from moeformer.refusal.loading import load_chat_lm
-    from moeformer.results import check_output
+    from moeformer.refusal.extract import ExtractOptions
+    from moeformer.refusal.run import run_extract
 
     options = ExtractOptions(
         n_train=args.n_train, n_val=args.n_val, batch_size=args.batch_size, seed=args.seed,
         filter_train=not args.no_filter, refusal_tokens=args.refusal_tokens,
         max_layer_fraction=args.max_layer_fraction, kl_threshold=args.kl_threshold,
     )  # fmt: skip
-    sets = _instruction_sets(args, args.n_val)
-    check_output(args.out, force=args.force, source=args.model)  # before the long part
-    lm = load_chat_lm(args.model, template=args.template, dtype=args.dtype, device=args.device)
-    result = extract(lm, sets["harmful_train"], sets["harmless_train"], sets["harmful_val"], sets["harmless_val"],
-                     options, progress=not args.quiet)  # fmt: skip
-    out = save_extraction(result, args.out, force=args.force)
-    c, s = result.selection.chosen, result.selection
-    norm = float(s.direction.norm())
-    print(f"chosen direction: position {c.position}, layer {c.layer} of {lm.n_layers} "
+    done = run_extract(_source(args), _files(args), args.out, options, force=args.force, progress=not args.quiet)
+    s = done.result.selection
+    c, norm = s.chosen, float(s.direction.norm())
+    print(f"chosen direction: position {c.position}, layer {c.layer} of {done.n_layers} "
           f"(bypass {c.bypass:.3f}, induce {c.induce:.3f}, kl {c.kl:.4f}; norm {norm:.3g})")  # fmt: skip
     print(f"baseline refusal metric: harmful {s.baseline_harmful:.3f}, harmless {s.baseline_harmless:.3f}")
-    print(f"wrote {out}/ (direction.safetensors, candidates.safetensors, scores.json, summary.json, scores.png)")
+    print(f"wrote {done.out}/ (direction.safetensors, candidates.safetensors, scores.json, summary.json, scores.png)")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from moeformer.refusal.evaluation import evaluate, save_evaluation
-    from moeformer.refusal.extract import load_direction
-    from moeformer.refusal.instructions import load_instructions, sample_instructions
-    from moeformer.refusal.loading import check_hidden_size, load_chat_lm
-    from moeformer.refusal.routing import routing_report
-    from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, load_substrings
-    from moeformer.results import check_output
+    from moeformer.refusal.run import run_eval
 
-    direction, layer = load_direction(args.direction)
-    check_hidden_size(args.model, direction)
-    layer = args.layer if args.layer is not None else layer
-    harmful = sample_instructions(load_instructions(args.harmful, field=args.field), args.n, args.seed)
-    harmless = sample_instructions(load_instructions(args.harmless, field=args.field), args.n, args.seed)
-    substrings = load_substrings(args.substrings) if args.substrings else REFUSAL_SUBSTRINGS
-    loss_texts = load_instructions(args.loss_texts) if args.loss_texts else None
-    if args.out:
-        check_output(args.out, force=args.force, source=args.model)  # before the long part
-    lm = load_chat_lm(args.model, template=args.template, dtype=args.dtype, device=args.device)
-    report = evaluate(lm, direction, layer, harmful, harmless, conditions=args.conditions, loss_texts=loss_texts,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, substrings=substrings,
-                      progress=not args.quiet)  # fmt: skip
-    print(report.table())
-    if args.out:
-        routing = [r.to_dict() for r in routing_report(lm, harmful, harmless, direction)] if lm.router_sites() else None
-        names = save_evaluation(report, args.out, routing=routing, force=args.force)
-        print(f"wrote {args.out}/ ({', '.join(names)}; eval.json holds every completion)")
+    done = run_eval(
+        _source(args), _files(args), args.direction, layer=args.layer, n=args.n, seed=args.seed,
+        conditions=args.conditions, substrings_file=args.substrings, loss_texts_file=args.loss_texts,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out, force=args.force,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(done.report.table())
+    if done.written:
+        print(f"wrote {args.out}/ ({', '.join(done.written)}; eval.json holds every completion)")
     return 0
 
 
 def _orthogonalize(args: argparse.Namespace) -> int:
-    from moeformer.refusal.extract import load_direction
-    from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
-    from moeformer.refusal.orthogonalize import orthogonalize, save_model
-    from moeformer.results import check_output
+    from moeformer.refusal.run import run_orthogonalize
 
-    check_output_path(args.model, args.out)
-    direction, _ = load_direction(args.direction)
-    check_hidden_size(args.model, direction)
-    check_output(args.out, force=args.force, source=args.model, model_output=True)  # before the model is read
-    lm = load_chat_lm(args.model, template=args.template, dtype=args.dtype, device=args.device)
-    result = orthogonalize(lm, direction, CHECK_PROMPTS)
-    out = save_model(lm, args.out, source=args.model, force=args.force)
+    done = run_orthogonalize(_source(args), args.direction, args.out, force=args.force)
+    result = done.result
     print(f"orthogonalized {len(result.edited)} tensors{' (untied the embeddings)' if result.untied else ''}; "
           f"largest residual component left along the direction: {result.leak:.2e}")  # fmt: skip
-    print(f"wrote {out}")
+    print(f"wrote {done.out}")
     return 0
 
 

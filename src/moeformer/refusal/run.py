@@ -1,0 +1,181 @@
+"""The four commands behind ``moeformer refusal extract|eval|orthogonalize|score``, end to end.
+
+Each reads and checks every input file (instructions, direction, phrases) and its output
+directory before the model is loaded, so bad input fails in a second rather than after minutes
+of loading; computes; and publishes ``out`` as one directory through the writers of
+:mod:`moeformer.refusal.extract`, :mod:`~moeformer.refusal.evaluation` and
+:mod:`~moeformer.refusal.orthogonalize` (an existing ``out`` is replaced only with ``force`` and
+only when this project wrote it, see :mod:`moeformer.results`):
+
+    run_extract        -> direction.safetensors, candidates.safetensors, scores.json, summary.json, scores.png
+    run_eval           -> eval.json, eval.md, routing.png (MoE models only), when ``out`` is given
+    run_orthogonalize  -> a new model directory in the source's format
+    score_file         -> nothing written
+
+Each returns what it computed and wrote; the caller decides what to show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeformer.refusal.evaluation import CONDITIONS, EvalReport, evaluate, save_evaluation
+from moeformer.refusal.extract import Extraction, ExtractOptions, extract, holdout, load_direction, save_extraction
+from moeformer.refusal.instructions import load_instructions, sample_instructions
+from moeformer.refusal.lm import ChatLM
+from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
+from moeformer.refusal.orthogonalize import Orthogonalized, orthogonalize, save_model
+from moeformer.refusal.routing import routing_report
+from moeformer.refusal.scoring import (
+    REFUSAL_SUBSTRINGS,
+    RefusalScore,
+    load_completions,
+    load_substrings,
+    score_completions,
+)
+from moeformer.results import check_output
+
+# Harmless prompts on which `orthogonalize` verifies that nothing writes along the direction any more.
+CHECK_PROMPTS = ["Write a short poem about the sea.", "How do I bake bread?", "Explain how tides work."]
+
+
+@dataclass(kw_only=True)
+class ModelSource:
+    """Where a model comes from and how to load it (see :func:`moeformer.refusal.loading.load_chat_lm`)."""
+
+    path: str | Path  # a Hugging Face model directory or a moeformer checkpoint / run directory
+    template: str | None = None  # prompt template with {instruction}; None: the tokenizer's chat template
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass(kw_only=True)
+class InstructionFiles:
+    """The harmful and harmless instruction files, with optional separate validation files."""
+
+    harmful: str | Path
+    harmless: str | Path
+    harmful_val: str | Path | None = None  # None: held out of ``harmful``
+    harmless_val: str | Path | None = None
+    field: str | None = None  # the field holding the instruction in JSON/CSV records
+
+
+@dataclass
+class ExtractDone:
+    """What ``run_extract`` chose and where it wrote it."""
+
+    result: Extraction
+    out: Path
+    n_layers: int  # the model's depth, for reading the chosen layer
+
+
+@dataclass
+class EvalDone:
+    """The table of ``run_eval`` and the files written (empty without ``out``)."""
+
+    report: EvalReport
+    written: list[str]
+
+
+@dataclass
+class OrthogonalizeDone:
+    """What ``run_orthogonalize`` edited and where the new model is."""
+
+    result: Orthogonalized
+    out: Path
+
+
+def instruction_sets(files: InstructionFiles, n_val: int, seed: int) -> dict[str, list[str]]:
+    """``{side}_train`` and ``{side}_val`` for both sides; without a validation file, ``n_val`` instructions
+    are held out of the side's file (seeded). Every file is read here, before any model, so bad ones fail fast."""
+    sets = {}
+    for side in ("harmful", "harmless"):
+        items = load_instructions(getattr(files, side), field=files.field)
+        val_file = getattr(files, f"{side}_val")
+        if val_file:
+            sets[f"{side}_train"], sets[f"{side}_val"] = items, load_instructions(val_file, field=files.field)
+        else:
+            sets[f"{side}_train"], sets[f"{side}_val"] = holdout(items, n_val, seed)
+    return sets
+
+
+def run_extract(
+    source: ModelSource,
+    files: InstructionFiles,
+    out: str | Path,
+    options: ExtractOptions,
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> ExtractDone:
+    """Find the refusal direction of ``source`` and write the extraction files to ``out``."""
+    sets = instruction_sets(files, options.n_val, options.seed)
+    check_output(out, force=force, source=source.path)  # before the long part
+    lm = _load(source)
+    result = extract(lm, sets["harmful_train"], sets["harmless_train"], sets["harmful_val"], sets["harmless_val"],
+                     options, progress=progress)  # fmt: skip
+    return ExtractDone(result, save_extraction(result, out, force=force), lm.n_layers)
+
+
+def run_eval(
+    source: ModelSource,
+    files: InstructionFiles,
+    direction_path: str | Path,
+    *,
+    layer: int | None = None,
+    n: int = 32,
+    seed: int = 0,
+    conditions: Sequence[str] = CONDITIONS,
+    substrings_file: str | Path | None = None,
+    loss_texts_file: str | Path | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    out: str | Path | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> EvalDone:
+    """Completions and refusal scores of ``n`` instructions per side under each condition; with ``out``,
+    also eval.json, eval.md and (for an MoE model) routing.png. ``layer`` defaults to the direction's."""
+    direction, saved_layer = load_direction(direction_path)
+    check_hidden_size(source.path, direction)
+    layer = layer if layer is not None else saved_layer
+    harmful = sample_instructions(load_instructions(files.harmful, field=files.field), n, seed)
+    harmless = sample_instructions(load_instructions(files.harmless, field=files.field), n, seed)
+    substrings = load_substrings(substrings_file) if substrings_file else REFUSAL_SUBSTRINGS
+    loss_texts = load_instructions(loss_texts_file) if loss_texts_file else None
+    if out:
+        check_output(out, force=force, source=source.path)  # before the long part
+    lm = _load(source)
+    report = evaluate(lm, direction, layer, harmful, harmless, conditions=conditions, loss_texts=loss_texts,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, substrings=substrings,
+                      progress=progress)  # fmt: skip
+    if not out:
+        return EvalDone(report, [])
+    routing = [r.to_dict() for r in routing_report(lm, harmful, harmless, direction)] if lm.router_sites() else None
+    return EvalDone(report, save_evaluation(report, out, routing=routing, force=force))
+
+
+def run_orthogonalize(
+    source: ModelSource, direction_path: str | Path, out: str | Path, *, force: bool = False
+) -> OrthogonalizeDone:
+    """Bake the ablation of the direction into a copy of ``source``'s weights, checked on CHECK_PROMPTS,
+    and write it to ``out`` (never the source or inside it)."""
+    check_output_path(source.path, out)
+    direction, _ = load_direction(direction_path)
+    check_hidden_size(source.path, direction)
+    check_output(out, force=force, source=source.path, model_output=True)  # before the model is read
+    lm = _load(source)
+    result = orthogonalize(lm, direction, CHECK_PROMPTS)
+    return OrthogonalizeDone(result, save_model(lm, out, source=source.path, force=force))
+
+
+def score_file(path: str | Path, *, substrings_file: str | Path | None = None) -> RefusalScore:
+    """The refusal score of a completions file (see :mod:`moeformer.refusal.scoring`)."""
+    substrings = load_substrings(substrings_file) if substrings_file else REFUSAL_SUBSTRINGS
+    return score_completions(load_completions(path), substrings)
+
+
+def _load(source: ModelSource) -> ChatLM:
+    return load_chat_lm(source.path, template=source.template, dtype=source.dtype, device=source.device)
