@@ -7,6 +7,7 @@ a taken-over stale lock), and exit with 130 / 143 after a Ctrl-C / SIGTERM that 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
         report = run_demo(
             corpus=args.corpus,
             data=args.data,
+            data_root=os.environ.get("MOEFORMER_DATA"),  # the folder of the real corpora, as in the tests
             minutes=args.minutes,
             steps=args.steps,
             run_dir=Path(args.out),

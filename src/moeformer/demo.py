@@ -11,7 +11,6 @@ English-Mandarin pairs instead (the article's "Are you OK?" -> "你好吗？").
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +77,23 @@ class DemoReport:
         return "\n".join(lines)
 
 
-def demo_config(corpus: str, data: str | None, minutes: float | None, steps: int | None) -> Config:
-    """The demo's config: ``steps`` updates, or as many as ``minutes`` allow when that is given."""
+def demo_config(
+    corpus: str,
+    data: str | None,
+    minutes: float | None,
+    steps: int | None,
+    *,
+    data_root: str | Path | None = None,
+) -> Config:
+    """The demo's config: ``steps`` updates, or as many as ``minutes`` allow when that is given.
+
+    The Tatoeba file is ``data``, else ``data_root/cmn-eng/cmn.txt`` (the CLI passes $MOEFORMER_DATA;
+    None: relative to the working directory), else the checkout's ``../shared/data`` copy.
+    """
     if corpus == "synthetic":
         data_table = {"corpus": "synthetic", "synthetic_pairs": 20000, "valid_size": 300, "test_size": 500}
     else:
-        path = Path(data) if data else Path(os.environ.get("MOEFORMER_DATA", "")) / "cmn-eng" / "cmn.txt"
+        path = Path(data) if data else Path(data_root or "") / "cmn-eng" / "cmn.txt"
         if not data and not path.is_file():
             path = TATOEBA_DEFAULT.resolve()
         if not path.is_file():
@@ -119,6 +129,7 @@ def run_demo(
     *,
     corpus: str = "synthetic",
     data: str | None = None,
+    data_root: str | Path | None = None,
     minutes: float | None = None,
     steps: int | None = None,
     run_dir: Path = Path("runs/demo"),
@@ -126,8 +137,9 @@ def run_demo(
     echo: Callable[[str], None] | None = None,
 ) -> DemoReport:
     """Train ``steps`` updates (default DEMO_STEPS; or for ``minutes``), score the best checkpoint on
-    the test split. A previous demo run in ``run_dir`` is replaced (only a run: see ``claim_run_dir``)."""
-    config = demo_config(corpus, data, minutes, steps)
+    the test split (``data`` / ``data_root``: where the Tatoeba file is, see :func:`demo_config`).
+    A previous demo run in ``run_dir`` is replaced (only a run: see ``claim_run_dir``)."""
+    config = demo_config(corpus, data, minutes, steps, data_root=data_root)
     keep_freed_memory()
     run_dir = Path(run_dir) / corpus
     outcome = run_training(config, run_dir, progress=progress, force=True, echo=echo)
