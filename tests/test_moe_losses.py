@@ -186,14 +186,14 @@ def test_sequence_balance_matches_v3_formula():
     """No mask: the per-sequence V3 formula (normalised sigmoid scores) averaged over sequences."""
     scores, index = sigmoid_routing(3, 9, 6, 2, 6)
     mask = torch.ones(3, 9, dtype=torch.bool)
-    got = float(losses.sequence_balance_loss(scores, index, None))
+    got = float(losses.sequence_balance_loss(scores, index))
     assert math.isclose(got, sequence_loss_by_hand(scores, index, mask), rel_tol=1e-5)
     # it is not the batch-level loss: per-sequence imbalance counts
     assert not math.isclose(got, float(losses.load_balance_loss(scores.view(27, 6), index.view(27, 2))), rel_tol=1e-3)
 
 
 def test_sequence_balance_mask_and_sentinel():
-    """token_mask: equals the formula on the real tokens only; padding rows holding index E change nothing."""
+    """padding_mask: equals the formula on the real tokens only; padding rows holding index E change nothing."""
     B, T, E, K = 3, 8, 5, 2
     scores, index = sigmoid_routing(B, T, E, K, 7)
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -201,12 +201,12 @@ def test_sequence_balance_mask_and_sentinel():
     mask[2, 2:] = False
     with_sentinel = index.masked_fill(~mask[..., None], E)
     expected = sequence_loss_by_hand(scores, index, mask)
+    pad = ~mask  # mask is True at real tokens, as sequence_loss_by_hand reads it
     for idx in (index, with_sentinel):
-        assert math.isclose(float(losses.sequence_balance_loss(scores, idx, mask)), expected, rel_tol=1e-5)
+        assert math.isclose(float(losses.sequence_balance_loss(scores, idx, padding_mask=pad)), expected, rel_tol=1e-5)
     # the same as cutting each sequence to its real tokens and calling without a mask
     per_seq = [
-        float(losses.sequence_balance_loss(scores[b : b + 1, mask[b]], index[b : b + 1, mask[b]], None))
-        for b in range(B)
+        float(losses.sequence_balance_loss(scores[b : b + 1, mask[b]], index[b : b + 1, mask[b]])) for b in range(B)
     ]
     assert math.isclose(expected, sum(per_seq) / B, rel_tol=1e-5)
 

@@ -123,9 +123,9 @@ class MoELayer(nn.Module):
             terms["device_balance"] = losses.device_balance_loss(scores, chosen, devices)
             weighted["device_balance"] = c.device_loss * terms["device_balance"]
         if c.seq_balance_loss:
-            token_mask = None if real is None else real.view(B, T)
+            padding = None if real is None else ~real.view(B, T)
             terms["seq_balance"] = losses.sequence_balance_loss(
-                routing.scores.view(B, T, E), chosen_by_sequence, token_mask
+                routing.scores.view(B, T, E), chosen_by_sequence, padding_mask=padding
             )
             weighted["seq_balance"] = c.seq_balance_loss * terms["seq_balance"]
         if c.z_loss:

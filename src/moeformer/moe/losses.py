@@ -46,14 +46,16 @@ def device_balance_loss(scores: Tensor, index: Tensor, n_devices: int) -> Tensor
     return (f * P).sum()
 
 
-def sequence_balance_loss(scores: Tensor, index: Tensor, token_mask: Tensor | None) -> Tensor:
+def sequence_balance_loss(scores: Tensor, index: Tensor, *, padding_mask: Tensor | None = None) -> Tensor:
     """Mean over sequences of E * sum_i f_i P_i within each; scores: (B, T, E), index: (B, T, K).
 
-    token_mask: (B, T) True at real tokens, or None.
+    padding_mask: (B, T) True at padding (left out of f and P), as every mask in moeformer; None: no padding.
+    Keyword-only: it was once a positional ``token_mask`` True at real tokens, and a call written for that
+    must fail, not silently invert.
     """
     B, T, E = scores.shape
     K = index.shape[-1]
-    real = torch.ones(B, T, device=scores.device) if token_mask is None else token_mask.float()
+    real = torch.ones(B, T, device=scores.device) if padding_mask is None else (~padding_mask).float()
     n_real = real.sum(1).clamp_min(1.0)  # (B,)
     P = (_normalised(scores) * real[..., None]).sum(1) / n_real[:, None]  # (B, E)
     chosen = torch.zeros(B, T, E + 1, device=scores.device).scatter_(2, index, 1.0)[..., :E]
