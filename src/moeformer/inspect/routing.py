@@ -100,11 +100,12 @@ class LayerRouting:
         """(E,) assignments per expert."""
         return self.by_token.sum(0)
 
-    def add(self, captured: dict[str, Tensor], ids: Tensor, real: Tensor, sides: Tensor | None) -> None:
-        """One forward's capture; ``ids``/``real`` (B, T) of this layer's stack, ``sides`` (B,) or None."""
+    def add(self, captured: dict[str, Tensor], ids: Tensor, padding_mask: Tensor, sides: Tensor | None) -> None:
+        """One forward's capture; ``ids``/``padding_mask`` (B, T) of this layer's stack (True at padding),
+        ``sides`` (B,) or None."""
         if "index" not in captured or "routed" not in captured:
             raise InspectError(f"{self.name}: the experts were not called directly (expert parallelism?)")
-        real = real.reshape(-1).cpu()
+        real = ~padding_mask.reshape(-1).cpu()
         index, ids = captured["index"].cpu()[real], ids.reshape(-1).cpu()[real]
         kept = index < self.n_experts
         self.dropped += int((~kept).sum())
@@ -200,8 +201,8 @@ def corpus_routing(
 
 def _add_batch(layers: dict[str, LayerRouting], store: dict[str, dict[str, Tensor]], batch: Batch) -> None:
     for name, layer in layers.items():
-        ids, real = batch.stacks[name.split(".")[0]]
-        layer.add(store.get(name, {}), ids, real, batch.sides)
+        ids, padding_mask = batch.stacks[name.split(".")[0]]
+        layer.add(store.get(name, {}), ids, padding_mask, batch.sides)
 
 
 @dataclass
