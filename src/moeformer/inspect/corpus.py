@@ -44,7 +44,9 @@ class Example:
 
 
 @dataclass
-class Batch:
+class SentenceBatch:
+    """Corpus items padded for one forward pass, with which ids feed which stack of the model."""
+
     inputs: dict[str, Tensor]  # keyword arguments of the model's forward
     stacks: dict[str, tuple[Tensor, Tensor]]  # "encoder"/"decoder"/"layers" -> (ids, padding_mask), (B, T) each
     sides: Tensor | None  # (B,) side of each row, or None
@@ -116,7 +118,7 @@ def encode_item(item: Item, tokenizers: TokenizerPair, arch: str, max_len: int) 
     return Example(ids, None, item.side)
 
 
-def batches(examples: Sequence[Example], pad_id: int, batch_size: int) -> Iterator[Batch]:
+def batches(examples: Sequence[Example], pad_id: int, batch_size: int) -> Iterator[SentenceBatch]:
     """Padded batches in order; ``stacks`` says which ids (and padding, True at padding) feed which stack."""
     if batch_size < 1:
         raise InspectError(f"batch size must be positive, got {batch_size}")
@@ -125,8 +127,8 @@ def batches(examples: Sequence[Example], pad_id: int, batch_size: int) -> Iterat
         src, src_pad = pad_batch([e.source for e in chunk], pad_id)
         sides = None if chunk[0].side is None else torch.tensor([e.side for e in chunk])
         if chunk[0].target is None:
-            yield Batch({"tokens": src, "padding_mask": src_pad}, {"layers": (src, src_pad)}, sides)
+            yield SentenceBatch({"tokens": src, "padding_mask": src_pad}, {"layers": (src, src_pad)}, sides)
             continue
         tgt, tgt_pad = pad_batch([e.target for e in chunk], pad_id)
         inputs = {"src": src, "tgt": tgt, "src_padding_mask": src_pad, "tgt_padding_mask": tgt_pad}
-        yield Batch(inputs, {"encoder": (src, src_pad), "decoder": (tgt, tgt_pad)}, sides)
+        yield SentenceBatch(inputs, {"encoder": (src, src_pad), "decoder": (tgt, tgt_pad)}, sides)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from moeformer.data.tokenizer import Tokenizer
 from moeformer.inference import LoadedModel
-from moeformer.inspect.corpus import Batch, InspectError, Item, batches, encode_item
+from moeformer.inspect.corpus import InspectError, Item, SentenceBatch, batches, encode_item
 from moeformer.inspect.measures import entropy, mutual_information, pointwise_mutual_information
 from moeformer.inspect.tokens import SCRIPTS, token_labels, token_script
 from moeformer.moe.layer import MoELayer
@@ -199,7 +199,7 @@ def corpus_routing(
     return layers
 
 
-def _add_batch(layers: dict[str, LayerRouting], store: dict[str, dict[str, Tensor]], batch: Batch) -> None:
+def _add_batch(layers: dict[str, LayerRouting], store: dict[str, dict[str, Tensor]], batch: SentenceBatch) -> None:
     for name, layer in layers.items():
         ids, padding_mask = batch.stacks[name.split(".")[0]]
         layer.add(store.get(name, {}), ids, padding_mask, batch.sides)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moeformer.refusal.lm import Batch, ChatLM, PromptFormat, RefusalError, Site, WriterWeight
+from moeformer.refusal.lm import ChatLM, PromptBatch, PromptFormat, RefusalError, Site, WriterWeight
 
 _OUT_MODULES = ("o_proj", "down_proj", "w2", "out_proj", "dense_4h_to_h", "fc2")
 _ATTN = ("self_attn", "attn", "attention")
@@ -99,13 +99,13 @@ class HFChatLM(ChatLM):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def forward_logits(self, batch: Batch) -> Tensor:
+    def forward_logits(self, batch: PromptBatch) -> Tensor:
         real = (~batch.padding_mask).long()  # transformers' attention_mask: 1 at real tokens
         positions = (real.cumsum(-1) - 1).clamp(min=0)  # left padding keeps positions from 0
         out = self.model(input_ids=batch.ids, attention_mask=real, position_ids=positions, use_cache=False)
         return out.logits.float()
 
-    def generate_ids(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+    def generate_ids(self, batch: PromptBatch, max_new_tokens: int) -> list[list[int]]:
         tf = _transformers()
         eos = self.tokenizer.eos_token_id
         config = tf.GenerationConfig(

@@ -85,7 +85,9 @@ class WriterWeight:
 
 
 @dataclass
-class Batch:
+class PromptBatch:
+    """Prompts (chat-formatted or raw texts) tokenized and left-padded for one forward pass."""
+
     ids: Tensor  # (B, T) left-padded
     padding_mask: Tensor  # (B, T) bool, True at padding (as every padding mask in moeformer)
 
@@ -122,11 +124,11 @@ class ChatLM(ABC):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     @abstractmethod
-    def forward_logits(self, batch: Batch) -> Tensor:
+    def forward_logits(self, batch: PromptBatch) -> Tensor:
         """-> (B, T, V) logits in float32."""
 
     @abstractmethod
-    def generate_ids(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+    def generate_ids(self, batch: PromptBatch, max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations, cut at the end-of-sequence token."""
 
     @abstractmethod
@@ -174,14 +176,14 @@ class ChatLM(ABC):
     def prompts(self, instructions: Sequence[str]) -> list[str]:
         return [self.prompt_format(text) for text in instructions]
 
-    def batch(self, texts: Sequence[str], *, chat: bool = True) -> Batch:
+    def batch(self, texts: Sequence[str], *, chat: bool = True) -> PromptBatch:
         """Left-padded ids of ``texts`` (chat-formatted instructions when ``chat``, raw text otherwise)."""
         special = self.prompt_format.special_tokens if chat else True
         rows = [self.encode(self.prompt_format(t) if chat else t, special_tokens=special) for t in texts]
         if any(not row for row in rows):
             raise RefusalError("a prompt encodes to zero tokens; give non-empty instructions")
         ids, padding = pad_batch(rows, self.pad_id, left=True)
-        return Batch(ids.to(self.device), padding.to(self.device))
+        return PromptBatch(ids.to(self.device), padding.to(self.device))
 
     def token_id(self, text: str) -> int:
         """The first token of ``text`` as the model would generate it (e.g. "I" for refusal tokens)."""

@@ -28,7 +28,7 @@ from moeformer.interop.checkpoints import load_model
 from moeformer.model_config import config_to_dict
 from moeformer.models.decoder import DecoderLM
 from moeformer.moe.layer import MoELayer
-from moeformer.refusal.lm import Batch, ChatLM, PromptFormat, RefusalError, Site, WriterWeight
+from moeformer.refusal.lm import ChatLM, PromptBatch, PromptFormat, RefusalError, Site, WriterWeight
 
 
 def load_native(path: str | Path, *, template: str | None, device: str = "cpu") -> NativeChatLM:
@@ -73,10 +73,10 @@ class NativeChatLM(ChatLM):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def forward_logits(self, batch: Batch) -> Tensor:
+    def forward_logits(self, batch: PromptBatch) -> Tensor:
         return self.model(batch.ids, padding_mask=batch.padding_mask).logits.float()
 
-    def generate_ids(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+    def generate_ids(self, batch: PromptBatch, max_new_tokens: int) -> list[list[int]]:
         room = self.model.config.max_seq_len - batch.ids.shape[1]
         if room < 1:
             raise RefusalError(f"prompts of {batch.ids.shape[1]} tokens leave no room in max_seq_len")

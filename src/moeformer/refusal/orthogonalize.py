@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moeformer.publish import staged_dir
 from moeformer.refusal.interventions import edit_sites, unit
-from moeformer.refusal.lm import Batch, ChatLM, RefusalError
+from moeformer.refusal.lm import ChatLM, PromptBatch, RefusalError
 from moeformer.results import check_output
 
 
@@ -45,7 +45,7 @@ def orthogonalize_weights(lm: ChatLM, direction: Tensor) -> tuple[list[str], boo
 
 
 @torch.no_grad()
-def residual_leak(lm: ChatLM, batch: Batch, direction: Tensor) -> float:
+def residual_leak(lm: ChatLM, batch: PromptBatch, direction: Tensor) -> float:
     """Largest |x . r_hat| / ||x|| over real tokens at every layer's input and after the last layer."""
     r_hat = unit(lm.check_direction(direction))
     worst = torch.zeros((), device=lm.device)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from moeformer.refusal.interventions import BASELINE, Intervention
-from moeformer.refusal.lm import Batch, ChatLM, RefusalError, iter_batches
+from moeformer.refusal.lm import ChatLM, PromptBatch, RefusalError, iter_batches
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def routing_frequencies(
     if not sites:
         raise RefusalError(f"this {lm.family} model has no MoE layer whose routing can be read")
     counts = {layer: torch.zeros(n, dtype=torch.float64) for layer, (_, n) in sites.items()}
-    current: list[Batch] = []
+    current: list[PromptBatch] = []
 
     def count(layer: int):  # noqa: ANN202
         def hook(module: object, args: tuple, output: object) -> None:
