@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from moeformer.publish import MARKER, OutputExistsError, check_replaceable, staged_dir, write_text
+from moeformer.publish import MARKER, OutputExistsError, check_replaceable, discard_dir, staged_dir, write_text
 
 
 def _mode(path) -> int:
@@ -85,3 +85,25 @@ def test_transformers_directory_is_replaceable(tmp_path):
     (out / "config.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"")
     check_replaceable(out, force=True)
+
+
+def _rmtree_killed_after_one_file(path, ignore_errors=False):  # noqa: ARG001
+    """What SIGKILL in the middle of shutil.rmtree leaves: some files gone, the rest still there."""
+    if not path.exists():
+        return
+    next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
+    raise SystemExit("killed")
+
+
+def test_a_directory_deleted_half_way_is_never_left_under_its_name(tmp_path, monkeypatch):
+    """Found by the 20-SIGKILL test: pruning an old checkpoint was a plain rmtree, so a kill in the
+    middle left checkpoints/step-N with its weights gone and its sidecar still there."""
+    ckpt = tmp_path / "step-00000004"
+    ckpt.mkdir()
+    for name in ("checkpoint.json", "model.safetensors", "trainer.pt"):
+        (ckpt / name).write_text(name)
+    monkeypatch.setattr("moeformer.publish.shutil.rmtree", _rmtree_killed_after_one_file)
+    with pytest.raises(SystemExit):
+        discard_dir(ckpt)
+    assert not ckpt.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [f".step-00000004.old-{os.getpid()}"]  # removed by the next run

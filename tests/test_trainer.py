@@ -135,6 +135,30 @@ def test_old_checkpoints_pruned_but_best_kept(tmp_path):
     assert latest == "step-00000012" and best in kept and latest in kept and len(kept) <= 2
 
 
+def test_a_kill_while_pruning_leaves_only_whole_checkpoints(tmp_path, monkeypatch):
+    """SIGKILL in the middle of deleting an old checkpoint (simulated: rmtree removes one file and
+    stops) must not leave checkpoints/step-N half-deleted under its name (found by the 20-SIGKILL test)."""
+    import shutil
+
+    real_rmtree = shutil.rmtree
+
+    def killed_half_way(path, ignore_errors=False):  # noqa: ARG001
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+        if not any(p.name == "model.safetensors" for p in files):
+            return real_rmtree(path, ignore_errors=True)  # staging directories and the like
+        next(p for p in files if p.name == "model.safetensors").unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", killed_half_way)
+    trainer = Trainer(lm(0.0), copy_task(), cfg(steps=12, save_every=2, keep_last=1), tmp_path, progress=False)
+    with pytest.raises(SystemExit):
+        trainer.train()
+    steps = sorted((tmp_path / "checkpoints").glob("step-*"))
+    assert steps, "nothing saved before the first prune"
+    for ckpt in steps:
+        load_weights(lm(0.0), read_checkpoint(ckpt))
+
+
 def test_tensorboard_events_when_installed(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is optional; metrics.jsonl is always written")
     Trainer(lm(0.0), copy_task(), cfg(steps=2, eval_every=2), tmp_path, progress=False).train()

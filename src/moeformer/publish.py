@@ -149,6 +149,19 @@ def staged_dir(out: str | Path, *, force: bool = False, option: str = "--force")
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def discard_dir(path: Path) -> None:
+    """Delete the directory ``path`` so that it is never seen half-deleted under its own name.
+
+    It is renamed aside (``.NAME.old-PID``, one atomic step) and deleted there: a process killed
+    meanwhile leaves that dot-named leftover, which the next run removes, not a ``path`` with
+    some of its files gone (a checkpoint that looks present but cannot be loaded).
+    """
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def publish_dir(tmp: Path, out: Path) -> None:
     """Make the finished directory ``tmp`` durable and move it to ``out``, replacing an old one.
 

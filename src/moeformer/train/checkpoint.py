@@ -42,7 +42,7 @@ from moeformer.checkpoint_io import (
     resolve,
     write_atomic,
 )
-from moeformer.publish import publish_dir
+from moeformer.publish import discard_dir, publish_dir
 
 __all__ = [  # the first eleven re-exported from moeformer.checkpoint_io
     "SIDECAR",
@@ -109,7 +109,7 @@ def _prune(run_dir: Path, keep_last: int) -> None:
     steps = sorted((run_dir / "checkpoints").glob("step-*"))
     for old in steps[: max(len(steps) - keep_last, 0)]:
         if old.resolve() not in protected:
-            shutil.rmtree(old, ignore_errors=True)
+            discard_dir(old)
 
 
 def remove_partial(run_dir: Path) -> int:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from moeformer.publish import is_replaceable, write_text
+from moeformer.publish import discard_dir, is_replaceable, write_text
 
 LOCK = ".lock"
 
@@ -143,11 +142,14 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
             f"{run_dir} is not empty and does not look like a run directory (no run.json, metrics.jsonl, "
             "checkpoints or latest/best); --force only replaces runs. Choose another --out"
         )
-    for entry in run_dir.iterdir():
+    # The pointers go first: killed half-way, what is left is a run with nothing to resume
+    # (refused by --resume, replaced by the next --force), never one pointing into deleted files.
+    entries = sorted(run_dir.iterdir(), key=lambda p: p.name not in ("latest", "best"))
+    for entry in entries:
         if entry.name == LOCK:
             continue
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
+            discard_dir(entry)
         else:
             entry.unlink()
 
