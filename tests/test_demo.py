@@ -60,3 +60,14 @@ def test_the_demo_reaches_bleu_75(tmp_path):
     assert bleu_of(done.stdout) >= 75.0, done.stdout
     again = run_demo(tmp_path, "--steps", "2")  # a second demo replaces the first run (its own directory)
     assert again.returncode == 0, again.stderr
+
+
+def test_the_tatoeba_default_is_the_shared_data_beside_the_clone():
+    """``moeformer demo --corpus tatoeba`` without $MOEFORMER_DATA reads ../shared/data, as the tests do
+    (it pointed one folder too high, at /shared beside the clone's parent)."""
+    from pathlib import Path
+
+    from moeformer.demo import TATOEBA_DEFAULT
+
+    repo = Path(__file__).resolve().parents[1]
+    assert TATOEBA_DEFAULT.resolve() == (repo.parent / "shared" / "data" / "cmn-eng" / "cmn.txt").resolve()

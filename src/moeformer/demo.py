@@ -39,7 +39,7 @@ EXAMPLES = {
     "tatoeba": ["Are you OK?", "I love you.", "What is your name?", "The weather is nice today."],
 }
 DEMO_STEPS = 700  # held-out BLEU 83.3 (RESULTS.md); about 3.5 minutes on a 2-core laptop-class CPU
-TATOEBA_DEFAULT = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "cmn-eng" / "cmn.txt"
+TATOEBA_DEFAULT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cmn-eng" / "cmn.txt"
 
 
 @dataclass
