@@ -51,7 +51,7 @@ def test_a_long_input_is_translated_sentence_by_sentence_with_a_note(seq2seq, ch
 
 
 def test_a_sentence_longer_than_the_model_is_refused_before_decoding(seq2seq, chars, monkeypatch):
-    monkeypatch.setattr("moeformer.inference._translate_ids", lambda *a: pytest.fail("decoded before checking"))
+    monkeypatch.setattr("moeformer.decode.text._translate_ids", lambda *a: pytest.fail("decoded before checking"))
     with pytest.raises(ValueError, match=r"input 2: a sentence of 21 tokens .* longer than the model's limit of 16"):
         translate(seq2seq, chars, ["abc.", "abcdefghij abcdefghi"])
     with pytest.raises(ValueError, match=r"input 1: a sentence of 23 tokens .* starting 'abcdefghij abcdefghij.'"):

@@ -1,4 +1,5 @@
-"""Decoding over the KV cache: greedy, beam search and sampling, for both model families."""
+"""Decoding over the KV cache: greedy, beam search and sampling, for both model families; text in,
+text out (``translate``, ``generate``) in :mod:`moeformer.decode.text`."""
 
 from moeformer.decode.beam import beam_generate, beam_translate, gnmt_length_penalty
 from moeformer.decode.greedy import greedy_generate, greedy_translate
