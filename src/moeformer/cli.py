@@ -86,7 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from moeformer.evaluate.checkpoint import evaluate_checkpoint
+    from moeformer.inference import evaluate_checkpoint
 
     scores = evaluate_checkpoint(
         args.checkpoint,

@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from moeformer.checkpoint_io import checkpoint_tokenizers
 from moeformer.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
 from moeformer.data.pipeline import PreparedData, prepare
 from moeformer.data.report import format_data_report
 from moeformer.data.tokenizer import TokenizerPair
+from moeformer.evaluate.translation import evaluate_translation
 from moeformer.models import build_model
 from moeformer.train.checkpoint import (
     Checkpoint,
@@ -176,8 +178,6 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
 
 
 def _resume_tokenizers(ckpt: Checkpoint) -> TokenizerPair:
-    from moeformer.inference import checkpoint_tokenizers
-
     tokenizers = checkpoint_tokenizers(ckpt)
     if tokenizers is None:  # a new tokenizer would not match the trained embeddings
         raise CheckpointError(f"{ckpt.path} holds no tokenizer (a weights-only checkpoint); it cannot be resumed")
@@ -200,29 +200,21 @@ def _score_test(outcome: RunOutcome, prepared: PreparedData, model: torch.nn.Mod
                 config: Config, deadline: float | None, progress: bool, echo: Note) -> None:  # fmt: skip
     """BLEU and chrF of the best checkpoint on the test split, decoded in chunks with a progress bar;
     with a deadline, decoding stops when it comes and the scores cover the pairs decoded."""
-    from moeformer.evaluate.metrics import translation_scores
-    from moeformer.inference import translate
-
     load_weights(model, read_checkpoint(run_dir, which="best"))
     pairs = prepared.test_pairs
-    hyps: list[str] = []
     with tqdm(total=len(pairs), desc="test decoding", disable=not progress, unit="pair", leave=False) as bar:
-        for start in range(0, len(pairs), TEST_CHUNK):
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            chunk = [s for s, _ in pairs[start : start + TEST_CHUNK]]
-            hyps += translate(model, prepared.tokenizers, chunk, batch_size=64, overlong="cut", note=echo)
-            bar.update(len(chunk))
-    decoded = pairs[: len(hyps)]
+        # references as given and, with data.zh_script, in that script: test_bleu_simplified, ...
+        result = evaluate_translation(
+            model, prepared.tokenizers, pairs, target_lang=config.data.target_lang, zh_script=config.data.zh_script,
+            overlong="cut", note=echo, chunk_size=TEST_CHUNK, deadline=deadline, progress=bar.update,
+        )  # fmt: skip
+    decoded = pairs[: len(result.hypotheses)]
     if not decoded:
         return
-    refs = [t for _, t in decoded]
-    # references as given and, with data.zh_script, in that script: test_bleu_simplified, ...
-    scores = translation_scores(hyps, refs, target_lang=config.data.target_lang, zh_script=config.data.zh_script)
-    outcome.test_scores = {**scores.as_dict("test_"), "test_pairs": float(len(refs))}
+    outcome.test_scores = {**result.as_dict("test_"), "test_pairs": float(len(decoded))}
     if len(decoded) < len(pairs):
         outcome.test_scores["test_pairs_skipped_for_time"] = float(len(pairs) - len(decoded))
-    outcome.samples = [(s, t, h) for (s, t), h in zip(decoded, hyps)][:10]
+    outcome.samples = [(s, t, h) for (s, t), h in zip(decoded, result.hypotheses)][:10]
 
 
 def _device(name: str, ctx: Distributed | None = None) -> torch.device:
