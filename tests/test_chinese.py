@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from moeformer.config import ConfigError, config_from_dict, load_config
-from moeformer.data import pipeline
 from moeformer.data.chinese import convert_pairs, convert_script, fullwidth_after_cjk, nfkc_keeping_punctuation
 from moeformer.data.cleaning import CleaningConfig, clean_text
 from moeformer.data.config import DataConfig
 from moeformer.evaluate.checkpoint import _cleaning
 from moeformer.evaluate.metrics import translation_scores
+from moeformer.train import pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

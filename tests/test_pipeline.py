@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from moeformer.config import Config, config_from_dict
-from moeformer.data import pipeline
 from moeformer.data.filecheck import CorpusError
-from moeformer.data.pipeline import prepare
 from moeformer.data.report import format_data_report
+from moeformer.train import pipeline
+from moeformer.train.pipeline import prepare
 
 
 def translation_config(path: Path | str, corpus: str = "tsv", **data) -> Config:

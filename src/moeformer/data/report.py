@@ -94,7 +94,7 @@ def check_rejected(summary: dict[str, Any], max_fraction: float) -> None:
 def format_data_report(report: dict[str, Any]) -> str:
     """A run's data report in a few lines, for the CLI to print at the start of a run.
 
-    ``report`` is :attr:`moeformer.data.pipeline.PreparedData.report` (or the reading part of
+    ``report`` is :attr:`moeformer.train.pipeline.PreparedData.report` (or the reading part of
     it). One line when nothing was rejected; otherwise a second line with each reason, its count
     and the line it first occurred on.
     """

@@ -19,11 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from moeformer.checkpoint_io import checkpoint_tokenizers
-from moeformer.config import Config, ConfigError, apply_overrides, config_from_dict, config_to_dict
-from moeformer.data.pipeline import PreparedData, prepare
 from moeformer.data.report import format_data_report
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.evaluate.translation import evaluate_translation
+from moeformer.model_config import config_to_dict
 from moeformer.models import build_model
 from moeformer.train.checkpoint import (
     Checkpoint,
@@ -34,8 +33,11 @@ from moeformer.train.checkpoint import (
     write_atomic,
 )
 from moeformer.train.distributed import Distributed, process_group
+from moeformer.train.pipeline import PreparedData, prepare
+from moeformer.train.run_config import Config, apply_overrides, config_from_dict
 from moeformer.train.rundir import RunLock, claim_run_dir, trim_metrics
 from moeformer.train.trainer import Trainer, TrainResult
+from moeformer.validation import ConfigError
 
 Note = Callable[[str], None]
 TEST_CHUNK = 128  # test pairs decoded between two looks at the clock

@@ -1,5 +1,9 @@
 """From a run's config to what the trainer consumes: read, clean, split, tokenise, batch.
 
+The training data pipeline, beside the trainer whose ``TrainingTask`` and ``Batch`` it builds;
+the parts it puts together (readers, cleaning, splits, tokenizers, batching) live in
+:mod:`moeformer.data`.
+
 Translation (``corpus`` synthetic / tatoeba / tsv / jsonl): pairs are cleaned, split by the hash
 of their source sentence, tokenised (source + EOS; BOS + target + EOS) and grouped into
 token-budget batches, reshuffled each epoch by ``seed + epoch``. Language modelling (``text``):
@@ -22,7 +26,6 @@ from typing import Any
 
 import torch
 
-from moeformer.config import Config, ModelConfig, config_to_dict
 from moeformer.data.batching import pad_batch, token_batches
 from moeformer.data.chinese import convert_pairs
 from moeformer.data.cleaning import CleaningConfig, clean_pairs
@@ -33,6 +36,9 @@ from moeformer.data.report import check_rejected, format_data_report, read_summa
 from moeformer.data.splits import split_pairs, spread_subset
 from moeformer.data.synthetic import generate_pairs
 from moeformer.data.tokenizer import TokenizerPair, train_tokenizer, train_tokenizer_pair
+from moeformer.evaluate.translation import evaluate_translation
+from moeformer.model_config import ModelConfig, config_to_dict
+from moeformer.train.run_config import Config
 from moeformer.train.trainer import Batch, TrainingTask
 
 Pair = tuple[str, str]
@@ -212,12 +218,7 @@ def _bleu_evaluator(tok: TokenizerPair, pairs: Sequence[Pair], target_lang: str)
         return None
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        from moeformer.evaluate.metrics import bleu, chrf
-        from moeformer.inference import translate
-
-        hyps = translate(model, tok, [s for s, _ in pairs], batch_size=64)
-        refs = [t for _, t in pairs]
-        return {"bleu": bleu(hyps, refs, target_lang=target_lang), "chrf": chrf(hyps, refs)}
+        return evaluate_translation(model, tok, pairs, target_lang=target_lang).as_dict()
 
     return evaluate
 
