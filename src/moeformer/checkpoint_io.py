@@ -28,7 +28,6 @@ from torch import nn
 from moeformer.data.tokenizer import TokenizerPair
 from moeformer.models import build_model
 from moeformer.presets import model_config_from_dict
-from moeformer.publish import write_text
 
 WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "checkpoint.json", "trainer.pt"
 
@@ -41,10 +40,6 @@ class CheckpointError(RuntimeError):
 class Checkpoint:
     path: Path
     meta: dict[str, Any]  # checkpoint.json: config, tokenizer, step, metrics
-
-
-def write_atomic(path: Path, text: str) -> None:
-    write_text(path, text)
 
 
 def paths_overlap(a: str | Path, b: str | Path) -> bool:

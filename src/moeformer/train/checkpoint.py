@@ -40,9 +40,8 @@ from moeformer.checkpoint_io import (
     pointer_target,
     read_checkpoint,
     resolve,
-    write_atomic,
 )
-from moeformer.publish import discard_dir, publish_dir
+from moeformer.publish import discard_dir, publish_dir, write_text
 
 __all__ = [  # the first eleven re-exported from moeformer.checkpoint_io
     "SIDECAR",
@@ -55,7 +54,6 @@ __all__ = [  # the first eleven re-exported from moeformer.checkpoint_io
     "pointer_target",
     "read_checkpoint",
     "resolve",
-    "write_atomic",
     "load_trainer_state",
     "remove_partial",
     "save_checkpoint",
@@ -96,9 +94,9 @@ def save_checkpoint(
     if before_publish is not None:
         before_publish(tmp)
     publish_dir(tmp, final)  # replaces a same-step checkpoint only once the new one is complete
-    write_atomic(run_dir / "latest", f"checkpoints/{final.name}\n")
+    write_text(run_dir / "latest", f"checkpoints/{final.name}\n")
     if best:
-        write_atomic(run_dir / "best", f"checkpoints/{final.name}\n")
+        write_text(run_dir / "best", f"checkpoints/{final.name}\n")
     _prune(run_dir, keep_last)
     return final
 

@@ -24,13 +24,13 @@ from moeformer.data.tokenizer import TokenizerPair
 from moeformer.evaluate.translation import evaluate_translation
 from moeformer.model_config import config_to_dict
 from moeformer.models import build_model
+from moeformer.publish import write_text
 from moeformer.train.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_weights,
     read_checkpoint,
     remove_partial,
-    write_atomic,
 )
 from moeformer.train.distributed import Distributed, process_group
 from moeformer.train.pipeline import PreparedData, prepare
@@ -159,7 +159,7 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
             echo(f"note: dropped metrics.jsonl rows logged after step {trainer.step} by the interrupted run")
     if main:
         run_info = {"config": prepared.task.meta["config"], "data": prepared.report}
-        write_atomic(run_dir / "run.json", json.dumps(run_info, ensure_ascii=False, indent=1))
+        write_text(run_dir / "run.json", json.dumps(run_info, ensure_ascii=False, indent=1))
     result = trainer.train()
     if result.signal is not None:
         raise TrainingInterrupted(run_dir, result.step, trainer.last_checkpoint, result.signal, main)
@@ -175,7 +175,7 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
         "test": outcome.test_scores,
         "config": config_to_dict(config.model),
     }
-    write_atomic(run_dir / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1))
+    write_text(run_dir / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1))
     return outcome
 
 
