@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from moeformer.demo import DEMO_STEPS, demo_config
+from moeformer.demo import DEMO_STEPS, DemoReport, demo_config
 
 
 def run_demo(out, *args: str, threads: int | None = None) -> subprocess.CompletedProcess:
@@ -80,3 +80,15 @@ def test_the_tatoeba_default_is_the_shared_data_beside_the_clone():
 
     repo = Path(__file__).resolve().parents[1]
     assert TATOEBA_DEFAULT.resolve() == (repo.parent / "shared" / "data" / "cmn-eng" / "cmn.txt").resolve()
+
+
+def test_the_report_prints_both_scores_when_the_references_were_converted(tmp_path):
+    """Tatoeba (data.zh_script = "simplified"): BLEU against the references as given, which mix
+    scripts, and against their simplified form; the synthetic corpus has only the first."""
+    base = dict(run_dir=tmp_path, parameters=10, steps=5, test_pairs=3, test_bleu=20.0, test_chrf=30.0)
+    tatoeba = str(DemoReport("tatoeba", **base, test_bleu_simplified=25.5, test_chrf_simplified=33.3))
+    assert "BLEU 20.0 (sacrebleu, zh tokenizer), chrF 30.0 against the references as given" in tatoeba
+    assert "BLEU 25.5, chrF 33.3 against them in simplified script" in tatoeba
+    assert bleu_of(tatoeba) == 20.0  # the first BLEU printed stays the as-given one
+    synthetic = str(DemoReport("synthetic", **base))
+    assert "simplified" not in synthetic and "chrF 30.0\n" in synthetic

@@ -51,6 +51,9 @@ class DemoReport:
     test_pairs: int
     test_bleu: float
     test_chrf: float
+    # against the references converted to the run's data.zh_script (Tatoeba: simplified); None if "keep"
+    test_bleu_simplified: float | None = None
+    test_chrf_simplified: float | None = None
     held_out: list[tuple[str, str, str]] = field(default_factory=list)  # (source, reference, output)
     examples: list[tuple[str, str]] = field(default_factory=list)  # (source, output)
 
@@ -59,7 +62,7 @@ class DemoReport:
             f"DeepSeekMoE Transformer ({self.parameters:,} parameters) trained {self.steps} steps on the "
             f"{self.corpus} corpus; run directory: {self.run_dir}",
             f"Held-out test set ({self.test_pairs} pairs): BLEU {self.test_bleu:.1f} (sacrebleu, zh tokenizer), "
-            f"chrF {self.test_chrf:.1f}",
+            f"chrF {self.test_chrf:.1f}" + self._simplified(),
             "",
             "Held-out translations (output | reference):",
             *(f"  {s!r:40} -> {h} | {r}" for s, r, h in self.held_out),
@@ -75,6 +78,14 @@ class DemoReport:
             )
         lines.append(f'Translate with it: moeformer translate {self.run_dir} "Are you OK?"')
         return "\n".join(lines)
+
+    def _simplified(self) -> str:
+        if self.test_bleu_simplified is None or self.test_chrf_simplified is None:
+            return ""
+        return (
+            f" against the references as given; BLEU {self.test_bleu_simplified:.1f}, chrF "
+            f"{self.test_chrf_simplified:.1f} against them in simplified script (the script the model was taught)"
+        )
 
 
 def demo_config(
@@ -156,6 +167,8 @@ def run_demo(
         test_pairs=int(outcome.test_scores.get("test_pairs", 0)),
         test_bleu=outcome.test_scores.get("test_bleu", 0.0),
         test_chrf=outcome.test_scores.get("test_chrf", 0.0),
+        test_bleu_simplified=outcome.test_scores.get("test_bleu_simplified"),
+        test_chrf_simplified=outcome.test_scores.get("test_chrf_simplified"),
         held_out=outcome.samples[:8],
         examples=list(zip(examples, outputs)),
     )
