@@ -202,6 +202,18 @@ def _specialisation_table(results: dict[str, dict[int, dict]]) -> list[str]:
     return rows
 
 
+def _top_tokens(results: dict[str, dict[int, dict]]) -> list[str]:
+    rows = []
+    for v, runs in results.items():
+        spec = next((r["specialisation"] for r in runs.values() if "specialisation" in r), None)
+        if spec is not None:
+            listed = [
+                f"{e}: {' '.join(repr(t) for t in tokens)}" for e, tokens in enumerate(spec["top_tokens_last_layer"])
+            ]
+            rows.append(f"- {v}: " + "; ".join(listed))
+    return rows
+
+
 def _plot_curves(results: dict[str, dict[int, dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     panels = (("dense", "gshard", "deepseek"), ("gshard", "deepseek", "deepseek-no-shared", *GRANULARITY))
@@ -277,6 +289,10 @@ def analyse(out: Path, variants: list[str], seeds: list[int], sizes: dict, specs
         "## Specialisation (test windows; mean ± sd over seeds)",
         "",
         *_specialisation_table(results),
+        "",
+        "## Tokens most over-represented at each expert (PMI; last MoE layer, first seed, first 8 experts)",
+        "",
+        *_top_tokens(results),
     ]
     stored = {"corpus": sizes, "variants": {v: specs[v] for v in variants}, "runs": results, "paired": paired}
     paths = [out / "results.json", out / "results.md", out / "curves.png", out / "disabled_top_experts.png"]

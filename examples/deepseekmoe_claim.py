@@ -159,7 +159,7 @@ def main() -> None:
     corpus = args.out / "corpus.txt"
     sizes = build_corpus(args.data, corpus)
     order = [v for v in MAIN if v in args.variants] + [v for v in args.variants if v not in MAIN]
-    jobs = [(v, s) for v in order for s in args.seeds]
+    jobs = [(v, s) for s in args.seeds for v in order]  # seed-major: whole paired sets first
     if not args.analyse_only:
         with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(jobs), desc="runs") as bar:
             futures = [pool.submit(train_one, v, s, args.steps, corpus, args.out / "runs") for v, s in jobs]
