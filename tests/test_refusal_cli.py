@@ -5,15 +5,25 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import safe_open
 
 from moeformer.cli import main
 from moeformer.refusal.extract import load_direction
 from moeformer.refusal.interventions import ablate
 from moeformer.refusal.loading import load_chat_lm
+from moeformer.refusal.streaming import checkpoint_shards
 
 transformers = pytest.importorskip("transformers")
-from refusal_models import PLANTED_HARMFUL, PLANTED_HARMLESS, native_chat_lm, planted_llama, save_hf  # noqa: E402
+from refusal_models import (  # noqa: E402
+    PLANTED_HARMFUL,
+    PLANTED_HARMLESS,
+    hf_model,
+    native_chat_lm,
+    planted_llama,
+    save_hf,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +78,6 @@ def test_orthogonalize_a_moeformer_checkpoint(tmp_path):
     lm = native_chat_lm()
     lm.save(tmp_path / "ckpt")
     r = torch.randn(lm.d_model)
-    import safetensors.torch
-
     safetensors.torch.save_file({"direction": r}, str(tmp_path / "r.safetensors"))
     rc = main(["refusal", "orthogonalize", str(tmp_path / "ckpt"), "--direction", str(tmp_path / "r.safetensors"),
                "--out", str(tmp_path / "edited"), "--template", "U: {instruction}\nA:"])  # fmt: skip
@@ -194,3 +202,31 @@ def test_every_refusal_and_inspect_option_has_help_showing_its_default():
     checked = [(path, options_without_help_or_default(sub)) for path, sub in subparsers(build_parser())
                if path[0] in ("refusal", "inspect", "report")]  # fmt: skip
     assert len(checked) == 9 and all(bad == [] for _, bad in checked), checked
+
+
+def test_orthogonalize_stream_writes_the_same_model_without_loading_it(tmp_path, capsys):
+    """--stream: shard by shard, no model built; the files equal the in-memory command's."""
+    source = tmp_path / "model"
+    model, tok = hf_model("mixtral")
+    model.save_pretrained(source, max_shard_size="20KB")
+    tok.save_pretrained(source)
+    safetensors.torch.save_file({"direction": torch.randn(32)}, str(tmp_path / "r.safetensors"))
+    args = ["refusal", "orthogonalize", str(source), "--direction", str(tmp_path / "r.safetensors")]
+    assert main([*args, "--out", str(tmp_path / "streamed"), "--stream", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"in {len(checkpoint_shards(source)[0])} shards, one at a time" in printed
+    assert "the residual-stream check did not run" in printed
+    assert main([*args, "--out", str(tmp_path / "in-memory"), "--template", "{instruction}"]) == 0
+
+    def tensors(path):
+        out = {}
+        for shard in checkpoint_shards(path)[0]:
+            with safe_open(str(path / shard), "pt") as f:
+                out.update({n: f.get_tensor(n) for n in f.keys()})
+        return out
+
+    streamed, in_memory = tensors(tmp_path / "streamed"), tensors(tmp_path / "in-memory")
+    assert set(streamed) == set(in_memory)
+    assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
+    assert main([*args, "--out", str(tmp_path / "streamed"), "--stream", "--quiet"]) == 1
+    assert "already exists" in capsys.readouterr().err

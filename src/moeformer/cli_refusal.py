@@ -73,11 +73,29 @@ def _eval(args: argparse.Namespace) -> int:
 def _orthogonalize(args: argparse.Namespace) -> int:
     from moeformer.refusal.run import run_orthogonalize
 
+    if args.stream:
+        return _stream_orthogonalize(args)
     done = run_orthogonalize(_source(args), args.direction, args.out, force=args.force)
     result = done.result
     print(f"orthogonalized {len(result.edited)} tensors{' (untied the embeddings)' if result.untied else ''}; "
           f"largest residual component left along the direction: {result.leak:.2e}")  # fmt: skip
     print(f"wrote {done.out}")
+    return 0
+
+
+def _stream_orthogonalize(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from moeformer.refusal.run import run_stream_orthogonalize
+
+    with tqdm(desc="shards", unit="shard", disable=args.quiet) as bar:
+        done = run_stream_orthogonalize(args.model, args.direction, args.out, force=args.force,
+                                        progress=lambda _: bar.update())  # fmt: skip
+    print(f"orthogonalized {len(done.edited)} tensors in {done.shards} shards, one at a time (largest "
+          f"{done.largest_shard_bytes / 2**20:,.0f} MiB){' (untied the embeddings)' if done.untied else ''}; "
+          f"largest |cos| between the direction and what an edited tensor can write: {done.leak:.2e} "
+          "(the model was never loaded, so the residual-stream check did not run)")  # fmt: skip
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -148,6 +166,10 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
     _model_args(orth)
     orth.add_argument("--direction", required=True, help="an extract output directory or a direction .safetensors")
     _out_args(orth, required=True, what="new model directory, never the source or inside it")
+    orth.add_argument("--stream", action="store_true", help="edit a Hugging Face safetensors checkpoint shard "
+                      "by shard without loading the model (memory: about one shard; --template, --dtype and "
+                      "--device are not used)")  # fmt: skip
+    orth.add_argument("--quiet", action="store_true", help="no progress bar")
     orth.set_defaults(run=_orthogonalize)
 
     score = commands.add_parser("score", help="the fraction of completions that contain a refusal phrase")

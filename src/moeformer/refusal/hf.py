@@ -130,20 +130,12 @@ class HFChatLM(ChatLM):
         return sites
 
     def writer_weights(self) -> list[WriterWeight]:
-        D = self.d_model
         weights = [WriterWeight("model.embed_tokens.weight", self.model.get_input_embeddings().weight, -1)]
         for i, layer in enumerate(self._base.layers):
             for name, param in layer.named_parameters():
-                parts = name.split(".")
-                if parts[-1] in ("weight", "bias") and len(parts) > 1 and parts[-2] in _OUT_MODULES:
-                    axis = 0  # nn.Linear keeps (out, in) and a bias of (out,)
-                elif parts[-1] in ("down_proj", "down_proj_bias", "w2"):  # fused experts: (E, D, h), or (E, h, D)
-                    axis = param.dim() - 2 if param.dim() >= 2 and param.shape[-2] == D else param.dim() - 1
-                else:
-                    continue
-                if param.shape[axis] != D:
-                    raise RefusalError(f"layers.{i}.{name}: shape {tuple(param.shape)} has no axis of size {D}")
-                weights.append(WriterWeight(f"model.layers.{i}.{name}", param, axis))
+                axis = writer_axis(f"layers.{i}.{name}", tuple(param.shape), self.d_model)
+                if axis is not None:
+                    weights.append(WriterWeight(f"model.layers.{i}.{name}", param, axis))
         return weights
 
     def router_sites(self) -> dict[int, tuple[nn.Module, int]]:
@@ -174,6 +166,27 @@ class HFChatLM(ChatLM):
     def save(self, out: Path) -> None:
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
+
+
+def writer_axis(name: str, shape: tuple[int, ...], d_model: int) -> int | None:
+    """The axis of size d_model along which a layer tensor named ``name`` writes to the residual stream,
+    or None for a tensor that does not write to it.
+
+    ``name`` is the tensor's name inside (or below) a decoder layer, in memory or in a checkpoint:
+    ``self_attn.o_proj.weight`` and ``mlp.experts.3.down_proj.weight`` are nn.Linear (out, in) with
+    a bias (out,): axis 0; fused experts ``experts.down_proj`` (E, D, h) as transformers 5 holds them,
+    or (E, h, D) as some checkpoints store them: the axis of size D (the first of the two if h == D).
+    """
+    parts = name.split(".")
+    if parts[-1] in ("weight", "bias") and len(parts) > 1 and parts[-2] in _OUT_MODULES:
+        axis = 0  # nn.Linear keeps (out, in) and a bias of (out,)
+    elif parts[-1] in ("down_proj", "down_proj_bias", "w2"):  # fused experts: (E, D, h), or (E, h, D)
+        axis = len(shape) - 2 if len(shape) >= 2 and shape[-2] == d_model else len(shape) - 1
+    else:
+        return None
+    if shape[axis] != d_model:
+        raise RefusalError(f"{name}: shape {shape} has no axis of size {d_model}")
+    return axis
 
 
 def _child(layer: nn.Module, names: tuple[str, ...], index: int) -> nn.Module:

@@ -10,6 +10,8 @@ only when this project wrote it, see :mod:`moeformer.results`):
     run_extract        -> direction.safetensors, candidates.safetensors, scores.json, summary.json, scores.png
     run_eval           -> eval.json, eval.md, routing.png (MoE models only), when ``out`` is given
     run_orthogonalize  -> a new model directory in the source's format
+    run_stream_orthogonalize -> the same for a transformers safetensors checkpoint, shard by shard,
+                          without loading the model (models larger than memory)
     score_file         -> nothing written
 
 Each returns what it computed and wrote; the caller decides what to show.
@@ -17,7 +19,7 @@ Each returns what it computed and wrote; the caller decides what to show.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from moeformer.refusal.scoring import (
     load_substrings,
     score_completions,
 )
+from moeformer.refusal.streaming import StreamedEdit, stream_orthogonalize
 from moeformer.results import check_output
 
 # Harmless prompts on which `orthogonalize` verifies that nothing writes along the direction any more.
@@ -169,6 +172,20 @@ def run_orthogonalize(
     lm = _load(source)
     result = orthogonalize(lm, direction, CHECK_PROMPTS)
     return OrthogonalizeDone(result, save_model(lm, out, source=source.path, force=force))
+
+
+def run_stream_orthogonalize(
+    source: str | Path,
+    direction_path: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> StreamedEdit:
+    """``run_orthogonalize`` for a transformers safetensors checkpoint that need not fit in memory:
+    no model is loaded; each shard is edited and written in turn (:mod:`moeformer.refusal.streaming`)."""
+    direction, _ = load_direction(direction_path)
+    return stream_orthogonalize(source, out, direction, force=force, progress=progress)
 
 
 def score_file(path: str | Path, *, substrings_file: str | Path | None = None) -> RefusalScore:
