@@ -230,3 +230,14 @@ def test_orthogonalize_stream_writes_the_same_model_without_loading_it(tmp_path,
     assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
     assert main([*args, "--out", str(tmp_path / "streamed"), "--stream", "--quiet"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_extract_by_hand_checks_the_choice_before_any_forward_pass(planted_dir, tmp_path, capsys):
+    d = planted_dir
+    base = ["refusal", "extract", str(d / "model"), "--harmful", str(d / "harmful.json"), "--harmless",
+            str(d / "harmless.txt"), "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main([*base, "--layer", "1"]) == 1
+    assert "needs both layer and position (--layer L --position P)" in capsys.readouterr().err
+    assert main([*base, "--layer", "9", "--position", "-1"]) == 1
+    assert "--layer 9: the model has 3 layers, so layers are 0 to 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -99,3 +99,54 @@ def test_bad_options_and_files_are_refused(tmp_path):
     (tmp_path / "d.safetensors").write_bytes(b"garbage")
     with pytest.raises(RefusalError, match="unreadable"):
         load_direction(tmp_path / "d.safetensors")
+
+
+def test_a_candidate_chosen_by_hand_is_taken_unfiltered_and_alone_scored(tmp_path, single_thread):
+    """Layer 2 is beyond the paper's 80% cutoff of 3 layers: by hand it is still taken."""
+    lm, v = planted_llama()
+    options = ExtractOptions(n_train=60, n_val=16, refusal_tokens=["sorry"], layer=2, position=-1)
+    result = extract(lm, PLANTED_HARMFUL, PLANTED_HARMLESS, PLANTED_HARMFUL, PLANTED_HARMLESS, options)
+    s = result.selection
+    assert s.chosen_by == "hand" and (s.chosen.position, s.chosen.layer) == (-1, 2)
+    assert len(s.scores) == 1 and s.chosen.discarded is None
+    torch.testing.assert_close(s.direction, result.candidates.directions[-1, 2])
+    out = save_extraction(result, tmp_path / "dir")
+    assert load_direction(out)[1] == 2
+    assert json.loads((out / "summary.json").read_text())["chosen_by"] == "hand"
+
+
+@pytest.mark.parametrize(
+    "layer, position, match",
+    [(3, -1, r"--layer 3: the model has 3 layers, so layers are 0 to 2"),
+     (0, 0, r"--position 0: the template has \d+ tokens after the instruction, so positions are -\d+ to -1"),
+     (0, None, "needs both layer and position")],
+)  # fmt: skip
+def test_a_bad_hand_choice_fails_before_any_forward_pass(layer, position, match, monkeypatch):
+    lm, _ = planted_llama()
+    monkeypatch.setattr(lm, "forward_logits", lambda *a, **k: pytest.fail("ran the model"))
+    with pytest.raises(RefusalError, match=match):
+        options = ExtractOptions(n_train=4, n_val=2, refusal_tokens=["sorry"], layer=layer, position=position)
+        extract(lm, PLANTED_HARMFUL, PLANTED_HARMLESS, PLANTED_HARMFUL, PLANTED_HARMLESS, options)
+
+
+def test_when_every_candidate_is_filtered_the_scores_are_still_written(tmp_path, single_thread):
+    from moeformer.refusal.run import InstructionFiles, ModelSource, run_extract
+
+    lm, _ = planted_llama()
+    lm.model.save_pretrained(tmp_path / "model")
+    lm.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "harmful.json").write_text(json.dumps(PLANTED_HARMFUL))
+    (tmp_path / "harmless.json").write_text(json.dumps(PLANTED_HARMLESS))
+    files = InstructionFiles(harmful=tmp_path / "harmful.json", harmless=tmp_path / "harmless.json")
+    options = ExtractOptions(n_train=40, n_val=16, refusal_tokens=["sorry"], kl_threshold=1e-12)  # nothing passes
+    with pytest.raises(RefusalError) as err:
+        run_extract(ModelSource(path=tmp_path / "model"), files, tmp_path / "out", options)
+    message = str(err.value)
+    assert "every one of the 6 candidate directions was filtered out" in message
+    assert "run extract again with --layer L --position P" in message
+    assert "the lowest bypass score below the layer cutoff is position -" in message
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [MARKER, "candidates.safetensors", "scores.json", "scores.png", "summary.json"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["chosen"] is None and summary["direction_norm"] is None
+    assert all(row["discarded"] for row in json.loads((tmp_path / "out" / "scores.json").read_text()))

@@ -43,12 +43,14 @@ def _extract(args: argparse.Namespace) -> int:
     options = ExtractOptions(
         n_train=args.n_train, n_val=args.n_val, batch_size=args.batch_size, seed=args.seed,
         filter_train=not args.no_filter, refusal_tokens=args.refusal_tokens,
-        max_layer_fraction=args.max_layer_fraction, kl_threshold=args.kl_threshold,
+        max_layer_fraction=args.max_layer_fraction, kl_threshold=args.kl_threshold, layer=args.layer,
+        position=args.position,
     )  # fmt: skip
     done = run_extract(_source(args), _files(args), args.out, options, force=args.force, progress=not args.quiet)
     s = done.result.selection
     c, norm = s.chosen, float(s.direction.norm())
-    print(f"chosen direction: position {c.position}, layer {c.layer} of {done.n_layers} "
+    how = "chosen by hand (no filter applied)" if s.chosen_by == "hand" else "chosen direction"
+    print(f"{how}: position {c.position}, layer {c.layer} of {done.n_layers} "
           f"(bypass {c.bypass:.3f}, induce {c.induce:.3f}, kl {c.kl:.4f}; norm {norm:.3g})")  # fmt: skip
     print(f"baseline refusal metric: harmful {s.baseline_harmful:.3f}, harmless {s.baseline_harmless:.3f}")
     print(f"wrote {done.out}/ (direction.safetensors, candidates.safetensors, scores.json, summary.json, scores.png)")
@@ -145,6 +147,10 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
                     help="drop candidates whose KL on harmless prompts exceeds this (default 0.1)")  # fmt: skip
     ex.add_argument("--max-layer-fraction", type=float, default=0.8,
                     help="drop candidates from layers beyond this fraction of the depth (default 0.8)")  # fmt: skip
+    ex.add_argument("--layer", type=int, help="with --position: take the candidate at this layer by hand, "
+                    "unfiltered (only it is scored); default: the paper's filters choose")  # fmt: skip
+    ex.add_argument("--position", type=int, help="with --layer: which template token after the instruction, "
+                    "counted from the end (-1 = last); default: none")  # fmt: skip
     ex.set_defaults(run=_extract)
 
     ev = commands.add_parser("eval", help="completions and refusal scores under each intervention")

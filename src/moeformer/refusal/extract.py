@@ -9,7 +9,8 @@ ones it does not (metric < 0); candidate directions by difference in means; scor
 choose on the validation prompts.
 
 Files written to the output directory (published as one directory by moeformer.publish.staged_dir):
-  direction.safetensors   the chosen direction ("direction", (d_model,)) with its position and layer
+  direction.safetensors   the chosen direction ("direction", (d_model,)) with its position and layer;
+                          absent when the filters discarded every candidate (the rest is still written)
   candidates.safetensors  every candidate ("directions", (n_eoi, n_layers, d_model)) and both means
   scores.json             bypass / induce / kl of every candidate, why each was discarded
   summary.json            the choice, the baseline metrics, prompt counts, options, the model
@@ -32,7 +33,15 @@ from moeformer.publish import staged_dir
 from moeformer.refusal.directions import Candidates, candidate_directions
 from moeformer.refusal.instructions import sample_instructions
 from moeformer.refusal.lm import ChatLM, RefusalError
-from moeformer.refusal.selection import Selection, last_logits, refusal_metric, refusal_token_ids, select_direction
+from moeformer.refusal.selection import (
+    NoDirectionChosen,
+    Selection,
+    check_manual,
+    last_logits,
+    refusal_metric,
+    refusal_token_ids,
+    select_direction,
+)
 from moeformer.results import check_output
 
 DIRECTION_FILE = "direction.safetensors"
@@ -48,8 +57,12 @@ class ExtractOptions:
     refusal_tokens: list[str] | None = None  # default: the family's (see selection.REFUSAL_TOKENS)
     max_layer_fraction: float = 0.8
     kl_threshold: float = 0.1
+    layer: int | None = None  # with position: take this candidate, unfiltered (only it is scored)
+    position: int | None = None  # negative, among the template tokens after the instruction
 
     def __post_init__(self) -> None:
+        if (self.layer is None) != (self.position is None):
+            raise RefusalError("choosing a direction by hand needs both layer and position (--layer L --position P)")
         for name in ("n_train", "n_val", "batch_size"):
             if getattr(self, name) < 1:
                 raise RefusalError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -97,6 +110,9 @@ def extract(
 ) -> Extraction:
     """Candidates from the train prompts, the chosen direction from the validation prompts."""
     o = options or ExtractOptions()
+    manual = None if o.layer is None or o.position is None else (o.position, o.layer)
+    if manual is not None:
+        check_manual(*manual, lm.n_eoi, lm.n_layers)  # before any forward pass
     refusal_ids = refusal_token_ids(lm, o.refusal_tokens)
     splits = {
         "harmful_train": sample_instructions(list(harmful_train), o.n_train, o.seed),
@@ -116,14 +132,19 @@ def extract(
     candidates = candidate_directions(
         lm, splits["harmful_train"], splits["harmless_train"], batch_size=o.batch_size, progress=progress
     )
-    selection = select_direction(
-        lm, candidates, splits["harmful_val"], splits["harmless_val"], refusal_ids,
-        batch_size=o.batch_size, max_layer_fraction=o.max_layer_fraction, kl_threshold=o.kl_threshold,
-        progress=progress,
-    )  # fmt: skip
     model = {"family": lm.family, "n_layers": lm.n_layers, "d_model": lm.d_model, "n_eoi": lm.n_eoi,
              "refusal_token_ids": refusal_ids}  # fmt: skip
-    return Extraction(candidates, selection, {k: len(v) for k, v in splits.items()}, o, model)
+    counts = {k: len(v) for k, v in splits.items()}
+    try:
+        selection = select_direction(
+            lm, candidates, splits["harmful_val"], splits["harmless_val"], refusal_ids,
+            batch_size=o.batch_size, max_layer_fraction=o.max_layer_fraction, kl_threshold=o.kl_threshold,
+            progress=progress, manual=manual,
+        )  # fmt: skip
+    except NoDirectionChosen as err:
+        err.extraction = Extraction(candidates, err.selection, counts, o, model)
+        raise
+    return Extraction(candidates, selection, counts, o, model)
 
 
 def save_extraction(result: Extraction, out: str | Path, *, force: bool = False, plot: bool = True) -> Path:
@@ -132,17 +153,25 @@ def save_extraction(result: Extraction, out: str | Path, *, force: bool = False,
     check_output(out, force=force)
     s, c = result.selection, result.candidates
     chosen = s.chosen
-    meta = {"position": str(chosen.position), "layer": str(chosen.layer), "family": result.model.get("family", "")}
     summary = {
-        "chosen": chosen.to_dict(),
-        "direction_norm": float(s.direction.norm()),
+        "chosen": None if chosen is None else chosen.to_dict(),
+        "chosen_by": None if chosen is None else s.chosen_by,
+        "direction_norm": None if s.direction is None else float(s.direction.norm()),
         "baseline_refusal_metric": {"harmful_val": s.baseline_harmful, "harmless_val": s.baseline_harmless},
         "counts": result.counts,
         "options": asdict(result.options),
         "model": result.model,
     }
     with staged_dir(out, force=force) as tmp:  # files in it are fsynced when it is published
-        safetensors.torch.save_file({"direction": s.direction.contiguous()}, str(tmp / DIRECTION_FILE), metadata=meta)
+        if chosen is not None and s.direction is not None:  # none when every candidate was filtered out
+            meta = {
+                "position": str(chosen.position),
+                "layer": str(chosen.layer),
+                "family": result.model.get("family", ""),
+            }
+            safetensors.torch.save_file(
+                {"direction": s.direction.contiguous()}, str(tmp / DIRECTION_FILE), metadata=meta
+            )
         safetensors.torch.save_file(
             {"directions": c.directions.contiguous(), "harmful_mean": c.harmful_mean.contiguous(),
              "harmless_mean": c.harmless_mean.contiguous()},

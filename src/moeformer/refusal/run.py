@@ -26,7 +26,7 @@ from pathlib import Path
 from moeformer.refusal.evaluation import CONDITIONS, EvalReport, evaluate, save_evaluation
 from moeformer.refusal.extract import Extraction, ExtractOptions, extract, holdout, load_direction, save_extraction
 from moeformer.refusal.instructions import load_instructions, sample_instructions
-from moeformer.refusal.lm import ChatLM
+from moeformer.refusal.lm import ChatLM, RefusalError
 from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
 from moeformer.refusal.orthogonalize import Orthogonalized, orthogonalize, save_model
 from moeformer.refusal.routing import routing_report
@@ -37,6 +37,7 @@ from moeformer.refusal.scoring import (
     load_substrings,
     score_completions,
 )
+from moeformer.refusal.selection import NoDirectionChosen
 from moeformer.refusal.streaming import StreamedEdit, stream_orthogonalize
 from moeformer.results import check_output
 
@@ -117,8 +118,23 @@ def run_extract(
     sets = instruction_sets(files, options.n_val, options.seed)
     check_output(out, force=force, source=source.path)  # before the long part
     lm = _load(source)
-    result = extract(lm, sets["harmful_train"], sets["harmless_train"], sets["harmful_val"], sets["harmless_val"],
-                     options, progress=progress)  # fmt: skip
+    try:
+        result = extract(lm, sets["harmful_train"], sets["harmless_train"], sets["harmful_val"],
+                         sets["harmless_val"], options, progress=progress)  # fmt: skip
+    except NoDirectionChosen as err:
+        if not isinstance(err.extraction, Extraction):
+            raise
+        save_extraction(err.extraction, out, force=force)  # the scores are worth keeping: pick one by hand
+        best = err.suggestion(lm.n_layers, options.max_layer_fraction)
+        hint = "" if best is None else (
+            f"; the lowest bypass score below the layer cutoff is position {best.position}, layer {best.layer} "
+            f"(bypass {best.bypass:.3g}, induce {best.induce:.3g}, kl {best.kl:.3g})"
+        )  # fmt: skip
+        raise RefusalError(
+            f"{err}. Wrote {out}/ anyway (candidates.safetensors, scores.json, summary.json, scores.png; no "
+            f"direction.safetensors): to take a candidate by hand, run extract again with --layer L --position P"
+            f"{hint}"
+        ) from None
     return ExtractDone(result, save_extraction(result, out, force=force), lm.n_layers)
 
 

@@ -10,7 +10,10 @@ Each candidate r_i^(l) gets three scores on validation prompts:
   harmless prompts (low = ablation leaves ordinary behaviour alone).
 
 Candidates from layers at or beyond 80% of the depth, with kl > 0.1, or with induce <= 0 are
-discarded; the one with the lowest bypass score is chosen.
+discarded; the one with the lowest bypass score is chosen. A candidate can also be chosen by hand
+(``manual=(position, layer)``): then only it is scored and no filter applies. When the filters
+discard every candidate, :class:`NoDirectionChosen` carries the scores, so that they can still be
+written and a candidate picked by hand.
 """
 
 from __future__ import annotations
@@ -85,10 +88,35 @@ class CandidateScore:
 @dataclass
 class Selection:
     scores: list[CandidateScore]
-    chosen: CandidateScore
-    direction: Tensor  # (d_model,) float32, the raw difference of means (its norm matters for actadd)
+    chosen: CandidateScore | None  # None: every candidate was filtered out (see NoDirectionChosen)
+    direction: Tensor | None  # (d_model,) float32, the raw difference of means (its norm matters for actadd)
     baseline_harmful: float  # mean refusal metric without intervention
     baseline_harmless: float
+    chosen_by: str = "filters"  # or "hand": --layer / --position, no filter applied
+
+
+class NoDirectionChosen(RefusalError):
+    """Every candidate was filtered out; ``selection`` holds all the scores and ``chosen`` None."""
+
+    def __init__(self, message: str, selection: Selection) -> None:
+        super().__init__(message)
+        self.selection = selection
+        self.extraction: object | None = None  # the whole Extraction, set by refusal.extract.extract
+
+    def suggestion(self, n_layers: int, max_layer_fraction: float) -> CandidateScore | None:
+        """The candidate to try by hand: lowest bypass below the layer cutoff (else anywhere), finite scores."""
+        finite = [c for c in self.selection.scores if c.bypass == c.bypass and c.kl == c.kl]  # NaN != NaN
+        early = [c for c in finite if c.layer < int(n_layers * max_layer_fraction)]
+        return min(early or finite, key=lambda c: c.bypass, default=None)
+
+
+def check_manual(position: int, layer: int, n_eoi: int, n_layers: int) -> None:
+    """Refuse a hand-picked candidate outside the grid, naming the allowed ranges."""
+    if not -n_eoi <= position <= -1:
+        raise RefusalError(f"--position {position}: the template has {n_eoi} tokens after the instruction, "
+                           f"so positions are -{n_eoi} to -1")  # fmt: skip
+    if not 0 <= layer < n_layers:
+        raise RefusalError(f"--layer {layer}: the model has {n_layers} layers, so layers are 0 to {n_layers - 1}")
 
 
 def score_candidates(
@@ -100,14 +128,19 @@ def score_candidates(
     *,
     batch_size: int = 32,
     progress: bool = False,
+    only: tuple[int, int] | None = None,
 ) -> tuple[list[CandidateScore], float, float]:
-    """The three scores of every candidate, plus the baseline metrics on harmful and harmless prompts."""
+    """The three scores of every candidate (or of ``only`` = (position, layer)), plus the baseline
+    metrics on harmful and harmless prompts."""
     if not harmful_val or not harmless_val:
         raise RefusalError("direction selection needs harmful and harmless validation instructions")
     base_harmful = refusal_metric(last_logits(lm, harmful_val, batch_size=batch_size), refusal_ids).mean()
     base_harmless_logits = last_logits(lm, harmless_val, batch_size=batch_size)
     base_harmless = refusal_metric(base_harmless_logits, refusal_ids).mean()
-    grid = [(i, layer) for i in range(candidates.directions.shape[0]) for layer in range(lm.n_layers)]
+    n_pos = candidates.directions.shape[0]
+    grid = [(i, layer) for i in range(n_pos) for layer in range(lm.n_layers)]
+    if only is not None:
+        grid = [(n_pos + only[0], only[1])]
     scores = []
     for i, layer in tqdm(grid, desc="scoring candidates", disable=not progress, unit="cand"):
         r = candidates.directions[i, layer]
@@ -166,11 +199,24 @@ def select_direction(
     max_layer_fraction: float = 0.8,
     kl_threshold: float = 0.1,
     progress: bool = False,
+    manual: tuple[int, int] | None = None,
 ) -> Selection:
-    """Score every candidate, filter, and choose (the paper's procedure)."""
+    """Score every candidate, filter, and choose (the paper's procedure); or score and take ``manual``
+    = (position, layer). Raises :class:`NoDirectionChosen` when the filters leave nothing."""
+    if manual is not None:
+        check_manual(*manual, candidates.directions.shape[0], lm.n_layers)
     scores, base_harmful, base_harmless = score_candidates(
-        lm, candidates, harmful_val, harmless_val, refusal_ids, batch_size=batch_size, progress=progress
+        lm, candidates, harmful_val, harmless_val, refusal_ids, batch_size=batch_size, progress=progress, only=manual
     )
-    chosen = filter_and_choose(scores, lm.n_layers, max_layer_fraction=max_layer_fraction, kl_threshold=kl_threshold)
+    if manual is not None:
+        chosen, chosen_by = scores[0], "hand"
+    else:
+        try:
+            chosen = filter_and_choose(
+                scores, lm.n_layers, max_layer_fraction=max_layer_fraction, kl_threshold=kl_threshold
+            )
+        except RefusalError as err:
+            raise NoDirectionChosen(str(err), Selection(scores, None, None, base_harmful, base_harmless)) from None
+        chosen_by = "filters"
     direction = candidates.directions[candidates.positions.index(chosen.position), chosen.layer]
-    return Selection(scores, chosen, direction.clone(), base_harmful, base_harmless)
+    return Selection(scores, chosen, direction.clone(), base_harmful, base_harmless, chosen_by)
