@@ -241,3 +241,49 @@ def test_extract_by_hand_checks_the_choice_before_any_forward_pass(planted_dir, 
     assert main([*base, "--layer", "9", "--position", "-1"]) == 1
     assert "--layer 9: the model has 3 layers, so layers are 0 to 2" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_orthogonalize_method_and_kernel_from_the_command_line(tmp_path, capsys):
+    """--method projected reads the harmless mean from the extract directory; --kernel sets the strengths;
+    the streamed and in-memory commands write the same tensors."""
+    from moeformer.refusal.edits import StrengthKernel
+    from moeformer.refusal.orthogonalize import orthogonalize_weights
+
+    model, tok = hf_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    tok.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    direction, means = torch.randn(32, generator=g), torch.randn(2, 3, 32, generator=g)
+    (tmp_path / "ex").mkdir()
+    safetensors.torch.save_file({"direction": direction}, str(tmp_path / "ex" / "direction.safetensors"),
+                                metadata={"position": "-1", "layer": "2"})  # fmt: skip
+    safetensors.torch.save_file({"directions": means.clone(), "harmful_mean": means.clone(), "harmless_mean": means},
+                                str(tmp_path / "ex" / "candidates.safetensors"))  # fmt: skip
+    args = ["refusal", "orthogonalize", str(tmp_path / "model"), "--direction", str(tmp_path / "ex"),
+            "--method", "projected", "--kernel", "peak_layer=1", "width=2", "minimum=0.5"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "orthogonalized (projected)" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "b"), "--stream", "--quiet"]) == 0
+    a, b = _all_tensors(tmp_path / "a"), _all_tensors(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    lm = load_chat_lm(tmp_path / "model")
+    orthogonalize_weights(lm, direction, method="projected", harmless_mean=means[-1, 2],
+                          kernel=StrengthKernel(peak_layer=1, width=2, minimum=0.5))  # fmt: skip
+    state = lm.model.state_dict()
+    assert all(torch.equal(state[n], a[n]) for n in state if n in a)  # the command = the Python call, to the bit
+
+    assert main([*args[:5], "--direction", str(tmp_path / "ex" / "direction.safetensors"), "--method", "projected",
+                 "--out", str(tmp_path / "c")]) == 1  # fmt: skip
+    assert "a direction file alone does not hold it" in capsys.readouterr().err
+    assert main([*args[:5], "--kernel", "peak_layer=1", "sharpness=3", "--out", str(tmp_path / "c")]) == 1
+    expected = "--kernel takes KEY=VALUE with keys peak_layer, width, peak, minimum; got sharpness"
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def _all_tensors(path):
+    out = {}
+    for shard in checkpoint_shards(path)[0]:
+        with safe_open(str(path / shard), "pt") as f:
+            out.update({n: f.get_tensor(n) for n in f.keys()})
+    return out

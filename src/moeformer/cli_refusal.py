@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from moeformer.refusal.run import InstructionFiles, ModelSource
+    from moeformer.refusal.run import EditChoice, InstructionFiles, ModelSource
 
 
 def _source(args: argparse.Namespace) -> ModelSource:
@@ -72,15 +72,36 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edit_choice(args: argparse.Namespace) -> EditChoice:
+    from moeformer.refusal.edits import StrengthKernel
+    from moeformer.refusal.lm import RefusalError
+    from moeformer.refusal.run import EditChoice
+
+    kernel = None
+    if args.kernel:
+        pairs = [item.partition("=") for item in args.kernel]
+        allowed = ("peak_layer", "width", "peak", "minimum")
+        bad = [k for k, sep, v in pairs if not sep or k not in allowed]
+        if bad:
+            raise RefusalError(f"--kernel takes KEY=VALUE with keys {', '.join(allowed)}; got {', '.join(bad)}")
+        try:
+            kernel = StrengthKernel(**{k: float(v) for k, _, v in pairs})
+        except (TypeError, ValueError) as err:
+            raise RefusalError(f"--kernel: {err} (needs at least peak_layer=L width=W)") from None
+    return EditChoice(method=args.method, kernel=kernel)
+
+
 def _orthogonalize(args: argparse.Namespace) -> int:
     from moeformer.refusal.run import run_orthogonalize
 
     if args.stream:
         return _stream_orthogonalize(args)
-    done = run_orthogonalize(_source(args), args.direction, args.out, force=args.force)
+    done = run_orthogonalize(_source(args), args.direction, args.out, force=args.force, edit=_edit_choice(args))
     result = done.result
-    print(f"orthogonalized {len(result.edited)} tensors{' (untied the embeddings)' if result.untied else ''}; "
-          f"largest residual component left along the direction: {result.leak:.2e}")  # fmt: skip
+    check = ("not checked: a strength kernel leaves part of the direction" if result.leak is None
+             else f"largest residual component left along the direction: {result.leak:.2e}")  # fmt: skip
+    print(f"orthogonalized ({result.method}) {len(result.edited)} tensors"
+          f"{' (untied the embeddings)' if result.untied else ''}; {check}")  # fmt: skip
     print(f"wrote {done.out}")
     return 0
 
@@ -92,11 +113,12 @@ def _stream_orthogonalize(args: argparse.Namespace) -> int:
 
     with tqdm(desc="shards", unit="shard", disable=args.quiet) as bar:
         done = run_stream_orthogonalize(args.model, args.direction, args.out, force=args.force,
-                                        progress=lambda _: bar.update())  # fmt: skip
-    print(f"orthogonalized {len(done.edited)} tensors in {done.shards} shards, one at a time (largest "
-          f"{done.largest_shard_bytes / 2**20:,.0f} MiB){' (untied the embeddings)' if done.untied else ''}; "
-          f"largest |cos| between the direction and what an edited tensor can write: {done.leak:.2e} "
-          "(the model was never loaded, so the residual-stream check did not run)")  # fmt: skip
+                                        edit=_edit_choice(args), progress=lambda _: bar.update())  # fmt: skip
+    check = ("a strength kernel leaves part of the direction" if done.leak is None else
+             f"largest |cos| between the direction and what an edited tensor can write: {done.leak:.2e}")  # fmt: skip
+    print(f"orthogonalized ({args.method}) {len(done.edited)} tensors in {done.shards} shards, one at a time "
+          f"(largest {done.largest_shard_bytes / 2**20:,.0f} MiB){' (untied the embeddings)' if done.untied else ''}; "
+          f"{check} (the model was never loaded, so the residual-stream check did not run)")  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 
@@ -176,6 +198,13 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
                       "by shard without loading the model (memory: about one shard; --template, --dtype and "
                       "--device are not used)")  # fmt: skip
     orth.add_argument("--quiet", action="store_true", help="no progress bar")
+    orth.add_argument("--method", default="orthogonal", choices=["orthogonal", "projected", "norm-preserving"],
+                      help="orthogonal: the paper's edit; projected: remove only r's part orthogonal to the harmless "
+                      "mean (needs an extract directory as --direction); norm-preserving: then restore every edited "
+                      "vector's norm (default orthogonal)")  # fmt: skip
+    orth.add_argument("--kernel", nargs="+", metavar="KEY=VALUE", help="edit strength over depth: peak_layer=L "
+                      "width=W [peak=1] [minimum=0]; strength falls linearly from peak at L to minimum at W layers "
+                      "away, 0 beyond (default: full strength everywhere)")  # fmt: skip
     orth.set_defaults(run=_orthogonalize)
 
     score = commands.add_parser("score", help="the fraction of completions that contain a refusal phrase")

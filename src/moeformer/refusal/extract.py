@@ -45,6 +45,7 @@ from moeformer.refusal.selection import (
 from moeformer.results import check_output
 
 DIRECTION_FILE = "direction.safetensors"
+CANDIDATES_FILE = "candidates.safetensors"
 
 
 @dataclass
@@ -175,7 +176,7 @@ def save_extraction(result: Extraction, out: str | Path, *, force: bool = False,
         safetensors.torch.save_file(
             {"directions": c.directions.contiguous(), "harmful_mean": c.harmful_mean.contiguous(),
              "harmless_mean": c.harmless_mean.contiguous()},
-            str(tmp / "candidates.safetensors"),
+            str(tmp / CANDIDATES_FILE),
         )  # fmt: skip
         (tmp / "scores.json").write_text(json.dumps([x.to_dict() for x in s.scores], indent=1), encoding="utf-8")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
@@ -184,6 +185,22 @@ def save_extraction(result: Extraction, out: str | Path, *, force: bool = False,
 
             plot_scores(s.scores, tmp / "scores.png", chosen=chosen)
     return Path(out)
+
+
+def load_harmless_mean(path: str | Path) -> Tensor:
+    """The harmless mean activation (d_model,) at the chosen direction's position and layer, from an
+    extract output directory (direction.safetensors' metadata + candidates.safetensors)."""
+    path = Path(path)
+    if not (path / DIRECTION_FILE).is_file() or not (path / CANDIDATES_FILE).is_file():
+        raise RefusalError(f"{path}: the harmless mean comes from an extract output directory ({DIRECTION_FILE} "
+                           f"and {CANDIDATES_FILE}); a direction file alone does not hold it")  # fmt: skip
+    with safetensors.safe_open(str(path / DIRECTION_FILE), "pt") as f:
+        meta = f.metadata() or {}
+    with safetensors.safe_open(str(path / CANDIDATES_FILE), "pt") as f:
+        means = f.get_tensor("harmless_mean")  # (n_eoi, n_layers, d_model)
+    if "position" not in meta or "layer" not in meta:
+        raise RefusalError(f"{path / DIRECTION_FILE}: no position / layer in its metadata")
+    return means[means.shape[0] + int(meta["position"]), int(meta["layer"])].float()
 
 
 def load_direction(path: str | Path) -> tuple[Tensor, int | None]:

@@ -12,7 +12,7 @@ every forward inside the block, including each step of cached generation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -27,10 +27,13 @@ Edit = Callable[[Tensor], Tensor]
 
 def unit(direction: Tensor) -> Tensor:
     """r / ||r||, refusing a zero (or vanishing) direction, whose ablation would be meaningless."""
-    norm = direction.float().norm()
+    # a fresh contiguous copy: a vector read from a memory-mapped file (or a view into a larger
+    # tensor) can round its norm differently in the last bit, and edits must not depend on that
+    direction = direction.float().clone(memory_format=torch.contiguous_format)
+    norm = direction.norm()
     if not torch.isfinite(norm) or norm < 1e-8:
         raise RefusalError(f"the direction has norm {float(norm):.3g}; ablation needs a non-zero direction")
-    return direction.float() / norm
+    return direction / norm
 
 
 def project_out(x: Tensor, r_hat: Tensor) -> Tensor:
@@ -60,6 +63,26 @@ def ablate(lm: ChatLM, direction: Tensor) -> Iterator[None]:
     """Directional ablation of ``direction`` (any norm) everywhere in ``lm``."""
     r_hat = unit(lm.check_direction(direction))
     with edit_sites(lm.layer_sites() + lm.writer_sites(), lambda x: project_out(x, r_hat)):
+        yield
+
+
+@contextmanager
+def ablate_partially(lm: ChatLM, direction: Tensor, alphas: Sequence[float]) -> Iterator[None]:
+    """x <- x - alpha_l (x . r_hat) r_hat on the output of every writer of layer l, and with alpha_0 on
+    what enters layer 0 (the embedding): exactly what a weight edit with per-layer strengths
+    computes (:class:`moeformer.refusal.edits.StrengthKernel`). alpha = 1 everywhere is :func:`ablate`."""
+    r_hat = unit(lm.check_direction(direction))
+    writers = lm.writer_sites()
+    if len(alphas) != lm.n_layers or len(writers) != 2 * lm.n_layers:
+        raise RefusalError(f"one strength per layer ({lm.n_layers}) is needed, got {len(alphas)}")
+
+    def scaled(alpha: float) -> Edit:
+        return lambda x: (x.float() - alpha * (x.float() @ r_hat).unsqueeze(-1) * r_hat).to(x.dtype)
+
+    with ExitStack() as stack:
+        stack.enter_context(edit_sites([lm.layer_sites()[0]], scaled(alphas[0])))
+        for layer, alpha in enumerate(alphas):
+            stack.enter_context(edit_sites(writers[2 * layer : 2 * layer + 2], scaled(alpha)))
         yield
 
 

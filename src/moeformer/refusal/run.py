@@ -23,8 +23,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import Tensor
+
+from moeformer.refusal.edits import Method, StrengthKernel, check_method
 from moeformer.refusal.evaluation import CONDITIONS, EvalReport, evaluate, save_evaluation
-from moeformer.refusal.extract import Extraction, ExtractOptions, extract, holdout, load_direction, save_extraction
+from moeformer.refusal.extract import (
+    Extraction,
+    ExtractOptions,
+    extract,
+    holdout,
+    load_direction,
+    load_harmless_mean,
+    save_extraction,
+)
 from moeformer.refusal.instructions import load_instructions, sample_instructions
 from moeformer.refusal.lm import ChatLM, RefusalError
 from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
@@ -176,17 +187,36 @@ def run_eval(
     return EvalDone(report, save_evaluation(report, out, routing=routing, force=force))
 
 
+@dataclass(frozen=True)
+class EditChoice:
+    """Which edit ``orthogonalize`` makes (see :mod:`moeformer.refusal.edits`)."""
+
+    method: Method = "orthogonal"
+    kernel: StrengthKernel | None = None
+
+    def harmless_mean(self, direction_path: str | Path) -> Tensor | None:
+        """The harmless mean the ``projected`` method needs, read from the extract directory; else None."""
+        check_method(self.method)
+        return load_harmless_mean(direction_path) if self.method == "projected" else None
+
+
 def run_orthogonalize(
-    source: ModelSource, direction_path: str | Path, out: str | Path, *, force: bool = False
+    source: ModelSource,
+    direction_path: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    edit: EditChoice = EditChoice(),
 ) -> OrthogonalizeDone:
     """Bake the ablation of the direction into a copy of ``source``'s weights, checked on CHECK_PROMPTS,
     and write it to ``out`` (never the source or inside it)."""
     check_output_path(source.path, out)
     direction, _ = load_direction(direction_path)
     check_hidden_size(source.path, direction)
+    mean = edit.harmless_mean(direction_path)
     check_output(out, force=force, source=source.path, model_output=True)  # before the model is read
     lm = _load(source)
-    result = orthogonalize(lm, direction, CHECK_PROMPTS)
+    result = orthogonalize(lm, direction, CHECK_PROMPTS, method=edit.method, kernel=edit.kernel, harmless_mean=mean)
     return OrthogonalizeDone(result, save_model(lm, out, source=source.path, force=force))
 
 
@@ -196,12 +226,15 @@ def run_stream_orthogonalize(
     out: str | Path,
     *,
     force: bool = False,
+    edit: EditChoice = EditChoice(),
     progress: Callable[[str], None] | None = None,
 ) -> StreamedEdit:
     """``run_orthogonalize`` for a transformers safetensors checkpoint that need not fit in memory:
     no model is loaded; each shard is edited and written in turn (:mod:`moeformer.refusal.streaming`)."""
     direction, _ = load_direction(direction_path)
-    return stream_orthogonalize(source, out, direction, force=force, progress=progress)
+    mean = edit.harmless_mean(direction_path)
+    return stream_orthogonalize(source, out, direction, method=edit.method, kernel=edit.kernel, harmless_mean=mean,
+                                force=force, progress=progress)  # fmt: skip
 
 
 def score_file(path: str | Path, *, substrings_file: str | Path | None = None) -> RefusalScore:

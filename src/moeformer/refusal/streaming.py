@@ -31,12 +31,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from moeformer.publish import MARKER, staged_dir
+from moeformer.refusal.edits import (
+    Method,
+    StrengthKernel,
+    check_method,
+    edit_vectors,
+    projected_direction,
+    writer_layer,
+)
 from moeformer.refusal.hf import writer_axis
 from moeformer.refusal.interventions import unit
 from moeformer.refusal.lm import RefusalError
@@ -53,7 +60,7 @@ class StreamedEdit:
     untied: bool  # whether lm_head.weight was written from the original embedding
     shards: int
     largest_shard_bytes: int
-    leak: float  # largest |cos(r_hat, a vector an edited tensor writes)|, as stored
+    leak: float | None  # largest |cos(r_hat, a vector an edited tensor writes)|, as stored; None with a kernel
 
 
 def checkpoint_shards(path: Path) -> tuple[list[str], dict[str, str] | None]:
@@ -75,10 +82,15 @@ def stream_orthogonalize(
     out: str | Path,
     direction: Tensor,
     *,
+    method: Method = "orthogonal",
+    kernel: StrengthKernel | None = None,
+    harmless_mean: Tensor | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> StreamedEdit:
     """Write to ``out`` the checkpoint ``source`` with the ablation of ``direction`` baked in, shard by shard.
+
+    ``method``, ``kernel``, ``harmless_mean``: as for the in-memory edit (:mod:`moeformer.refusal.edits`).
 
     ``out`` is built beside itself and swapped in when complete (Ctrl-C leaves nothing half written);
     an existing ``out`` is replaced only with ``force`` and only if it is a model this project wrote.
@@ -87,8 +99,13 @@ def stream_orthogonalize(
     source, out = Path(source), Path(out)
     config = _read_config(source)
     d_model, n_layers = _text_config(config, "hidden_size"), _text_config(config, "num_hidden_layers")
+    check_method(method)
     if tuple(direction.shape) != (d_model,):
         raise RefusalError(f"the direction has shape {tuple(direction.shape)}; {source} has hidden size {d_model}")
+    if method == "projected":
+        if harmless_mean is None:
+            raise RefusalError("the projected method needs the harmless mean at the direction's layer")
+        direction = projected_direction(direction, harmless_mean.float())
     r_hat = unit(direction.float())
     shards, weight_map = checkpoint_shards(source)
     check_output_path(source, out)  # before any shard is read
@@ -107,15 +124,17 @@ def stream_orthogonalize(
                 if name == EMBED and untie:
                     tensors[HEAD] = tensors[name].clone()
                     head_bytes = tensors[HEAD].numel() * tensors[HEAD].element_size()
-                tensors[name] = _edit(tensors[name], axis, r_hat, name)
-                leak = max(leak, _leak(tensors[name], axis, r_hat))
+                alpha = 1.0 if kernel is None else kernel.alpha(writer_layer(name))
+                tensors[name] = _edit(tensors[name], axis, r_hat, name, alpha, method == "norm-preserving")
+                if kernel is None:  # a partial edit leaves part of the direction on purpose
+                    leak = max(leak, _leak(tensors[name], axis, r_hat))
                 edited.append(name)
             save_file(tensors, str(tmp / shard), metadata=metadata)
             del tensors
             if progress is not None:
                 progress(shard)
         _copy_rest(source, tmp, shards, head_bytes if untie else 0, weight_map, config)
-    return StreamedEdit(edited, head_bytes > 0, len(shards), largest, leak)
+    return StreamedEdit(edited, head_bytes > 0, len(shards), largest, None if kernel is not None else leak)
 
 
 def _read_config(source: Path) -> dict:
@@ -152,14 +171,12 @@ def _axis(name: str, tensor: Tensor, d_model: int, n_layers: int) -> int | None:
     return writer_axis(name, tuple(tensor.shape), d_model)
 
 
-def _edit(tensor: Tensor, axis: int, r_hat: Tensor, name: str) -> Tensor:
+def _edit(tensor: Tensor, axis: int, r_hat: Tensor, name: str, alpha: float, preserve_norm: bool) -> Tensor:
     """The in-memory edit's arithmetic exactly (orthogonalize_weights), on one tensor."""
     if not tensor.is_floating_point() or tensor.element_size() < 2:
         raise RefusalError(f"{name}: {tensor.dtype} weights cannot be edited in place; dequantise the checkpoint first")
-    # a fresh float32 copy: safetensors' buffers may be aligned differently from torch's own
-    # allocations, and the BLAS kernels' rounding can follow the alignment (1-ulp differences)
-    moved = tensor.movedim(axis, -1).float().clone(memory_format=torch.preserve_format)
-    edited = moved - (moved @ r_hat).unsqueeze(-1) * r_hat
+    moved = tensor.movedim(axis, -1)
+    edited = edit_vectors(moved, r_hat, alpha=alpha, preserve_norm=preserve_norm)
     return edited.to(tensor.dtype).movedim(-1, axis).contiguous()
 
 
