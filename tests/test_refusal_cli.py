@@ -287,3 +287,24 @@ def _all_tensors(path):
         with safe_open(str(path / shard), "pt") as f:
             out.update({n: f.get_tensor(n) for n in f.keys()})
     return out
+
+
+def test_orthogonalize_as_lora_writes_an_adapter_equal_to_the_full_edit(planted_dir, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    d = planted_dir
+    args = ["refusal", "orthogonalize", str(d / "model"), "--direction", str(tmp_path / "r.safetensors")]
+    safetensors.torch.save_file({"direction": torch.randn(32)}, str(tmp_path / "r.safetensors"))
+    assert main([*args, "--out", str(tmp_path / "adapter"), "--as-lora"]) == 0
+    assert "a PEFT LoRA adapter, rank 1" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    lm = load_chat_lm(d / "model")
+    batch = lm.batch(PLANTED_HARMFUL[:3])
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(d / "model"),
+                                             tmp_path / "adapter").eval()  # fmt: skip
+    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full").eval()
+    real = (~batch.padding_mask).long()
+    with torch.no_grad():
+        got, expected = (m(input_ids=batch.ids, attention_mask=real).logits for m in (adapted, full))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert main([*args, "--out", str(tmp_path / "x"), "--as-lora", "--stream"]) == 1
+    assert "--stream and --as-lora are exclusive" in capsys.readouterr().err

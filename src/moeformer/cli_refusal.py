@@ -94,8 +94,18 @@ def _edit_choice(args: argparse.Namespace) -> EditChoice:
 def _orthogonalize(args: argparse.Namespace) -> int:
     from moeformer.refusal.run import run_orthogonalize
 
+    if args.stream and args.as_lora:
+        from moeformer.refusal.lm import RefusalError
+
+        raise RefusalError("--stream and --as-lora are exclusive: the adapter is computed from the loaded model")
     if args.stream:
         return _stream_orthogonalize(args)
+    if args.as_lora:
+        from moeformer.refusal.run import run_lora
+
+        out = run_lora(_source(args), args.direction, args.out, force=args.force, edit=_edit_choice(args))
+        print(f"wrote {out}/ (a PEFT LoRA adapter, rank 1: peft.PeftModel.from_pretrained(base_model, '{out}'))")
+        return 0
     done = run_orthogonalize(_source(args), args.direction, args.out, force=args.force, edit=_edit_choice(args))
     result = done.result
     check = ("not checked: a strength kernel leaves part of the direction" if result.leak is None
@@ -198,6 +208,9 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
                       "by shard without loading the model (memory: about one shard; --template, --dtype and "
                       "--device are not used)")  # fmt: skip
     orth.add_argument("--quiet", action="store_true", help="no progress bar")
+    orth.add_argument("--as-lora", action="store_true", help="write the edit as a rank-1 PEFT LoRA adapter for "
+                      "the unmodified model instead of a full copy (Hugging Face models without fused experts or "
+                      "writer biases; default: a full copy)")  # fmt: skip
     orth.add_argument("--method", default="orthogonal", choices=["orthogonal", "projected", "norm-preserving"],
                       help="orthogonal: the paper's edit; projected: remove only r's part orthogonal to the harmless "
                       "mean (needs an extract directory as --direction); norm-preserving: then restore every edited "

@@ -39,6 +39,7 @@ from moeformer.refusal.extract import (
 from moeformer.refusal.instructions import load_instructions, sample_instructions
 from moeformer.refusal.lm import ChatLM, RefusalError
 from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
+from moeformer.refusal.lora import save_lora
 from moeformer.refusal.orthogonalize import Orthogonalized, orthogonalize, save_model
 from moeformer.refusal.routing import routing_report
 from moeformer.refusal.scoring import (
@@ -218,6 +219,25 @@ def run_orthogonalize(
     lm = _load(source)
     result = orthogonalize(lm, direction, CHECK_PROMPTS, method=edit.method, kernel=edit.kernel, harmless_mean=mean)
     return OrthogonalizeDone(result, save_model(lm, out, source=source.path, force=force))
+
+
+def run_lora(
+    source: ModelSource,
+    direction_path: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    edit: EditChoice = EditChoice(),
+) -> Path:
+    """``run_orthogonalize`` written as a PEFT LoRA adapter for the unmodified model (:mod:`moeformer.refusal.lora`)."""
+    check_output_path(source.path, out)
+    direction, _ = load_direction(direction_path)
+    check_hidden_size(source.path, direction)
+    mean = edit.harmless_mean(direction_path)
+    check_output(out, force=force, source=source.path, model_output=True)  # before the model is read
+    lm = _load(source)
+    return save_lora(lm, direction, out, source=source.path, force=force, method=edit.method, kernel=edit.kernel,
+                     harmless_mean=mean)  # fmt: skip
 
 
 def run_stream_orthogonalize(
