@@ -133,6 +133,27 @@ def _stream_orthogonalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from moeformer.refusal.run import run_tune
+    from moeformer.refusal.tune import TuneOptions
+
+    options = TuneOptions(trials=args.trials, kl_budget=args.kl_budget, seed=args.seed, batch_size=args.batch_size,
+                          search_layer=args.search_layer)  # fmt: skip
+    tuned = run_tune(_source(args), _files(args), args.direction, args.out, options, n_val=args.n_val,
+                     refusal_tokens=args.refusal_tokens, progress=not args.quiet)  # fmt: skip
+    print((args.out / "pareto.md").read_text(encoding="utf-8"))
+    if tuned.best is None:
+        print(f"no trial kept the KL within {args.kl_budget}: raise --kl-budget or run more --trials")
+        return 1
+    b = tuned.best
+    p = b["params"]
+    print(f"chosen: trial {b['number']} (bypass {b['bypass']:.3f}, kl {b['kl']:.4f}); apply it with:")
+    kernel = f"peak_layer={p['peak_layer']:.6g} width={p['width']:.6g} peak={p['peak']:.6g} minimum={p['minimum']:.6g}"
+    print(f"  moeformer refusal orthogonalize {args.model} --direction {args.out} --kernel {kernel} --out EDITED")
+    print(f"wrote {args.out}/ (tune.json, pareto.md, pareto.png, direction.safetensors; study.db to resume)")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a Hugging Face model directory or a moeformer checkpoint")
     p.add_argument("--template", help="prompt template with {instruction}, for models without a chat template "
@@ -219,6 +240,23 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
                       "width=W [peak=1] [minimum=0]; strength falls linearly from peak at L to minimum at W layers "
                       "away, 0 beyond (default: full strength everywhere)")  # fmt: skip
     orth.set_defaults(run=_orthogonalize)
+
+    tn = commands.add_parser("tune", help="search the edit's per-layer strength (Optuna TPE) under a KL budget")
+    _model_args(tn)
+    _instruction_args(tn)
+    tn.add_argument("--harmful-val", metavar="FILE", help="validation instructions (default: held out of --harmful)")
+    tn.add_argument("--harmless-val", metavar="FILE", help="validation instructions (default: held out of --harmless)")
+    tn.add_argument("--direction", required=True, help="an extract output directory (its candidates are searched)")
+    tn.add_argument("--out", required=True, type=Path, help="search directory: new, or an earlier search's, "
+                    "to resume it")  # fmt: skip
+    tn.add_argument("--trials", type=int, default=50, help="trials in all, counting earlier ones (default 50)")
+    tn.add_argument("--kl-budget", type=float, default=0.1, help="largest mean KL on harmless prompts (default 0.1)")
+    tn.add_argument("--n-val", type=int, default=32, help="validation instructions per side (default 32)")
+    tn.add_argument("--search-layer", action="store_true", help="also choose the candidate direction's layer "
+                    "(default: the extracted one)")  # fmt: skip
+    tn.add_argument("--refusal-tokens", nargs="+", metavar="TEXT", help="first tokens of refusals (default: the "
+                    "model family's, as extract)")  # fmt: skip
+    tn.set_defaults(run=_tune)
 
     score = commands.add_parser("score", help="the fraction of completions that contain a refusal phrase")
     score.add_argument("file", metavar="FILE", help='JSON list (or .jsonl) of {"prompt", "response"} objects')

@@ -28,6 +28,7 @@ from torch import Tensor
 from moeformer.refusal.edits import Method, StrengthKernel, check_method
 from moeformer.refusal.evaluation import CONDITIONS, EvalReport, evaluate, save_evaluation
 from moeformer.refusal.extract import (
+    CANDIDATES_FILE,
     Extraction,
     ExtractOptions,
     extract,
@@ -49,8 +50,9 @@ from moeformer.refusal.scoring import (
     load_substrings,
     score_completions,
 )
-from moeformer.refusal.selection import NoDirectionChosen
+from moeformer.refusal.selection import NoDirectionChosen, refusal_token_ids
 from moeformer.refusal.streaming import StreamedEdit, stream_orthogonalize
+from moeformer.refusal.tune import Tuned, TuneOptions, tune
 from moeformer.results import check_output
 
 # Harmless prompts on which `orthogonalize` verifies that nothing writes along the direction any more.
@@ -238,6 +240,34 @@ def run_lora(
     lm = _load(source)
     return save_lora(lm, direction, out, source=source.path, force=force, method=edit.method, kernel=edit.kernel,
                      harmless_mean=mean)  # fmt: skip
+
+
+def run_tune(
+    source: ModelSource,
+    files: InstructionFiles,
+    direction_dir: str | Path,
+    out: str | Path,
+    options: TuneOptions,
+    *,
+    n_val: int = 32,
+    refusal_tokens: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Tuned:
+    """Search the strength kernel on validation prompts (:mod:`moeformer.refusal.tune`); resumable in ``out``."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise RefusalError("refusal tune needs the optuna package: pip install 'moeformer[tune]'") from None
+    direction_dir = Path(direction_dir)
+    if not (direction_dir / CANDIDATES_FILE).is_file():
+        raise RefusalError(f"{direction_dir}: tune needs an extract output directory (with {CANDIDATES_FILE})")
+    sets = instruction_sets(files, n_val, options.seed)
+    harmful = sample_instructions(sets["harmful_val"], n_val, options.seed)
+    harmless = sample_instructions(sets["harmless_val"], n_val, options.seed)
+    check_output_path(source.path, out)
+    lm = _load(source)
+    ids = refusal_token_ids(lm, refusal_tokens)
+    return tune(lm, direction_dir, harmful, harmless, ids, out, options, progress=progress)
 
 
 def run_stream_orthogonalize(
