@@ -1,4 +1,4 @@
-"""The four commands behind ``moeformer refusal extract|eval|orthogonalize|score``, end to end.
+"""The commands behind ``moeformer refusal extract|eval|orthogonalize|tune|score``, end to end.
 
 Each reads and checks every input file (instructions, direction, phrases) and its output
 directory before the model is loaded, so bad input fails in a second rather than after minutes
@@ -12,6 +12,8 @@ only when this project wrote it, see :mod:`moeformer.results`):
     run_orthogonalize  -> a new model directory in the source's format
     run_stream_orthogonalize -> the same for a transformers safetensors checkpoint, shard by shard,
                           without loading the model (models larger than memory)
+    run_lora           -> the same edit as a rank-1 PEFT LoRA adapter directory
+    run_tune           -> a resumable Optuna search of the edit's per-layer strengths (tune.json, ...)
     score_file         -> nothing written
 
 Each returns what it computed and wrote; the caller decides what to show.
