@@ -31,6 +31,7 @@ from moeformer.inspect.routing import LayerRouting, capture_routing, moe_layers 
 from moeformer.publish import write_bytes, write_text  # noqa: E402
 
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5)
+COLORS = ("tab:gray", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:red")
 PAIRS = (
     ("deepseek", "gshard"),
     ("gshard", "dense"),
@@ -126,6 +127,7 @@ def read_run(run_dir: Path, corpus: Path) -> dict[str, Any]:
         "tokens_trained": curve[-1][0] * train["batch_tokens"],
         "tokens_per_s_median": statistics.median(speed) if speed else None,
         "corpus_tokens": info["data"]["tokens"],
+        "train_tokens": info["data"]["train_tokens"],
     }
     if _has_moe(loaded.model):
         out["specialisation"] = _specialisation(loaded, windows)
@@ -229,8 +231,15 @@ def _plot_curves(results: dict[str, dict[int, dict]], path: Path) -> None:
             tokens = [s * next(iter(runs.values()))["tokens_per_step"] / 1e6 for s in steps]
             mean = [statistics.mean(c) for c in zip(*table)]
             top.append(mean[len(mean) // 4])
-            ax.plot(tokens, mean, marker=".", label=f"{v} ({len(table)} seeds)")
-            ax.fill_between(tokens, [min(c) for c in zip(*table)], [max(c) for c in zip(*table)], alpha=0.2)
+            color = COLORS[list(results).index(v) % len(COLORS)]  # one colour per model in both panels
+            ax.plot(tokens, mean, marker=".", color=color, label=f"{v} ({len(table)} seeds)")
+            ax.fill_between(
+                tokens, [min(c) for c in zip(*table)], [max(c) for c in zip(*table)], color=color, alpha=0.2
+            )
+            epoch = next(iter(runs.values()))["train_tokens"] / 1e6
+        if top:
+            ax.axvline(epoch, color="gray", linestyle=":", linewidth=1)
+            ax.text(epoch, 0.98, " 1 epoch", va="top", fontsize=8, color="gray", transform=ax.get_xaxis_transform())
         ax.set(title=title, xlabel="training tokens (M)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
