@@ -87,6 +87,25 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202
     return resume_config(Path(args.resume), args.set)
 
 
+def _upcycle(args: argparse.Namespace) -> int:
+    from moeformer.train.upcycle import moe_overrides, upcycle_checkpoint
+
+    done = upcycle_checkpoint(args.source, args.out, args.to, experts=args.experts, top_k=args.top_k,
+                              granularity=args.granularity, shared=args.shared, seed=args.seed,
+                              force=args.force)  # fmt: skip
+    m = done.moe
+    dense, total = done.parameters
+    exact = done.gap["max_abs_logit_diff"] < 1e-4
+    print(f"upcycled to {m.kind}: {m.n_experts} routed experts of {m.expert_hidden}, top-{m.top_k}"
+          f"{f', {m.n_shared} shared' if m.n_shared else ''}; parameters {dense:,} -> {total:,}")  # fmt: skip
+    print(f"on a check batch: max |logit difference| {done.gap['max_abs_logit_diff']:.2e}, mean KL "
+          f"{done.gap['mean_kl']:.2e} ({'exact at initialisation' if exact else 'not exact: training starts off'})")
+    sets = " ".join(f"--set {o}" for o in moe_overrides(m))
+    print(f"wrote {done.out}; train it with the dense run's config:\n  moeformer train CONFIG.toml {sets} "
+          f"--set train.init_from={done.out}")
+    return 0
+
+
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
     """Add `demo` and `train` to the top-level subparsers of the moeformer CLI."""
     demo = sub.add_parser("demo", help="train a small DeepSeekMoE translator and show BLEU and translations")
@@ -130,3 +149,17 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(run=_train)
+
+    up = sub.add_parser("upcycle", help="turn a trained dense checkpoint into an MoE one to continue training")
+    up.add_argument("source", metavar="RUN", help="a dense run directory (its best checkpoint) or checkpoint directory")
+    up.add_argument("--out", required=True, help="the new checkpoint directory (must not exist unless --force)")
+    up.add_argument("--to", required=True, choices=["topk", "deepseek"], help="topk: every expert a copy of the "
+                    "FFN (sparse upcycling, exact at initialisation); deepseek: the copies cut into --granularity "
+                    "segments with --shared of them always on")  # fmt: skip
+    up.add_argument("--experts", type=int, default=8, help="coarse experts, each the FFN's size (default 8)")
+    up.add_argument("--top-k", type=int, default=2, help="coarse experts per token (default 2)")
+    up.add_argument("--granularity", type=int, default=1, help="deepseek: segments per expert, m (default 1)")
+    up.add_argument("--shared", type=int, default=0, help="deepseek: shared pieces K_s (default 0)")
+    up.add_argument("--seed", type=int, default=0, help="seed of the new routers' weights (default 0)")
+    up.add_argument("--force", action="store_true", help="replace an --out this tool wrote (default: refuse)")
+    up.set_defaults(run=_upcycle)

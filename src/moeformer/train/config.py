@@ -33,6 +33,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides the best
     log_every: int = 10
     seed: int = 0
+    init_from: str | None = None  # a checkpoint (or run) whose weights and tokenizer start a new run, e.g. upcycled
     device: Literal["auto", "cpu", "cuda"] = "auto"
     world_size: int | None = None  # processes torchrun must start (None: any); checked at start-up
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)

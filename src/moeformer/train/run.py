@@ -26,6 +26,7 @@ from moeformer.model_config import config_to_dict
 from moeformer.models import build_model
 from moeformer.publish import write_text
 from moeformer.train.checkpoint import (
+    SIDECAR,
     Checkpoint,
     CheckpointError,
     load_weights,
@@ -135,7 +136,8 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
     main = ctx is None or ctx.main
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     ckpt = read_checkpoint(run_dir, which="latest") if resume else None
-    tokenizers = _resume_tokenizers(ckpt) if ckpt else None
+    start = read_checkpoint(config.train.init_from) if config.train.init_from and ckpt is None else None
+    tokenizers = _resume_tokenizers(ckpt or start) if (ckpt or start) else None
     if main:
         for warning in config_warnings(config):
             echo(f"warning: {warning}")
@@ -143,7 +145,10 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
     if main:
         echo(format_data_report(prepared.report))
     device = _device(config.train.device, ctx)
-    model = build_model(prepared.model_config).to(device)
+    model = build_model(prepared.model_config)
+    if start is not None:  # weights only: the optimiser, schedule and step start afresh
+        _init_weights(model, start, config.train.init_from)
+    model = model.to(device)
     n_test = len(prepared.test_pairs)
 
     def reserve(eval_seconds: float) -> float:  # test decoding, estimated from validation decoding
@@ -177,6 +182,16 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
     }
     write_text(run_dir / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1))
     return outcome
+
+
+def _init_weights(model: torch.nn.Module, start: Checkpoint, source: str) -> None:
+    try:
+        load_weights(model, start)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"train.init_from = {source}: {err}; the run's [model] (and [model.moe]) must describe the checkpoint's "
+            f"model, whose config is in its {SIDECAR}"
+        ) from None
 
 
 def _resume_tokenizers(ckpt: Checkpoint) -> TokenizerPair:
