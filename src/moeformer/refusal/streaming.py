@@ -4,8 +4,9 @@ The edit of :mod:`moeformer.refusal.orthogonalize`, W <- W - r_hat r_hat^T W for
 writes to the residual stream, touches each tensor on its own, so it needs no model: each shard
 of a transformers checkpoint is read, its writer tensors are edited (in float32, stored back in
 their own dtype: bf16 stays bf16), it is written to the output, and it is freed before the next
-is read. Peak memory is about one shard plus a float32 copy of its largest tensor, whatever the
-model's size (``benchmarks/abliterate_stream.py`` measures it). This is what lets a DeepSeek-V3-
+is read. Peak memory is about twice the largest shard (the shard as read, its serialised output,
+float32 copies of one tensor at a time), whatever the model's size: 2.3x on a 2 GiB, 11-shard
+checkpoint (``benchmarks/abliterate_stream.py``, BENCHMARKS.md). This is what lets a DeepSeek-V3-
 sized MoE, whose experts are most of its weights, be edited on a machine far smaller than it.
 
 Which tensors: ``model.embed_tokens.weight`` and, in ``model.layers.{i}`` for i below
