@@ -71,3 +71,15 @@ def test_what_lora_cannot_express_is_refused_before_writing(lm, edit, match, tmp
     with pytest.raises(RefusalError, match=match):
         save_lora(model, torch.ones(model.d_model), tmp_path / "adapter", **edit)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_an_architecture_the_edit_cannot_reach_gets_no_adapter(tmp_path):
+    """Gemma-2 normalises each sublayer's output before adding it: the residual check refuses it."""
+    lm = hf_chat_lm("gemma2")
+    with torch.no_grad():  # trained norm weights are not uniform (fresh ones are, which would keep r out)
+        for name, p in lm.model.named_parameters():
+            if "layernorm" in name:
+                p.normal_(0, 0.5)
+    with pytest.raises(RefusalError, match="still has a component along the direction"):
+        save_lora(lm, torch.randn(lm.d_model), tmp_path / "adapter", check_prompts=PROMPTS)
+    assert not (tmp_path / "adapter").exists()

@@ -30,7 +30,7 @@ from moeformer.refusal.edits import Method, StrengthKernel, writer_layer
 from moeformer.refusal.hf import HFChatLM
 from moeformer.refusal.interventions import unit
 from moeformer.refusal.lm import ChatLM, RefusalError
-from moeformer.refusal.orthogonalize import effective_direction
+from moeformer.refusal.orthogonalize import effective_direction, orthogonalize
 from moeformer.results import check_output
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -90,16 +90,26 @@ def save_lora(
     *,
     source: str | Path | None = None,
     force: bool = False,
+    check_prompts: list[str] | None = None,
     **edit: Any,
 ) -> Path:
     """Write the edit of ``direction`` as a PEFT LoRA adapter directory (adapter_config.json +
     adapter_model.safetensors); ``edit``: ``method``, ``kernel``, ``harmless_mean`` as for
-    :func:`lora_weights`. Everything is checked before anything is written."""
+    :func:`lora_weights`. Everything is checked before anything is written.
+
+    ``check_prompts``: then ``lm`` is also orthogonalized in place (after the adapter is computed)
+    and its residual stream checked on them, as the full edit is: an architecture whose writers
+    this edit cannot reach (e.g. Gemma-2's norms after each sublayer) is refused, not given an
+    adapter that does not remove the direction. Skipped with a strength kernel (partial on purpose).
+    """
     try:
         import peft
     except ImportError:
         raise RefusalError("--as-lora needs the peft package: pip install 'moeformer[hf]'") from None
     weights, targets = lora_weights(lm, direction, **edit)
+    if check_prompts is not None and edit.get("kernel") is None:
+        orthogonalize(lm, direction, check_prompts, method=edit.get("method", "orthogonal"),
+                      harmless_mean=edit.get("harmless_mean"))  # fmt: skip
     check_output(out, force=force, source=source, model_output=True)
     config = peft.LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, bias="none", target_modules=targets,
                              base_model_name_or_path=None if source is None else str(source))  # fmt: skip

@@ -241,7 +241,7 @@ def run_lora(
     check_output(out, force=force, source=source.path, model_output=True)  # before the model is read
     lm = _load(source)
     return save_lora(lm, direction, out, source=source.path, force=force, method=edit.method, kernel=edit.kernel,
-                     harmless_mean=mean)  # fmt: skip
+                     harmless_mean=mean, check_prompts=CHECK_PROMPTS)  # fmt: skip
 
 
 def run_tune(
