@@ -144,8 +144,8 @@ def _table(results: dict[str, dict[int, dict]], seeds: list[int]) -> list[str]:
     rows = [
         "| model | params total / active | test loss, seeds "
         + " / ".join(map(str, seeds))
-        + " | mean ± sd | best valid loss mean ± sd | tokens/s (median) |",
-        "|---|---|---|---|---|---|",
+        + " | mean ± sd | best valid loss mean ± sd | valid loss change, last 10% of steps | tokens/s (median) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for v, runs in results.items():
         if not runs:
@@ -156,9 +156,17 @@ def _table(results: dict[str, dict[int, dict]], seeds: list[int]) -> list[str]:
         rows.append(
             f"| {v} | {first['params_total'] / 1e6:.2f}M / {first['params_active'] / 1e6:.2f}M | "
             + " / ".join(f"{runs[s]['test_loss']:.3f}" if s in runs else "-" for s in seeds)
-            + f" | {_mean_sd(tests)} | {_mean_sd([r['best_valid'] for r in runs.values()])} | {speed:,.0f} |"
+            + f" | {_mean_sd(tests)} | {_mean_sd([r['best_valid'] for r in runs.values()])} | "
+            f"{_mean_sd([_tail_change(r['curve']) for r in runs.values()])} | {speed:,.0f} |"
         )
     return rows
+
+
+def _tail_change(curve: list[tuple[int, float]]) -> float:
+    """Validation loss change over the last 10% of the steps: how flat the curve ended."""
+    last_step = curve[-1][0]
+    before = [loss for step, loss in curve if step <= 0.9 * last_step]
+    return curve[-1][1] - before[-1] if before else float("nan")
 
 
 def _paired(results: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[list[str], dict[str, Any]]:
