@@ -265,7 +265,7 @@ def _plot_disabled(results: dict[str, dict[int, dict]], path: Path) -> None:
         if not specs:
             continue
         rise = [statistics.mean(s[str(r)] - s["0.0"] for s in specs) for r in RATIOS]
-        ax.plot(RATIOS, rise, marker="o", label=v)
+        ax.plot(RATIOS, rise, marker="o", label=v, color=COLORS[list(results).index(v) % len(COLORS)])
     ax.set(
         xlabel="ratio of each token's top routed experts disabled",
         ylabel="test loss increase (nats/token)",
