@@ -197,7 +197,10 @@ def _init_weights(model: torch.nn.Module, start: Checkpoint, source: str) -> Non
 def _resume_tokenizers(ckpt: Checkpoint) -> TokenizerPair:
     tokenizers = checkpoint_tokenizers(ckpt)
     if tokenizers is None:  # a new tokenizer would not match the trained embeddings
-        raise CheckpointError(f"{ckpt.path} holds no tokenizer (a weights-only checkpoint); it cannot be resumed")
+        raise CheckpointError(
+            f"{ckpt.path} holds no tokenizer (a weights-only checkpoint): a run cannot resume or start from it, "
+            "since a new tokenizer would not match its embeddings"
+        )
     return tokenizers
 
 
