@@ -218,14 +218,7 @@ def test_orthogonalize_stream_writes_the_same_model_without_loading_it(tmp_path,
     assert "the residual-stream check did not run" in printed
     assert main([*args, "--out", str(tmp_path / "in-memory"), "--template", "{instruction}"]) == 0
 
-    def tensors(path):
-        out = {}
-        for shard in checkpoint_shards(path)[0]:
-            with safe_open(str(path / shard), "pt") as f:
-                out.update({n: f.get_tensor(n) for n in f.keys()})
-        return out
-
-    streamed, in_memory = tensors(tmp_path / "streamed"), tensors(tmp_path / "in-memory")
+    streamed, in_memory = _all_tensors(tmp_path / "streamed"), _all_tensors(tmp_path / "in-memory")
     assert set(streamed) == set(in_memory)
     assert all(torch.equal(streamed[n], in_memory[n]) for n in streamed)
     assert main([*args, "--out", str(tmp_path / "streamed"), "--stream", "--quiet"]) == 1

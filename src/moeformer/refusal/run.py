@@ -215,14 +215,22 @@ def run_orthogonalize(
 ) -> OrthogonalizeDone:
     """Bake the ablation of the direction into a copy of ``source``'s weights, checked on CHECK_PROMPTS,
     and write it to ``out`` (never the source or inside it)."""
+    lm, direction, mean = _edit_inputs(source, direction_path, out, force, edit)
+    result = orthogonalize(lm, direction, CHECK_PROMPTS, method=edit.method, kernel=edit.kernel, harmless_mean=mean)
+    return OrthogonalizeDone(result, save_model(lm, out, source=source.path, force=force))
+
+
+def _edit_inputs(
+    source: ModelSource, direction_path: str | Path, out: str | Path, force: bool, edit: EditChoice
+) -> tuple[ChatLM, Tensor, Tensor | None]:
+    """(model, direction, harmless mean or None) for an edit written to ``out``; every input and the
+    output are checked before the model is read."""
     check_output_path(source.path, out)
     direction, _ = load_direction(direction_path)
     check_hidden_size(source.path, direction)
     mean = edit.harmless_mean(direction_path)
-    check_output(out, force=force, source=source.path, model_output=True)  # before the model is read
-    lm = _load(source)
-    result = orthogonalize(lm, direction, CHECK_PROMPTS, method=edit.method, kernel=edit.kernel, harmless_mean=mean)
-    return OrthogonalizeDone(result, save_model(lm, out, source=source.path, force=force))
+    check_output(out, force=force, source=source.path, model_output=True)
+    return _load(source), direction, mean
 
 
 def run_lora(
@@ -234,12 +242,7 @@ def run_lora(
     edit: EditChoice = EditChoice(),
 ) -> Path:
     """``run_orthogonalize`` written as a PEFT LoRA adapter for the unmodified model (:mod:`moeformer.refusal.lora`)."""
-    check_output_path(source.path, out)
-    direction, _ = load_direction(direction_path)
-    check_hidden_size(source.path, direction)
-    mean = edit.harmless_mean(direction_path)
-    check_output(out, force=force, source=source.path, model_output=True)  # before the model is read
-    lm = _load(source)
+    lm, direction, mean = _edit_inputs(source, direction_path, out, force, edit)
     return save_lora(lm, direction, out, source=source.path, force=force, method=edit.method, kernel=edit.kernel,
                      harmless_mean=mean, check_prompts=CHECK_PROMPTS)  # fmt: skip
 
