@@ -27,6 +27,7 @@ __all__ = [
     "AttentionConfig",
     "ConfigError",
     "FeedForwardConfig",
+    "MTPConfig",
     "MoEConfig",
     "ModelConfig",
     "check_latent_fields",
@@ -161,6 +162,22 @@ class MoEConfig:
 
 
 @dataclass(kw_only=True)
+class MTPConfig:
+    """DeepSeek-V3's multi-token prediction (report section 2.2): ``depth`` sequential modules after
+    the main model, module k predicting token t+k+1; ``weight`` is lambda in
+    L = L_main + lambda * mean_k L_MTP^k (the report: 0.3 for the first 10T tokens, then 0.1)."""
+
+    depth: int = 1
+    weight: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        positive("depth", self.depth)
+        if self.weight < 0:
+            raise ConfigError("weight", f"must be >= 0, got {self.weight}")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """One config for both model families: ``arch = "seq2seq"`` or ``"decoder"``.
 
@@ -187,6 +204,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     moe: MoEConfig | None = None  # None: every FFN is dense
+    mtp: MTPConfig | None = None  # decoder-only: multi-token prediction modules (DeepSeek-V3)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -224,6 +242,8 @@ class ModelConfig:
                 raise ConfigError("src_vocab_size", "a decoder-only model has one vocabulary; remove it")
             if self.share_embeddings:
                 raise ConfigError("share_embeddings", "only a seq2seq model has two embeddings to share")
+        elif self.mtp is not None:
+            raise ConfigError("mtp", "multi-token prediction is for decoder-only models (arch 'decoder')")
         if self.share_embeddings and self.source_vocab_size != self.vocab_size:
             raise ConfigError(
                 "share_embeddings",

@@ -8,7 +8,9 @@ attention (``attention.n_kv_heads``) or DeepSeek's multi-head latent attention (
     h_0 = Embed(tokens);  h_l = Block_l(h_{l-1});  logits = Norm(h_L) W_out
 
 Logits at position t predict token t+1. With a :class:`~moeformer.models.cache.DecoderCache`,
-each call feeds only the new tokens and attends to every cached one.
+each call feeds only the new tokens and attends to every cached one. With ``[model.mtp]``, modules
+of DeepSeek-V3's multi-token prediction (:mod:`moeformer.models.mtp`) follow the stack and, when
+asked (``mtp=True``: training), also predict tokens t+2 ... t+D+1.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from moeformer.models.embedder import InputEmbedding
 from moeformer.models.ffn_factory import build_ffn
 from moeformer.models.init import init_weights
 from moeformer.models.inputs import check_length, check_padding_mask, check_tokens
+from moeformer.models.mtp import MTPModule
 from moeformer.models.outputs import FFNReports, ModelOutput
 from moeformer.models.stack import run_blocks
 
@@ -42,6 +45,8 @@ class DecoderLM(nn.Module):
         pre = config.norm_position == "pre"
         self.norm = build_norm(config.norm, config.d_model, config.norm_eps) if pre else nn.Identity()
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        depth = 0 if config.mtp is None else config.mtp.depth
+        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, depth + 1))
         init_weights(self)
         if config.tie_embeddings:
             self.lm_head.weight = embed.weight
@@ -53,6 +58,7 @@ class DecoderLM(nn.Module):
         padding_mask: Tensor | None = None,
         cache: DecoderCache | None = None,
         reports: bool = True,
+        mtp: bool = False,
     ) -> ModelOutput:
         """tokens: (B, T) ids -> logits (B, T, V).
 
@@ -60,17 +66,57 @@ class DecoderLM(nn.Module):
         new tokens only; the cache remembers earlier keys, their padding and positions.
         ``reports=False``: MoE layers skip their auxiliary losses and routing statistics (the
         output's ``reports`` stay empty, ``aux_loss`` 0); the decoding functions ask for that.
+        ``mtp=True`` (a model with ``[model.mtp]``, no cache): ``mtp_logits`` gets one
+        (B, T - k, V) tensor per depth k, position i predicting token t_{i+k+1}; their MoE
+        losses join ``aux_loss`` under "mtp.{k-1}".
         """
         check_tokens(tokens, self.config.vocab_size, "tokens")
         check_padding_mask(padding_mask, tokens, "padding_mask")
         past = 0 if cache is None else cache.length
         check_length(past + tokens.shape[1], self.config.max_seq_len, "tokens")
+        if mtp and cache is not None:
+            raise ValueError("mtp=True runs the MTP modules over a whole window; it takes no cache")
         positions, keys_padding = step_positions(padding_mask, cache, *tokens.shape, tokens.device)
         x, rotary = self.embedding(tokens, positions)
         found = FFNReports()
-        x = run_blocks(self.layers, x, "layers", found, cache, padding_mask=keys_padding, rotary=rotary, report=reports)
-        x = self.norm(x)
-        return ModelOutput(self.lm_head(x), found.total(x), found, x, cache)
+        h = run_blocks(self.layers, x, "layers", found, cache, padding_mask=keys_padding, rotary=rotary, report=reports)
+        x = self.norm(h)
+        logits = self.lm_head(x)
+        ahead = self._predict_ahead(tokens, h, keys_padding, rotary, found, reports) if mtp else []
+        return ModelOutput(logits, found.total(x), found, x, cache, residual=h, mtp_logits=ahead)
+
+    def _predict_ahead(
+        self,
+        tokens: Tensor,
+        hidden: Tensor,
+        padding: Tensor | None,
+        rotary: tuple[Tensor, Tensor] | None,
+        found: FFNReports,
+        report: bool,
+    ) -> list[Tensor]:
+        """Logits of every MTP depth over the whole window (training; no cache).
+
+        Depth k runs on the first T - k positions: position i reads h^{k-1}_i and Emb(t_{i+k}).
+        """
+        if not len(self.mtp):
+            raise ValueError("mtp=True needs a model built with [model.mtp]; this one has no MTP modules")
+        T, out = tokens.shape[1], []
+        if T <= len(self.mtp):
+            raise ValueError(f"MTP depth {len(self.mtp)} needs more than {len(self.mtp)} tokens per row, got {T}")
+        for k, module in enumerate(self.mtp, start=1):
+            n = T - k
+            result = module(
+                hidden[:, :n],
+                self.embedding.embed(tokens[:, k:]),
+                self.lm_head,
+                padding_mask=None if padding is None else padding[:, :n],
+                rotary=None if rotary is None else (rotary[0][:, :, :n], rotary[1][:, :, :n]),
+                report=report,
+            )
+            found.add(f"mtp.{k - 1}", result.block)
+            hidden = result.hidden
+            out.append(result.logits)
+        return out
 
     def new_cache(self, capacity: int = 0) -> DecoderCache:
         """An empty cache for incremental decoding.

@@ -52,3 +52,5 @@ class ModelOutput:
     reports: FFNReports  # per-layer auxiliary losses and routing statistics
     hidden: Tensor  # (B, T, D), final hidden states (after the final norm, if any)
     cache: DecoderCache | None = None
+    residual: Tensor | None = None  # (B, T, D) decoder-only: the residual stream before the final norm
+    mtp_logits: list[Tensor] = field(default_factory=list)  # depth k: (B, T - k, V), position i -> t_{i+k+1}

@@ -10,6 +10,7 @@ left out, and the loss is the mean over the remaining tokens:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -27,3 +28,21 @@ def smoothed_cross_entropy(logits: Tensor, target: Tensor, *, pad_id: int, eps: 
     uniform = -(logp.sum(-1) - logp[..., pad_id]) / (V - 1)
     smooth = (1 - eps) * nll + eps * uniform
     return (smooth * real).sum() / n, nll_mean.detach()
+
+
+def mtp_loss(
+    logits_by_depth: list[Tensor], target: Tensor, *, pad_id: int, eps: float, weight: float
+) -> tuple[Tensor, list[Tensor]]:
+    """DeepSeek-V3's multi-token prediction loss (report eq. 25): lambda / D * sum_k L_MTP^k.
+
+    logits_by_depth[k - 1]: (B, T - k, V), position i predicting t_{i+k+1}, which is
+    ``target[:, i + k]`` (target: (B, T), the main model's next-token targets). Each depth's loss
+    is the mean over its real targets (the report divides by T; padding makes the mean the
+    comparable figure). -> (weighted loss, each depth's plain NLL, detached).
+    """
+    losses, nlls = [], []
+    for k, logits in enumerate(logits_by_depth, start=1):
+        loss, nll = smoothed_cross_entropy(logits, target[:, k:], pad_id=pad_id, eps=eps)
+        losses.append(loss)
+        nlls.append(nll)
+    return weight * torch.stack(losses).mean(), nlls

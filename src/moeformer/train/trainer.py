@@ -42,7 +42,7 @@ from moeformer.train.budget import ESTIMATE_AFTER, TimeBudget
 from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
-from moeformer.train.loss import smoothed_cross_entropy
+from moeformer.train.loss import mtp_loss, smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
 from moeformer.train.rundir import append_line
 from moeformer.train.schedule import lr_multiplier, noam_peak
@@ -139,6 +139,8 @@ class Trainer:
         self.best_loss = math.inf
         self.last_checkpoint: Path | None = None
         self._last_loads: dict[str, Tensor] = {}  # tokens per expert in the last update, by layer
+        self.mtp = getattr(model.config, "mtp", None)  # DeepSeek-V3 multi-token prediction, if configured
+        self._last_mtp: list[float] = []  # each MTP depth's NLL in the last update, for the log
 
     # -- state ------------------------------------------------------------------------------
     def resume(self, ckpt: Checkpoint) -> None:
@@ -262,6 +264,7 @@ class Trainer:
         elapsed = time.monotonic() - window["start"]
         row = {"step": self.step, "loss": loss, "nll": nll, "aux_loss": aux, "lr": self.scheduler.get_last_lr()[0],
                "tokens_per_s": window["tokens"] / max(elapsed, 1e-9), **self._balance()}  # fmt: skip
+        row.update({f"mtp_nll_{k}": value for k, value in enumerate(self._last_mtp, start=1)})
         window["tokens"], window["start"] = 0, time.monotonic()
         return row
 
@@ -312,20 +315,28 @@ class Trainer:
         """One optimiser update over ``grad_accum`` micro-batches; returns mean loss terms."""
         cfg = self.config
         self.model.train()
-        totals, n_tokens = torch.zeros(4), 0
+        depth = self.mtp.depth if self.mtp else 0
+        totals, n_tokens = torch.zeros(4 + depth), 0
+        extra = {"mtp": True} if self.mtp else {}
         for _ in range(cfg.grad_accum):
             batch = next(stream)
             share = self._token_share(batch.n_tokens)
             with self._autocast():
-                out = self.forward(**batch.inputs)
+                out = self.forward(**batch.inputs, **extra)
                 loss, nll = smoothed_cross_entropy(
                     out.logits, batch.target, pad_id=self.task.pad_id, eps=cfg.label_smoothing
                 )
                 total = loss * share + out.aux_loss
+                ahead: list[Tensor] = []
+                if self.mtp:
+                    weighted, ahead = mtp_loss(out.mtp_logits, batch.target, pad_id=self.task.pad_id,
+                                               eps=cfg.label_smoothing, weight=self.mtp.weight)  # fmt: skip
+                    total = total + weighted * share
             self._check_finite(total)
             (total / cfg.grad_accum).backward()
             tracker.add(out.reports.stats)
-            totals += torch.tensor([loss.item() * share, nll.item() * share, out.aux_loss.detach().item(), 1.0])
+            terms = [loss.item() * share, nll.item() * share, out.aux_loss.detach().item(), 1.0]
+            totals += torch.tensor(terms + [float(a) * share for a in ahead])
             n_tokens += batch.n_tokens
         if self.dist is not None:  # the global means, for the log
             totals = self.dist.sum(totals) / self.dist.world_size
@@ -343,6 +354,7 @@ class Trainer:
         self._last_loads = dict(tracker.loads)
         tracker.update_biases(self.model)
         loss, nll, aux = (totals[:3] / cfg.grad_accum).tolist()
+        self._last_mtp = (totals[4:] / cfg.grad_accum).tolist()
         return loss, nll, aux, n_tokens
 
     def _token_share(self, n_tokens: int) -> float:
@@ -374,16 +386,23 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()
-        total, count = 0.0, 0
+        depth = self.mtp.depth if self.mtp else 0
+        totals, count = torch.zeros(1 + depth, dtype=torch.float64), 0
+        extra = {"mtp": True} if self.mtp else {}
         batches = self.task.valid_batches[: self.config.eval_batches]
         for batch in tqdm(batches, desc="validation", leave=False, disable=not self.progress, unit="batch"):
             with self._autocast():
-                out = self.model(**batch.inputs)
+                out = self.model(**batch.inputs, **extra)
             _, nll = smoothed_cross_entropy(out.logits, batch.target, pad_id=self.task.pad_id, eps=0.0)
-            total += float(nll) * batch.n_tokens
+            ahead: list[Tensor] = []
+            if self.mtp:
+                _, ahead = mtp_loss(out.mtp_logits, batch.target, pad_id=self.task.pad_id, eps=0.0, weight=0.0)
+            totals += torch.tensor([float(nll), *map(float, ahead)], dtype=torch.float64) * batch.n_tokens
             count += batch.n_tokens
-        loss = total / max(count, 1)
+        means = (totals / max(count, 1)).tolist()
+        loss = means[0]
         metrics = {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+        metrics.update({f"valid_mtp_nll_{k}": value for k, value in enumerate(means[1:], start=1)})
         if self.task.evaluate is not None:
             metrics.update(self.task.evaluate(self.model))
         self.model.train()
