@@ -96,7 +96,7 @@ def test_loss_scores_depth_k_against_the_token_k_further():
     logits = [torch.randn(2, 7, V), torch.randn(2, 6, V)]
     target = ids(length=8)
     total, nlls = mtp_loss(logits, target, pad_id=0, eps=0.0, weight=0.3)
-    expected = [smoothed_cross_entropy(l, target[:, k:], pad_id=0, eps=0.0)[1] for k, l in enumerate(logits, 1)]
+    expected = [smoothed_cross_entropy(x, target[:, k:], pad_id=0, eps=0.0)[1] for k, x in enumerate(logits, 1)]
     torch.testing.assert_close(torch.stack(nlls), torch.stack(expected))
     torch.testing.assert_close(total, 0.3 * torch.stack(expected).mean())
 
@@ -130,13 +130,33 @@ def test_training_logs_each_depth_and_validation_reports_it(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     config = config_from_dict(
         {
-            "model": {"preset": "lm-tiny", "vocab_size": 64, "n_layers": 1, "max_seq_len": 32,
-                      "mtp": {"depth": 2, "weight": 0.3}},
-            "data": {"corpus": "text", "path": str(text), "tokenizer": "char", "seq_len": 16, "valid_size": 8,
-                     "test_size": 8},
-            "train": {"steps": 30, "batch_tokens": 256, "lr": 3e-3, "log_every": 10, "eval_every": 30,
-                      "eval_batches": 2, "bleu_samples": 0, "warmup_steps": 5, "schedule": "cosine",
-                      "label_smoothing": 0.0},
+            "model": {
+                "preset": "lm-tiny",
+                "vocab_size": 64,
+                "n_layers": 1,
+                "max_seq_len": 32,
+                "mtp": {"depth": 2, "weight": 0.3},
+            },
+            "data": {
+                "corpus": "text",
+                "path": str(text),
+                "tokenizer": "char",
+                "seq_len": 16,
+                "valid_size": 8,
+                "test_size": 8,
+            },
+            "train": {
+                "steps": 30,
+                "batch_tokens": 256,
+                "lr": 3e-3,
+                "log_every": 10,
+                "eval_every": 30,
+                "eval_batches": 2,
+                "bleu_samples": 0,
+                "warmup_steps": 5,
+                "schedule": "cosine",
+                "label_smoothing": 0.0,
+            },
         }  # fmt: skip
     )
     run_training(config, tmp_path / "run", progress=False)

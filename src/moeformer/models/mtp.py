@@ -50,7 +50,8 @@ class MTPModule(nn.Module):
         self.hnorm = build_norm("rmsnorm", D, config.norm_eps)
         self.eh_proj = nn.Linear(2 * D, D, bias=False)
         # its FFN is built as layer n_layers + depth - 1 would be: MoE wherever the stack's last layers are
-        self.block = DecoderBlock(config, build_ffn(config, config.n_layers + depth - 1, "decoder"), cross_attention=False)
+        ffn = build_ffn(config, config.n_layers + depth - 1, "decoder")
+        self.block = DecoderBlock(config, ffn, cross_attention=False)
         self.norm = build_norm(config.norm, D, config.norm_eps)
 
     def forward(
