@@ -4,8 +4,10 @@ text out (``translate``, ``generate``) in :mod:`moeformer.decode.text`."""
 from moeformer.decode.beam import beam_generate, beam_translate, gnmt_length_penalty
 from moeformer.decode.greedy import greedy_generate, greedy_translate
 from moeformer.decode.sampling import filter_logits, sample_generate, sample_translate
+from moeformer.decode.speculative import SpeculativeOutput, speculative_generate
 
 __all__ = [
+    "SpeculativeOutput",
     "beam_generate",
     "beam_translate",
     "filter_logits",
@@ -14,4 +16,5 @@ __all__ = [
     "greedy_translate",
     "sample_generate",
     "sample_translate",
+    "speculative_generate",
 ]

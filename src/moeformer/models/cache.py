@@ -42,6 +42,17 @@ class DecoderCache:
             self.next_position = self.next_position.index_select(0, index)
 
 
+    def discard_last(self, rows: Tensor) -> None:
+        """Forget the last position fed for ``rows`` (B,) bool: it becomes padding, never attended
+        again, and those rows' next token takes its position (rejected speculative drafts)."""
+        if self.padding_mask is None:
+            self.padding_mask = rows.new_zeros(rows.shape[0], self.length)
+            if self.capacity:
+                self.padding_buffer = self.padding_mask
+        self.padding_mask[:, -1] |= rows
+        self.next_position = self.next_position - rows.long()
+
+
 def step_positions(
     padding_mask: Tensor | None, cache: DecoderCache | None, batch: int, seq: int, device: torch.device
 ) -> tuple[Tensor, Tensor | None]:

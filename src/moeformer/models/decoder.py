@@ -26,7 +26,7 @@ from moeformer.models.embedder import InputEmbedding
 from moeformer.models.ffn_factory import build_ffn
 from moeformer.models.init import init_weights
 from moeformer.models.inputs import check_length, check_padding_mask, check_tokens
-from moeformer.models.mtp import MTPModule
+from moeformer.models.mtp import MTPModule, MTPOutput
 from moeformer.models.outputs import FFNReports, ModelOutput
 from moeformer.models.stack import run_blocks
 
@@ -117,6 +117,32 @@ class DecoderLM(nn.Module):
             hidden = result.hidden
             out.append(result.logits)
         return out
+
+    def mtp_step(
+        self, hidden: Tensor, next_tokens: Tensor, *, cache: DecoderCache, padding_mask: Tensor | None = None
+    ) -> MTPOutput:
+        """The first MTP module, incrementally (the drafter of speculative decoding).
+
+        hidden: (B, T, D) the main model's ``residual`` at T new positions; next_tokens: (B, T) the
+        token after each of them -> logits (B, T, V) for the token after those. ``cache``: from
+        :meth:`new_mtp_cache`; padding_mask (B, T): slots to ignore, as in :meth:`forward`.
+        """
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP module to draft with: train it with [model.mtp]")
+        positions, keys_padding = step_positions(padding_mask, cache, *next_tokens.shape, next_tokens.device)
+        return self.mtp[0](
+            hidden,
+            self.embedding.embed(next_tokens),
+            self.lm_head,
+            padding_mask=keys_padding,
+            rotary=self.embedding.angles(positions, hidden.dtype),
+            cache=cache.layers[0],
+            report=False,
+        )
+
+    def new_mtp_cache(self, capacity: int = 0) -> DecoderCache:
+        """An empty cache for :meth:`mtp_step` (``capacity`` as in :meth:`new_cache`)."""
+        return DecoderCache([self.mtp[0].new_cache(capacity)], capacity=capacity)
 
     def new_cache(self, capacity: int = 0) -> DecoderCache:
         """An empty cache for incremental decoding.

@@ -7,6 +7,7 @@ keys by.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from moeformer.layers.embedding import TokenEmbedding
@@ -47,7 +48,11 @@ class InputEmbedding(nn.Module):
             x = x + self.positions(positions).to(x.dtype)
         if self.training:
             x = self.dropout(x)
+        return x, self.angles(positions, x.dtype)
+
+    def angles(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """RoPE's (cos, sin), each (B, 1, T, rotary_dim), at ``positions`` (B, T); None without RoPE."""
         if self.position_kind != "rope":
-            return x, None
+            return None
         cos, sin = self.rotary(positions)
-        return x, (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
