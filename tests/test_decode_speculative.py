@@ -73,7 +73,8 @@ def test_left_padded_prompts_and_eos():
 def test_short_budgets(n):
     model = model_with_mtp(8)
     x = prompts(2, 4, 8)
-    assert torch.equal(speculative_generate(model, x, max_new_tokens=n).tokens, greedy_generate(model, x, max_new_tokens=n))
+    fast = speculative_generate(model, x, max_new_tokens=n)
+    assert torch.equal(fast.tokens, greedy_generate(model, x, max_new_tokens=n))
 
 
 def test_sampling_keeps_the_target_distribution():
