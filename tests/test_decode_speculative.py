@@ -109,6 +109,16 @@ def test_sampling_with_top_k_never_leaves_the_filtered_support():
     assert (out.tokens[:, 0] == plain[:, 0]).float().mean() > 0.3
 
 
+def test_generation_up_to_the_position_limit():
+    """Discarded slots take cache room but no position: the model's max_seq_len still fits."""
+    model = model_with_mtp(8)
+    model.config.max_seq_len = 16
+    x = prompts(3, 4, 8)
+    fast = speculative_generate(model, x, max_new_tokens=12)
+    assert fast.drafted > fast.accepted  # some slots were discarded on the way
+    assert torch.equal(fast.tokens, greedy_generate(model, x, max_new_tokens=12))
+
+
 def test_a_model_without_mtp_is_refused():
     model = build_model(model_config_from_dict({"preset": "lm-tiny", "vocab_size": 8}))
     with pytest.raises(ValueError, match=r"\[model.mtp\]"):
@@ -121,3 +131,51 @@ def test_discarded_slots_are_padding_and_give_back_their_position():
     cache.discard_last(torch.tensor([True, False]))
     assert cache.padding_mask.tolist() == [[False, False, False, True], [False] * 4]
     assert cache.next_position.tolist() == [3, 4]
+
+
+TINY_MTP = """
+[model]
+preset = "lm-tiny"
+vocab_size = 64
+n_layers = 2
+max_seq_len = 48
+
+[model.mtp]
+depth = 1
+weight = 0.3
+
+[data]
+corpus = "text"
+path = "{path}"
+tokenizer = "char"
+seq_len = 32
+valid_size = 4
+test_size = 4
+
+[train]
+steps = 60
+batch_tokens = 512
+lr = 3e-3
+warmup_steps = 5
+eval_every = 60
+eval_batches = 2
+bleu_samples = 0
+"""
+
+
+def test_cli_generate_speculative_prints_the_greedy_text_and_the_acceptance(tmp_path, capsys):
+    from moeformer.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question. " * 100, encoding="utf-8")
+    config = tmp_path / "mtp.toml"
+    config.write_text(TINY_MTP.format(path=text.as_posix()), encoding="utf-8")
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    args = ["generate", str(tmp_path / "run"), "--prompt", "to be or", "--temperature", "0", "--max-new-tokens", "30"]
+    capsys.readouterr()
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative"]) == 0
+    fast = capsys.readouterr()
+    assert fast.out == plain
+    assert "drafts accepted" in fast.err and "passes of the main model" in fast.err

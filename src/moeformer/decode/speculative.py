@@ -119,19 +119,20 @@ def speculative_generate(
         active = ~done & (count < max_new_tokens)
         if not bool(active.any()):
             break
-        main = model(torch.stack([last, draft], dim=1), cache=cache, reports=False)
+        idle = (~active)[:, None].expand(B, 2)  # finished rows feed padding: they take no positions
+        main = model(torch.stack([last, draft], dim=1), padding_mask=idle, cache=cache, reports=False)
         result.passes += 1
         kept, token = choose.verify(draft, q, main.logits[:, 0])
+        kept &= active
         bonus, _ = choose.pick(main.logits[:, 1])
         result.drafted += int(active.sum())
-        result.accepted += int((kept & active).sum())
+        result.accepted += int(kept.sum())
         _append(out, count, done, token, active, eos_id)
-        second = kept & active & ~done
-        _append(out, count, done, bonus, second, eos_id)
-        cache.discard_last(~kept)
+        _append(out, count, done, bonus, kept & ~done, eos_id)
+        cache.discard_last(active & ~kept)
         last = torch.where(kept, bonus, token)
         mtp = model.mtp_step(main.residual, torch.stack([token, bonus], dim=1), cache=drafts,
-                             padding_mask=torch.stack([torch.zeros_like(kept), ~kept], dim=1))  # fmt: skip
+                             padding_mask=torch.stack([~active, ~kept], dim=1))  # fmt: skip
         draft, q = choose.pick(torch.where(kept[:, None], mtp.logits[:, 1], mtp.logits[:, 0]))
     length = int(count.clamp(max=max_new_tokens).max())
     result.tokens = out[:, :length]

@@ -28,6 +28,7 @@ from moeformer.data.tokenizer import Tokenizer, TokenizerPair
 from moeformer.decode.beam import beam_translate
 from moeformer.decode.greedy import greedy_translate
 from moeformer.decode.sampling import sample_generate
+from moeformer.decode.speculative import speculative_generate
 
 __all__ = ["Note", "Overlong", "generate", "plan_inputs", "require_arch", "translate"]
 
@@ -180,8 +181,13 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     note: Note | None = None,
+    speculative: bool = False,
 ) -> str:
     """Continue ``prompt`` with a decoder-only model (sampling; temperature 0 is greedy).
+
+    ``speculative=True`` (a model trained with ``[model.mtp]``): the MTP module drafts every other
+    token and the main model verifies it (:func:`~moeformer.decode.speculative_generate`: the same
+    greedy output, the same sampling distribution); ``note`` gets the acceptance rate.
 
     The prompt and the new tokens share the model's ``max_seq_len`` positions: a prompt that leaves
     no room raises ValueError with both numbers; generation that stops at the limit before
@@ -201,16 +207,18 @@ def generate(
     room = limit - len(ids)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    new = sample_generate(
-        model.eval(),
-        torch.tensor([ids], device=device),
-        max_new_tokens=min(max_new_tokens, room),
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=tok.eos_id,
-        generator=generator,
-    )[0].tolist()
+    options = {"max_new_tokens": min(max_new_tokens, room), "temperature": temperature, "top_k": top_k,
+               "top_p": top_p, "eos_id": tok.eos_id, "generator": generator}  # fmt: skip
+    prompt_ids = torch.tensor([ids], device=device)
+    if speculative:
+        result = speculative_generate(model.eval(), prompt_ids, **options)
+        new = result.tokens[0].tolist()
+        if note is not None:
+            passes = result.passes + 1  # the prompt's pass gives the first token
+            note(f"speculative decoding: {result.accepted} of {result.drafted} drafts accepted "
+                 f"({result.acceptance:.0%}), {len(new)} tokens in {passes} passes of the main model")  # fmt: skip
+    else:
+        new = sample_generate(model.eval(), prompt_ids, **options)[0].tolist()
     if note is not None and max_new_tokens > room and len(new) == room and tok.eos_id not in new:
         note(
             f"stopped after {room} new tokens (of {max_new_tokens} asked for): the model's limit is {limit} "

@@ -27,6 +27,14 @@ class DecoderCache:
     capacity: int = 0  # > 0: the padding mask is written in place, as the layers' caches (KVCache)
     padding_buffer: Tensor | None = field(default=None, repr=False)  # (B, capacity) storage of padding_mask
 
+    def positions_after(self, padding_mask: Tensor | None, seq: int) -> int:
+        """Positions the longest row will have taken once ``seq`` more tokens are fed (padding and
+        discarded slots take none): what must fit in the model's ``max_seq_len``."""
+        if self.next_position is None:
+            return self.length + seq
+        new = seq if padding_mask is None else (~padding_mask).sum(1)
+        return int((self.next_position + new).max())
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
         for layer in self.layers:

@@ -72,8 +72,8 @@ class DecoderLM(nn.Module):
         """
         check_tokens(tokens, self.config.vocab_size, "tokens")
         check_padding_mask(padding_mask, tokens, "padding_mask")
-        past = 0 if cache is None else cache.length
-        check_length(past + tokens.shape[1], self.config.max_seq_len, "tokens")
+        needed = tokens.shape[1] if cache is None else cache.positions_after(padding_mask, tokens.shape[1])
+        check_length(needed, self.config.max_seq_len, "tokens")
         if mtp and cache is not None:
             raise ValueError("mtp=True runs the MTP modules over a whole window; it takes no cache")
         positions, keys_padding = step_positions(padding_mask, cache, *tokens.shape, tokens.device)
