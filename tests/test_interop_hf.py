@@ -7,6 +7,8 @@ import json
 import math
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 from moeformer import DecoderLM
@@ -339,3 +341,51 @@ def test_a_hub_style_deepseek_v3_config_maps_field_by_field():
     assert (moe.score, moe.n_group, moe.topk_group, moe.routed_scaling, moe.first_dense) == ("sigmoid", 8, 4, 2.5, 3)
     with pytest.raises(InteropError, match="quantized"):
         config_from_hf({**hub, "quantization_config": {"quant_method": "fp8"}})
+
+
+def _v3_with_mtp(depth=1):
+    overrides = dict(EXPORTABLE["mla-deepseek-v3"][0])
+    return our_model(lm_config(**overrides, mtp={"depth": depth}))
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_layers_round_trip_bit_for_bit_and_transformers_ignores_them(depth, tmp_path):
+    """DeepSeek-V3 keeps MTP module k as layer num_hidden_layers + k; transformers does not run it."""
+    ours = _v3_with_mtp(depth)
+    assert export_hf(ours, tmp_path / "hf") == "deepseek_v3"
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved["num_nextn_predict_layers"] == depth
+    with safetensors.safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    last = f"model.layers.{3 + depth - 1}."
+    for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                 "shared_head.head.weight", "embed_tokens.weight", "mlp.gate.e_score_correction_bias"):  # fmt: skip
+        assert last + part in names, part
+    back = import_hf(tmp_path / "hf")
+    assert back.config.mtp.depth == depth
+    assert back.state_dict().keys() == ours.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    tokens = token_batch(ours.config.vocab_size)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (hf_logits(theirs, tokens) - our_logits(ours, tokens)).abs().max() < ATOL
+    torch.testing.assert_close(back(tokens, mtp=True).mtp_logits[-1], ours(tokens, mtp=True).mtp_logits[-1])
+
+
+def test_mtp_import_checks_the_shared_copies_and_skips_announced_but_absent_layers(tmp_path):
+    ours = _v3_with_mtp()
+    export_hf(ours, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = safetensors.torch.load_file(str(weights))
+    tensors["model.layers.3.shared_head.head.weight"] += 1.0
+    safetensors.torch.save_file(tensors, str(weights))
+    with pytest.raises(InteropError, match="shared_head.head.weight differs from the main model's lm_head"):
+        import_hf(tmp_path / "hf")
+    # what transformers saves: config.json announces one MTP layer, the file has none
+    safetensors.torch.save_file({k: v for k, v in tensors.items() if not k.startswith("model.layers.3.")}, str(weights))
+    assert import_hf(tmp_path / "hf").config.mtp is None
+
+
+def test_mtp_export_is_refused_outside_deepseek_v3(tmp_path):
+    with pytest.raises(InteropError, match="only in deepseek_v3"):
+        export_hf(our_model(lm_config(mtp={"depth": 1})), tmp_path / "hf")

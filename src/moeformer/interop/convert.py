@@ -12,6 +12,7 @@ with ``force`` and only if this project or transformers wrote it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ import torch
 
 from moeformer.interop.hf_config import InteropError, config_from_hf, model_type
 from moeformer.interop.hf_family import config_to_hf, family_for
-from moeformer.interop.hf_weights import build_rules
-from moeformer.model_config import ModelConfig
+from moeformer.interop.hf_weights import build_rules, mtp_shared_names
+from moeformer.model_config import ModelConfig, MTPConfig
 from moeformer.models.decoder import DecoderLM
 from moeformer.models.embedder import rotary_embedding
 from moeformer.moe.router import Router
@@ -68,14 +69,15 @@ def import_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Decode
     """A DecoderLM (in eval mode) with the weights of the transformers checkpoint at ``path``."""
     path = Path(path)
     hf = read_hf_config(path)
-    config = config_from_hf(hf)
+    files = tensor_files(path)
+    config = _with_mtp(config_from_hf(hf), hf, files)
     family = model_type(hf)
     rules = build_rules(config, family, rope_interleave=bool(hf.get("rope_interleave", True))).rules
-    files = tensor_files(path)
     missing = [name for rule in rules for name in rule.theirs if name not in files]
     if missing:
         raise InteropError(f"{path}: {len(missing)} tensors the {family} config needs are missing, e.g. {missing[:4]}")
-    used = {name for rule in rules for name in rule.theirs}
+    copies = {theirs: ours for theirs, ours in mtp_shared_names(config).items() if theirs in files}
+    used = {name for rule in rules for name in rule.theirs} | set(copies)
     extra = [name for name in files if name not in used and not _ignorable(name, config, hf)]
     if extra:
         raise InteropError(f"{path}: {len(extra)} tensors have no place in the model, e.g. {sorted(extra)[:4]}")
@@ -83,6 +85,10 @@ def import_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Decode
     state = {}
     for rule in rules:
         state[rule.ours] = rule.join([tensors.pop(name) for name in rule.theirs]).to(dtype)
+    for theirs, ours in copies.items():  # MTP layers' copies of the embedding and head: we share one tensor
+        if not torch.equal(tensors.pop(theirs).to(dtype), state.get(ours, state["embedding.embed.weight"])):
+            raise InteropError(f"{path}: {theirs} differs from the main model's {ours}; moeformer's MTP modules "
+                               "share the embedding and output head, as DeepSeek-V3 trains them")  # fmt: skip
     with torch.device("meta"):  # no random initialisation, no second copy of the weights
         model = DecoderLM(config)
     _check_shapes(model, state, rules, path)
@@ -118,6 +124,16 @@ def _materialise(model: DecoderLM, config: ModelConfig, dtype: torch.dtype) -> N
     if left:
         raise InteropError(f"internal: tensors left unset by the import: {left[:4]}")
     model.to(dtype)  # norms and buffers created above; the router bias stays float32 (Router._apply)
+
+
+def _with_mtp(config: ModelConfig, hf: dict[str, Any], files: dict[str, Path]) -> ModelConfig:
+    """The config with the MTP modules the checkpoint holds (config.json may announce some that
+    transformers never saved: those are left out, as transformers leaves them)."""
+    announced = int(hf.get("num_nextn_predict_layers") or 0)
+    present = 0
+    while present < announced and f"model.layers.{config.n_layers + present}.eh_proj.weight" in files:
+        present += 1
+    return dataclasses.replace(config, mtp=MTPConfig(depth=present)) if present else config
 
 
 def _ignorable(name: str, config: ModelConfig, hf: dict[str, Any]) -> bool:
@@ -162,6 +178,8 @@ def export_hf(model: DecoderLM, out: str | Path, *, tokenizer: Any = None, force
     for rule in build_rules(config, family).rules:
         for name, tensor in zip(rule.theirs, rule.split(state[rule.ours]), strict=True):
             tensors[name] = tensor.contiguous().clone()
+    for theirs, ours in mtp_shared_names(config).items():  # DeepSeek-V3 stores them again in each MTP layer
+        tensors[theirs] = state[ours].contiguous().clone()
     if family == "qwen2_moe" and not config.moe.shared_gate:
         _open_shared_gates(tensors, config)
     hf_config.update(experts_kernel(config))

@@ -217,6 +217,10 @@ def _deepseek_v3(hf: dict[str, Any]) -> dict[str, Any]:
         "n_group": hf.get("n_group") or 1,
         "topk_group": hf.get("topk_group") or 1,
         "routed_scaling": float(hf.get("routed_scaling_factor", 1.0)),
-        "first_dense": min(hf.get("first_k_dense_replace", 0), hf["num_hidden_layers"]),
+        "first_dense": min(hf.get("first_k_dense_replace", 0), hf["num_hidden_layers"] + _mtp_layers(hf)),
     }
     return moe
+
+
+def _mtp_layers(hf: dict[str, Any]) -> int:
+    return int(hf.get("num_nextn_predict_layers") or 0)

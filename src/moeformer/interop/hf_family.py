@@ -24,7 +24,14 @@ def family_for(config: ModelConfig) -> str:
     if a.kind == "mla":
         if config.norm_eps != 1e-6:
             raise InteropError("norm_eps: DeepSeek's latent norms use 1e-6 in transformers; set norm_eps = 1e-6")
-        return "deepseek_v3" if dense else _deepseek_family(config, moe)
+        family = "deepseek_v3" if dense else _deepseek_family(config, moe)
+        if config.mtp is not None and family != "deepseek_v3":
+            raise InteropError(f"mtp: multi-token prediction modules have a place only in deepseek_v3 checkpoints, "
+                               f"not {family} (needs sigmoid routing)")  # fmt: skip
+        return family
+    if config.mtp is not None:
+        raise InteropError("mtp: multi-token prediction modules have a place only in deepseek_v3 checkpoints "
+                           "(attention.kind 'mla'); no other transformers family stores them")  # fmt: skip
     if a.qk_norm:
         return _qwen3_family(config, moe, dense)
     family = _dense_family(config) if dense else _moe_family(config, moe)
@@ -209,8 +216,10 @@ def _deepseek_fields(config: ModelConfig, family: str) -> dict[str, Any]:
     fields = {k: getattr(a, k) for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim")}
     fields.update(v_head_dim=a.v_head_dim, qk_head_dim=a.qk_nope_head_dim + a.qk_rope_head_dim)
     fields.update(head_dim=a.qk_rope_head_dim, attention_bias=a.bias, rope_interleave=True)
-    if moe is None or moe.kind == "dense":  # every layer dense: the MoE fields are never used
-        fields.update(first_k_dense_replace=config.n_layers, n_routed_experts=1, num_experts_per_tok=1)
+    depth = 0 if config.mtp is None else config.mtp.depth
+    if moe is None or moe.kind == "dense":  # every layer dense (MTP's too): the MoE fields are never used
+        fields.update(first_k_dense_replace=config.n_layers + depth, n_routed_experts=1, num_experts_per_tok=1)
+        fields.update(num_nextn_predict_layers=depth)
         fields.update(moe_intermediate_size=config.ffn.d_ff, n_shared_experts=0, n_group=1, topk_group=1)
         return fields
     fields.update(
@@ -227,5 +236,5 @@ def _deepseek_fields(config: ModelConfig, family: str) -> dict[str, Any]:
     if family == "deepseek_v2":
         fields.update(topk_method="greedy", n_group=None, topk_group=None)
     else:
-        fields.update(num_nextn_predict_layers=0)
+        fields.update(num_nextn_predict_layers=depth)
     return fields

@@ -85,19 +85,43 @@ def build_rules(config: ModelConfig, family: str, *, rope_interleave: bool = Tru
     if not config.tie_embeddings:
         rules.add("lm_head.weight", "lm_head.weight")
     for i in range(config.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        rules.add(ours + "attn_norm.weight", theirs + "input_layernorm.weight")
-        rules.add(ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight")
-        if config.attention.kind == "mla":
-            _mla_rules(rules, config, ours + "self_attn.", theirs + "self_attn.", rope_interleave)
-        else:
-            _mha_rules(rules, config, ours + "self_attn.", theirs + "self_attn.")
-        if config.moe is not None and config.moe.is_moe_layer(i):
-            _moe_rules(rules, config, family, ours + "ffn.", theirs)
-        else:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                rules.linear(f"{ours}ffn.{name}", f"{theirs}mlp.{name}", config.ffn.bias)
+        _block_rules(rules, config, family, f"layers.{i}.", f"model.layers.{i}.", i, rope_interleave)
+    for k in range(0 if config.mtp is None else config.mtp.depth):
+        # DeepSeek-V3 stores MTP module k as layer num_hidden_layers + k (its own copies of the shared
+        # embedding and head are :func:`mtp_shared_names`, checked and written by the converter)
+        index = config.n_layers + k
+        ours, theirs = f"mtp.{k}.", f"model.layers.{index}."
+        for name in ("enorm", "hnorm", "eh_proj"):
+            rules.add(f"{ours}{name}.weight", f"{theirs}{name}.weight")
+        rules.add(ours + "norm.weight", theirs + "shared_head.norm.weight")
+        _block_rules(rules, config, family, ours + "block.", theirs, index, rope_interleave)
     return rules
+
+
+def mtp_shared_names(config: ModelConfig) -> dict[str, str]:
+    """The MTP layers' stored copies of the shared tensors -> our one tensor (DeepSeek-V3's layout)."""
+    out = {}
+    for k in range(0 if config.mtp is None else config.mtp.depth):
+        theirs = f"model.layers.{config.n_layers + k}."
+        out[theirs + "embed_tokens.weight"] = "embedding.embed.weight"
+        out[theirs + "shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
+def _block_rules(
+    rules: RuleSet, config: ModelConfig, family: str, ours: str, theirs: str, index: int, interleave: bool
+) -> None:
+    rules.add(ours + "attn_norm.weight", theirs + "input_layernorm.weight")
+    rules.add(ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight")
+    if config.attention.kind == "mla":
+        _mla_rules(rules, config, ours + "self_attn.", theirs + "self_attn.", interleave)
+    else:
+        _mha_rules(rules, config, ours + "self_attn.", theirs + "self_attn.")
+    if config.moe is not None and config.moe.is_moe_layer(index):
+        _moe_rules(rules, config, family, ours + "ffn.", theirs)
+    else:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            rules.linear(f"{ours}ffn.{name}", f"{theirs}mlp.{name}", config.ffn.bias)
 
 
 def _mha_rules(rules: RuleSet, config: ModelConfig, ours: str, theirs: str) -> None:
