@@ -40,6 +40,11 @@ def test_config_validation():
         MTPConfig(depth=0)
     with pytest.raises(ConfigError, match="weight"):
         MTPConfig(weight=-0.1)
+    with pytest.raises(ConfigError, match="late_from"):
+        MTPConfig(late_from=1.5)
+    schedule = MTPConfig(weight=0.3, late_weight=0.1, late_from=0.5)
+    assert [schedule.weight_at(s, 10) for s in (0, 4, 5, 9)] == [0.3, 0.3, 0.1, 0.1]
+    assert MTPConfig(weight=0.3).weight_at(9, 10) == 0.3
     with pytest.raises(ConfigError, match="mtp.*decoder-only"):
         model_config_from_dict({"preset": "transformer-tiny", "vocab_size": V, "mtp": {"depth": 1}})
     with pytest.raises(ConfigError, match=r"model\.mtp\.steps: unknown key"):

@@ -165,16 +165,27 @@ class MoEConfig:
 class MTPConfig:
     """DeepSeek-V3's multi-token prediction (report section 2.2): ``depth`` sequential modules after
     the main model, module k predicting token t+k+1; ``weight`` is lambda in
-    L = L_main + lambda * mean_k L_MTP^k (the report: 0.3 for the first 10T tokens, then 0.1)."""
+    L = L_main + lambda * mean_k L_MTP^k. The report uses 0.3 for the first 10T of 14.8T tokens,
+    then 0.1: ``late_weight = 0.1`` from ``late_from = 0.676`` of the training steps."""
 
     depth: int = 1
     weight: float = 0.3
+    late_weight: float | None = None  # None: ``weight`` throughout
+    late_from: float = 0.676  # fraction of train.steps after which ``late_weight`` applies
 
     def __post_init__(self) -> None:
         check_field_types(self)
         positive("depth", self.depth)
-        if self.weight < 0:
-            raise ConfigError("weight", f"must be >= 0, got {self.weight}")
+        for name in ("weight", "late_weight"):
+            if (getattr(self, name) or 0.0) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.late_from <= 1.0:
+            raise ConfigError("late_from", f"must be a fraction of the steps in [0, 1], got {self.late_from}")
+
+    def weight_at(self, step: int, total_steps: int) -> float:
+        """lambda for update ``step`` (0-based) of ``total_steps``."""
+        late = self.late_weight is not None and step >= self.late_from * total_steps
+        return self.late_weight if late else self.weight  # type: ignore[return-value]
 
 
 @dataclass(kw_only=True)

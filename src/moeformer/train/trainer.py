@@ -330,7 +330,7 @@ class Trainer:
                 ahead: list[Tensor] = []
                 if self.mtp:
                     weighted, ahead = mtp_loss(out.mtp_logits, batch.target, pad_id=self.task.pad_id,
-                                               eps=cfg.label_smoothing, weight=self.mtp.weight)  # fmt: skip
+                                               eps=cfg.label_smoothing, weight=self.mtp.weight_at(self.step, cfg.steps))  # fmt: skip
                     total = total + weighted * share
             self._check_finite(total)
             (total / cfg.grad_accum).backward()
