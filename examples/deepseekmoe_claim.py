@@ -21,16 +21,12 @@ from their latest checkpoint):
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from deepseekmoe_analysis import analyse
-from tqdm.auto import tqdm
+from experiment_runs import run_all, train_command
 
 from moeformer.moe.layer import segment_experts
 from moeformer.publish import write_text
@@ -119,30 +115,10 @@ def build_corpus(data: Path, out: Path) -> dict[str, dict[str, int]]:
 
 
 def run_command(variant: str, seed: int, steps: int, corpus: Path, run_dir: Path) -> list[str]:
-    """The ``moeformer train`` command of one run (a fresh run; see :func:`train_one` for resuming)."""
+    """The ``moeformer train`` command of one run (a fresh run; :func:`experiment_runs.train_one` resumes)."""
     sets = [f"data.path={corpus}", f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}"]
     sets += [f"model.moe.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in VARIANTS[variant].items()]
-    cmd = [sys.executable, "-m", "moeformer", "train", str(BASE_CONFIG), "--out", str(run_dir), "--quiet"]
-    return cmd + [a for s in sets for a in ("--set", s)]
-
-
-def train_one(variant: str, seed: int, steps: int, corpus: Path, runs: Path) -> Path:
-    """Train (or finish) one run, one thread; its output goes to ``RUN/train.log``."""
-    run_dir = runs / f"{variant}-seed{seed}"
-    if (run_dir / "summary.json").exists():
-        return run_dir
-    if (run_dir / "latest").exists():
-        cmd = [sys.executable, "-m", "moeformer", "train", "--resume", str(run_dir), "--quiet"]
-    else:
-        cmd = run_command(variant, seed, steps, corpus, run_dir) + (["--force"] if run_dir.exists() else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    runs.mkdir(parents=True, exist_ok=True)
-    log = runs / f"{run_dir.name}.log"
-    with log.open("a") as fh:
-        done = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"{run_dir.name} failed (exit {done.returncode}); see {log}")
-    return run_dir
+    return train_command(BASE_CONFIG, run_dir, sets)
 
 
 def main() -> None:
@@ -161,11 +137,8 @@ def main() -> None:
     order = [v for v in MAIN if v in args.variants] + [v for v in args.variants if v not in MAIN]
     jobs = [(v, s) for s in args.seeds for v in order]  # seed-major: whole paired sets first
     if not args.analyse_only:
-        with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(jobs), desc="runs") as bar:
-            futures = [pool.submit(train_one, v, s, args.steps, corpus, args.out / "runs") for v, s in jobs]
-            for f in futures:
-                f.result()
-                bar.update()
+        runs = [(args.out / "runs" / f"{v}-seed{s}", v, s) for v, s in jobs]
+        run_all([(d, run_command(v, s, args.steps, corpus, d)) for d, v, s in runs], args.jobs)
     written = analyse(args.out, order, args.seeds, sizes, VARIANTS)
     print("\n".join(str(p) for p in written))
 
