@@ -42,7 +42,7 @@ PAIRS = (
 GRANULARITY = ("deepseek-m1", "deepseek-m2", "deepseek", "deepseek-m8")  # m = 1, 2, 4, 8, one shared expert
 
 
-def _windows(corpus: Path, tokenizer: Any, seq: int, n_valid: int, n_test: int) -> torch.Tensor:
+def test_windows(corpus: Path, tokenizer: Any, seq: int, n_valid: int, n_test: int) -> torch.Tensor:
     """The test windows (n_test, seq + 1) exactly as the training pipeline cut them from the end."""
     texts, _ = read_documents(corpus)
     ids = torch.tensor(tokenizer.encode("\n".join(texts)), dtype=torch.long)
@@ -50,7 +50,7 @@ def _windows(corpus: Path, tokenizer: Any, seq: int, n_valid: int, n_test: int) 
     return test.view(n_test, seq + 1)
 
 
-def _loss(model: torch.nn.Module, windows: torch.Tensor, batch: int = 25) -> float:
+def mean_loss(model: torch.nn.Module, windows: torch.Tensor, batch: int = 25) -> float:
     total = 0.0
     with torch.no_grad():
         for chunk in windows.split(batch):
@@ -97,7 +97,7 @@ def _specialisation(loaded: Any, windows: torch.Tensor) -> dict[str, Any]:
     losses = {}
     for ratio in RATIOS:
         with disable_top_experts(model, round(ratio * E)):
-            losses[str(ratio)] = _loss(model, windows)
+            losses[str(ratio)] = mean_loss(model, windows)
     return {
         "mi_token": statistics.mean(s["mi_token"] for s in summaries.values()),
         "mi_token_over_load_entropy": statistics.mean(s["mi_token"] / s["load_entropy"] for s in summaries.values()),
@@ -114,13 +114,13 @@ def read_run(run_dir: Path, corpus: Path) -> dict[str, Any]:
     speed = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     loaded = load_checkpoint(run_dir, which="best")
     data, train = info["config"]["data"], info["config"]["train"]
-    windows = _windows(corpus, loaded.tokenizers.source, data["seq_len"], data["valid_size"], data["test_size"])
+    windows = test_windows(corpus, loaded.tokenizers.source, data["seq_len"], data["valid_size"], data["test_size"])
     total, active = _parameters(loaded.model)
     out = {
         "curve": curve,
         "best_valid": min(v for _, v in curve),
         "final_valid": curve[-1][1],
-        "test_loss": _loss(loaded.model, windows),
+        "test_loss": mean_loss(loaded.model, windows),
         "params_total": total,
         "params_active": active,
         "tokens_per_step": train["batch_tokens"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,11 +36,20 @@ def train_one(run_dir: Path, fresh: list[str]) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
+    began = time.monotonic()
     with log.open("a") as fh:
         done = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = run_dir.parent / f"{run_dir.name}.seconds"  # summed over resumptions
+    wall.write_text(f"{wall_seconds(run_dir) + time.monotonic() - began:.1f}\n")
     if done.returncode != 0:
         raise RuntimeError(f"{run_dir.name} failed (exit {done.returncode}); see {log}")
     return run_dir
+
+
+def wall_seconds(run_dir: Path) -> float:
+    """Seconds :func:`train_one` has spent on this run so far (0 if none recorded)."""
+    wall = run_dir.parent / f"{run_dir.name}.seconds"
+    return float(wall.read_text()) if wall.exists() else 0.0
 
 
 def run_all(runs: list[tuple[Path, list[str]]], jobs: int) -> None:
