@@ -100,7 +100,7 @@ class MoEConfig:
     K_s shared experts take K_s of the m*K slots, use :func:`moeformer.moe.segment_experts`.
     """
 
-    kind: Literal["dense", "soft", "topk", "deepseek"] = "topk"
+    kind: Literal["dense", "soft", "topk", "deepseek", "expert_choice"] = "topk"
     n_experts: int = 8
     top_k: int = 2
     expert_hidden: int | None = None  # None: the model's ffn.d_ff
@@ -116,6 +116,7 @@ class MoEConfig:
     group_routing: Literal["limited", "hierarchical"] = "limited"
     routed_scaling: float = 1.0  # multiplies the routed weights (DeepSeek-V3: 2.5)
     capacity_factor: float | None = None  # None: dropless; else GShard/Switch capacity with dropping
+    # (expert_choice: each expert takes capacity_factor * tokens / n_experts tokens; None: top_k)
     balance_loss: float = 0.0  # Switch/GShard aux loss = DeepSeekMoE expert-level balance (alpha)
     device_loss: float = 0.0  # DeepSeekMoE device-level balance loss
     n_devices: int = 1  # expert groups treated as devices by device_loss
@@ -253,6 +254,11 @@ class ModelConfig:
                 raise ConfigError("src_vocab_size", "a decoder-only model has one vocabulary; remove it")
             if self.share_embeddings:
                 raise ConfigError("share_embeddings", "only a seq2seq model has two embeddings to share")
+            if self.moe is not None and self.moe.kind == "expert_choice":
+                raise ConfigError(
+                    "moe.kind", "'expert_choice' lets each expert pick tokens across the whole batch, so a causal "
+                    "decoder would see later tokens; it is allowed in a seq2seq model's encoder only",
+                )  # fmt: skip
         elif self.mtp is not None:
             raise ConfigError("mtp", "multi-token prediction is for decoder-only models (arch 'decoder')")
         if self.share_embeddings and self.source_vocab_size != self.vocab_size:
@@ -329,6 +335,9 @@ def check_latent_fields(attention: AttentionConfig) -> None:
 # Soft keeps `normalize` out of the list: with every expert chosen the weights sum to 1 either way.
 _SOFT_IGNORES = ("score", "noisy", "n_group", "topk_group", "group_routing", "bias_update_rate")
 _DENSE_USES = ("kind", "expert_hidden")  # the plain FFN of hidden size expert_hidden
+# expert choice: a softmax affinity, experts take tokens, balanced by construction (no balance terms)
+_EXPERT_CHOICE_IGNORES = ("score", "noisy", "n_group", "topk_group", "group_routing", "bias_update_rate",
+                          "balance_loss", "device_loss", "seq_balance_loss")  # fmt: skip
 
 
 def check_kind_options(moe: MoEConfig) -> None:
@@ -340,6 +349,13 @@ def check_kind_options(moe: MoEConfig) -> None:
                 raise ConfigError(
                     name, f"kind 'dense' builds plain FFN layers and ignores it (got {getattr(moe, name)!r}); "
                     "remove it, or choose kind 'soft', 'topk' or 'deepseek'",
+                )  # fmt: skip
+    elif moe.kind == "expert_choice":
+        for name in _EXPERT_CHOICE_IGNORES:
+            if getattr(moe, name) != defaults[name]:
+                raise ConfigError(
+                    name, f"kind 'expert_choice' (experts pick tokens, balanced by construction) ignores it "
+                    f"(got {getattr(moe, name)!r}); remove it, or use kind 'topk' or 'deepseek'",
                 )  # fmt: skip
     elif moe.kind == "soft":
         if moe.top_k not in (defaults["top_k"], moe.n_experts):

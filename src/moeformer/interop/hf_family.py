@@ -21,6 +21,8 @@ def family_for(config: ModelConfig) -> str:
         _check_moe_exportable(config, moe)
         if moe.kind == "soft":
             raise InteropError("moe.kind 'soft' (every expert, dense gate) has no transformers equivalent")
+        if moe.kind == "expert_choice":
+            raise InteropError("moe.kind 'expert_choice' (experts pick tokens) has no transformers equivalent")
     if a.kind == "mla":
         if config.norm_eps != 1e-6:
             raise InteropError("norm_eps: DeepSeek's latent norms use 1e-6 in transformers; set norm_eps = 1e-6")

@@ -9,6 +9,10 @@
   (each of N experts split into m, route to mK of mN) plus K_s shared experts every token uses:
   y = sum_{i<=K_s} FFN_i(x) + sum_{i in TopK} g_i FFN_i(x); DeepSeek-V3 routing by options.
   Qwen2-MoE's variant gates the shared part per token: sigmoid(x . w_s) * sum_{i<=K_s} FFN_i(x).
+- ``expert_choice``: experts pick tokens (Zhou et al. 2022, arXiv 2202.09368): each of E experts
+  takes its top capacity_factor * N / E tokens of the batch (capacity_factor defaults to top_k:
+  the same compute as top-k routing); balanced by construction, no balance loss. Non-causal: a
+  seq2seq encoder's layers only (:func:`moeformer.models.ffn_factory.build_ffn`).
 
 Every layer maps x (B, T, D) to an :class:`~moeformer.layers.feedforward.FFNOutput` whose
 ``aux_losses`` hold the enabled, weighted balance terms and whose ``stats`` hold per-expert
@@ -41,12 +45,12 @@ class MoELayer(nn.Module):
         self, config: MoEConfig, d_model: int, expert_hidden: int, *, activation: Activation, bias: bool
     ) -> None:
         super().__init__()
-        if config.kind not in ("soft", "topk", "deepseek"):
-            raise ValueError(f"MoELayer builds kinds 'soft', 'topk', 'deepseek', not {config.kind!r}")
+        if config.kind not in ("soft", "topk", "deepseek", "expert_choice"):
+            raise ValueError(f"MoELayer builds kinds 'soft', 'topk', 'deepseek', 'expert_choice', not {config.kind!r}")
         self.config = config
         hidden = expert_hidden // config.granularity
         n_experts = config.routed_experts
-        top_k = n_experts if config.kind == "soft" else config.routed_top_k
+        top_k = n_experts if config.kind in ("soft", "expert_choice") else config.routed_top_k
         if config.kind == "soft":  # a plain softmax gate over every expert, nothing renormalised
             config = _soft_router_config(config)
         self.router = Router(d_model, n_experts, top_k, config)
@@ -68,8 +72,10 @@ class MoELayer(nn.Module):
         """
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        routing = self.router(flat, logits_hook=self.router_logits)
         real = None if padding_mask is None else ~padding_mask.reshape(B * T)
+        if self.config.kind == "expert_choice":
+            return self._expert_choice(x, flat, real, report)
+        routing = self.router(flat, logits_hook=self.router_logits)
         if real is not None:  # padding takes no expert and no capacity
             routing = Routing(
                 routing.logits,
@@ -93,6 +99,36 @@ class MoELayer(nn.Module):
             return FFNOutput(out.view(B, T, D))
         aux, stats = self._losses_and_stats(routing, chosen, dropped, real, B, T)
         return FFNOutput(out.view(B, T, D), aux, stats)
+
+    def _expert_choice(self, x: Tensor, flat: Tensor, real: Tensor | None, report: bool) -> FFNOutput:
+        """Experts pick tokens (:meth:`Router.choose_tokens`); the same grouped kernels run them."""
+        factor = self.config.capacity_factor if self.config.capacity_factor is not None else self.config.top_k
+        routing = self.router.choose_tokens(flat, real, factor, self.router_logits)
+        if self.expert_parallel is None:
+            out = self.experts(flat, routing.index, routing.weights)
+        else:
+            out = self.expert_parallel(flat, routing.index, routing.weights, self.experts)
+        if not report:
+            return FFNOutput(out.view(x.shape))
+        E = self.router.n_experts
+        taken = (routing.index < E).sum(1)
+        if real is not None:
+            taken, scores = taken[real], routing.scores[real]
+        else:
+            scores = routing.scores
+        aux: dict[str, Tensor] = {}
+        terms: dict[str, Tensor] = {}
+        if self.config.z_loss:
+            terms["z"] = losses.router_z_loss(routing.logits if real is None else routing.logits[real])
+            aux["z"] = self.config.z_loss * terms["z"]
+        stats = {
+            "tokens_per_expert": torch.bincount(routing.index.reshape(-1), minlength=E + 1)[:E].float(),
+            "dropped_fraction": (taken == 0).float().mean().nan_to_num(0.0),  # tokens no expert took
+            "experts_per_token": taken.float().mean().nan_to_num(0.0),
+            "router_entropy": losses.router_entropy(scores),
+            **{f"loss_{k}": v for k, v in terms.items()},
+        }
+        return FFNOutput(out.view(x.shape), aux, {k: v.detach() for k, v in stats.items()})
 
     def shared_output(self, flat: Tensor) -> Tensor:
         """flat: (N, D) -> the shared experts' (gated) contribution (N, D)."""
@@ -147,7 +183,7 @@ def _soft_router_config(config: MoEConfig) -> MoEConfig:
 
 def build_moe(
     *,
-    kind: Literal["dense", "soft", "topk", "deepseek"],
+    kind: Literal["dense", "soft", "topk", "deepseek", "expert_choice"],
     d_model: int,
     n_experts: int = 8,
     top_k: int = 2,

@@ -13,6 +13,8 @@ Scoring and selection, covering the classic routers by configuration:
   gradients) but *weighted* by s, renormalised over the k chosen, times ``routed_scaling``.
 - group-limited routing (DeepSeek-V2/V3): each group of E / G experts is scored by the sum of
   its two best (biased) scores; only the ``topk_group`` best groups may be chosen from.
+- expert choice (Zhou et al. 2022; :meth:`Router.choose_tokens`): experts pick their top tokens
+  of the batch instead of tokens picking experts (non-causal layers only).
 - hierarchical MoE (Shazeer et al. 2017, appendix B, the "gating tree" of the article): a
   primary gate picks ``topk_group`` groups, a secondary gate per group picks
   K / topk_group experts inside it; the weight is the product of both gates.
@@ -23,6 +25,7 @@ Router logits are computed in float32 whatever the model dtype (Switch Transform
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,6 +85,37 @@ class Router(nn.Module):
         if self.config.normalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return Routing(logits, scores, index, weights * self.config.routed_scaling)
+
+    def choose_tokens(
+        self, x: Tensor, real: Tensor | None, capacity_factor: float, logits_hook: Callable[[Tensor], Tensor] | None
+    ) -> Routing:
+        """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368, section 3.1): each expert takes
+        its top c tokens of the batch by affinity, c = ceil(capacity_factor * n / E) for n real tokens:
+
+            S = softmax(X W_g^T) (N, E);  G, I = TopK(S^T, c) per expert;  y_t = sum_{e: t in I_e} S_te E_e(x_t)
+
+        A token may be taken by several experts or by none (then only the residual carries it);
+        the load is balanced by construction. Returned as token-major :class:`Routing` with K =
+        the most experts any token got (E = no expert in the remaining slots), so the same sorted
+        grouped kernels run it. It looks across the batch: never for causal layers.
+        """
+        logits = F.linear(x.float(), self.weight.float())
+        if logits_hook is not None:
+            logits = logits_hook(logits)
+        scores = logits.softmax(-1)
+        N, E = scores.shape
+        n_real = N if real is None else int(real.sum())
+        per_expert = min(N, max(1, math.ceil(capacity_factor * n_real / E)))
+        eligible = scores if real is None else scores.masked_fill(~real[:, None], -1.0)  # padding never wins
+        taken = eligible.topk(per_expert, dim=0).indices  # (c, E) token ids per expert
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, taken, True)
+        if real is not None:  # fewer real tokens than c: the -1 rows were taken; give them back
+            chosen &= real[:, None]
+        width = max(1, int(chosen.sum(1).max()))
+        experts = torch.arange(E, device=x.device).expand(N, E)
+        index = torch.where(chosen, experts, E).sort(dim=1).values[:, :width]  # chosen experts first
+        weights = scores.gather(1, index.clamp(max=E - 1)).masked_fill(index == E, 0.0)
+        return Routing(logits, scores, index, weights)
 
     def _limit_groups(self, choice: Tensor) -> Tensor:
         """Mask (with -inf) every expert outside each token's ``topk_group`` best groups."""

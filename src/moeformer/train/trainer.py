@@ -329,8 +329,9 @@ class Trainer:
                 total = loss * share + out.aux_loss
                 ahead: list[Tensor] = []
                 if self.mtp:
+                    lam = self.mtp.weight_at(self.step, cfg.steps)
                     weighted, ahead = mtp_loss(out.mtp_logits, batch.target, pad_id=self.task.pad_id,
-                                               eps=cfg.label_smoothing, weight=self.mtp.weight_at(self.step, cfg.steps))  # fmt: skip
+                                               eps=cfg.label_smoothing, weight=lam)  # fmt: skip
                     total = total + weighted * share
             self._check_finite(total)
             (total / cfg.grad_accum).backward()
