@@ -79,8 +79,8 @@ def test_gradients_reach_router_and_experts():
 
 
 def test_options_it_ignores_and_causal_models_are_refused():
-    with pytest.raises(ConfigError, match="balance_loss.*expert_choice"):
-        MoEConfig(kind="expert_choice", balance_loss=0.01)
+    with pytest.raises(ConfigError, match="score.*expert_choice"):
+        MoEConfig(kind="expert_choice", score="sigmoid")
     with pytest.raises(ConfigError, match="n_shared"):
         MoEConfig(kind="expert_choice", n_shared=1)
     with pytest.raises(ConfigError, match="causal decoder would see later tokens"):
@@ -88,8 +88,8 @@ def test_options_it_ignores_and_causal_models_are_refused():
 
 
 def test_seq2seq_routes_the_encoder_by_expert_choice_and_the_decoder_by_top_k():
-    config = model_config_from_dict({"preset": "transformer-tiny", "vocab_size": 30, "dropout": 0.0,
-                                     "moe": {"kind": "expert_choice", "n_experts": 4, "top_k": 2}})  # fmt: skip
+    moe = {"kind": "expert_choice", "n_experts": 4, "top_k": 2, "balance_loss": 0.01}
+    config = model_config_from_dict({"preset": "transformer-tiny", "vocab_size": 30, "dropout": 0.0, "moe": moe})
     model = Seq2SeqTransformer(config).eval()
     kinds = {name: m.config.kind for name, m in model.named_modules() if isinstance(m, MoELayer)}
     assert kinds and all(k == ("expert_choice" if n.startswith("encoder") else "topk") for n, k in kinds.items())
@@ -97,3 +97,5 @@ def test_seq2seq_routes_the_encoder_by_expert_choice_and_the_decoder_by_top_k():
     out = model(src, tgt)
     assert out.logits.shape == (2, 5, 30) and torch.isfinite(out.logits).all()
     assert any(k.startswith("encoder") for k in out.reports.stats)
+    # the balance loss is the decoder's (token choice); expert choice needs none
+    assert out.reports.aux_losses and all(k.startswith("decoder") for k in out.reports.aux_losses)

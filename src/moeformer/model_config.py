@@ -335,9 +335,9 @@ def check_latent_fields(attention: AttentionConfig) -> None:
 # Soft keeps `normalize` out of the list: with every expert chosen the weights sum to 1 either way.
 _SOFT_IGNORES = ("score", "noisy", "n_group", "topk_group", "group_routing", "bias_update_rate")
 _DENSE_USES = ("kind", "expert_hidden")  # the plain FFN of hidden size expert_hidden
-# expert choice: a softmax affinity, experts take tokens, balanced by construction (no balance terms)
-_EXPERT_CHOICE_IGNORES = ("score", "noisy", "n_group", "topk_group", "group_routing", "bias_update_rate",
-                          "balance_loss", "device_loss", "seq_balance_loss")  # fmt: skip
+# expert choice: a softmax affinity, experts take tokens, balanced by construction. Balance-loss
+# coefficients stay allowed: a seq2seq decoder's layers route by token choice and use them.
+_EXPERT_CHOICE_IGNORES = ("score", "noisy", "n_group", "topk_group", "group_routing", "bias_update_rate")
 
 
 def check_kind_options(moe: MoEConfig) -> None:
