@@ -119,20 +119,28 @@ def speculative_generate(
         active = ~done & (count < max_new_tokens)
         if not bool(active.any()):
             break
-        idle = (~active)[:, None].expand(B, 2)  # finished rows feed padding: they take no positions
+        everyone = bool(active.all())  # masks only where rows differ: none at batch 1
+        idle = None if everyone else (~active)[:, None].expand(B, 2)  # finished rows feed padding
         main = model(torch.stack([last, draft], dim=1), padding_mask=idle, cache=cache, reports=False)
         result.passes += 1
         kept, token = choose.verify(draft, q, main.logits[:, 0])
         kept &= active
         bonus, _ = choose.pick(main.logits[:, 1])
+        n_kept = int(kept.sum())
         result.drafted += int(active.sum())
-        result.accepted += int(kept.sum())
+        result.accepted += n_kept
         _append(out, count, done, token, active, eos_id)
         _append(out, count, done, bonus, kept & ~done, eos_id)
-        cache.discard_last(active & ~kept)
         last = torch.where(kept, bonus, token)
-        mtp = model.mtp_step(main.residual, torch.stack([token, bonus], dim=1), cache=drafts,
-                             padding_mask=torch.stack([~active, ~kept], dim=1))  # fmt: skip
+        if n_kept == 0:  # every draft rejected: cut the slot off both caches' ends, no padding to carry
+            cache.drop_last(active)
+            first = None if everyone else ~active[:, None]
+            mtp = model.mtp_step(main.residual[:, :1], token[:, None], cache=drafts, padding_mask=first)
+            draft, q = choose.pick(mtp.logits[:, 0])
+            continue
+        cache.discard_last(active & ~kept)
+        both = None if everyone and n_kept == B else torch.stack([~active, ~kept], dim=1)
+        mtp = model.mtp_step(main.residual, torch.stack([token, bonus], dim=1), cache=drafts, padding_mask=both)
         draft, q = choose.pick(torch.where(kept[:, None], mtp.logits[:, 1], mtp.logits[:, 0]))
     length = int(count.clamp(max=max_new_tokens).max())
     result.tokens = out[:, :length]

@@ -120,6 +120,11 @@ class KVCache:
         self.buffers = (k_buf, v_buf)
         return key, value
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (a rejected speculative draft); buffers are kept."""
+        if self.key is not None and self.value is not None:
+            self.key, self.value = self.key[:, :, :length], self.value[:, :, :length]
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
         if self.buffers is not None:

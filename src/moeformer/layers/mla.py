@@ -79,6 +79,11 @@ class LatentKVCache:
             self.rope_key = torch.cat([self.rope_key, rope_key], dim=1)
         return self.latent, self.rope_key
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (a rejected speculative draft); buffers are kept."""
+        if self.latent is not None and self.rope_key is not None:
+            self.latent, self.rope_key = self.latent[:, :length], self.rope_key[:, :length]
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search), in place."""
         if self.buffers is not None:

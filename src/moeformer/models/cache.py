@@ -50,6 +50,17 @@ class DecoderCache:
             self.next_position = self.next_position.index_select(0, index)
 
 
+    def drop_last(self, real: Tensor) -> None:
+        """Remove the last position fed, for every row (``real`` (B,) bool: rows where it was a real
+        token, which give its position back). Cheaper than :meth:`discard_last` when every row's
+        draft was rejected: no padding is recorded, so later steps need no mask for it."""
+        self.length -= 1
+        for layer in self.layers:
+            layer.self_attn.truncate(self.length)
+        if self.padding_mask is not None:
+            self.padding_mask = self.padding_mask[:, : self.length]
+        self.next_position = self.next_position - real.long()
+
     def discard_last(self, rows: Tensor) -> None:
         """Forget the last position fed for ``rows`` (B,) bool: it becomes padding, never attended
         again, and those rows' next token takes its position (rejected speculative drafts)."""
