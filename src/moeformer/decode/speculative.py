@@ -126,8 +126,8 @@ def speculative_generate(
         kept, token = choose.verify(draft, q, main.logits[:, 0])
         kept &= active
         bonus, _ = choose.pick(main.logits[:, 1])
-        n_kept = int(kept.sum())
-        result.drafted += int(active.sum())
+        n_kept, n_active = int(kept.sum()), int(active.sum())
+        result.drafted += n_active
         result.accepted += n_kept
         _append(out, count, done, token, active, eos_id)
         _append(out, count, done, bonus, kept & ~done, eos_id)
@@ -138,7 +138,8 @@ def speculative_generate(
             mtp = model.mtp_step(main.residual[:, :1], token[:, None], cache=drafts, padding_mask=first)
             draft, q = choose.pick(mtp.logits[:, 0])
             continue
-        cache.discard_last(active & ~kept)
+        if n_kept < n_active:  # some rows rejected: their draft slots become padding
+            cache.discard_last(active & ~kept)
         both = None if everyone and n_kept == B else torch.stack([~active, ~kept], dim=1)
         mtp = model.mtp_step(main.residual, torch.stack([token, bonus], dim=1), cache=drafts, padding_mask=both)
         draft, q = choose.pick(torch.where(kept[:, None], mtp.logits[:, 1], mtp.logits[:, 0]))
