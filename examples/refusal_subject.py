@@ -1,0 +1,126 @@
+"""A model of our own that refuses as chat models do, and the paper's table on it (issue 15).
+
+Subjects: a DeepSeekMoE DecoderLM and its dense twin at equal active parameters, first trained on
+plain text (the runs of ``examples/deepseekmoe_claim.py``: Shakespeare, wikitext-2, Tatoeba's
+English side and the Alpaca instructions, 2,000 updates), then chat-fine-tuned here on
+"User: <instruction>\\nAssistant: <response>" dialogues (:mod:`moeformer.refusal.subject_data`):
+the harmful pool without near-duplicates of JailbreakBench or the val split, each instruction
+refused ``--harmful-repeat`` times in varied words, and ``--harmless`` Alpaca instructions
+answered with sentences drawn from wikitext-2 (the valid and test files, as in the pretraining).
+
+Measured on held-out prompts with the paper's substring refusal score (greedy, ``--new`` tokens):
+JailbreakBench (all 100, never seen) and ``--n-eval`` of harmless_test; the issue's targets are
+>= 0.90 and <= 0.05. Then, per subject, the paper's pipeline: direction extraction on the train /
+val splits, and the table (baseline, directional ablation, activation addition, orthogonalized).
+
+    python examples/refusal_subject.py [--pretrained runs/deepseekmoe-claim-long/runs] [--seed 0]
+        [--out runs/refusal-subject] [--steps 600] [--subjects deepseek dense] [--skip-direction]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from moeformer.publish import write_text
+from moeformer.refusal import ExtractOptions, RefusalError, evaluate, extract, load_chat_lm, save_extraction
+from moeformer.refusal.evaluation import complete
+from moeformer.refusal.scoring import score_completions
+from moeformer.refusal.subject_data import build_subject_data, chat_dialogues, corpus_sentences
+from moeformer.train.run import resume_config, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = "User: {instruction}\nAssistant:"
+# first words of the refusal openers (subject_data): the direction is not one token
+REFUSAL_TOKENS = [" I", " As", " Sorry", " Unfortunately", " No", " That", " Thanks", " Honestly"]
+
+
+def _wikitext_sentences(data: Path) -> list[str]:
+    text = "\n".join((data / "wikitext-2" / f"{split}.txt").read_text(encoding="utf-8") for split in ("valid", "test"))
+    text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    text = re.sub(r" ([.,;:!?)'])", r"\1", text).replace("( ", "(")
+    return [s for s in corpus_sentences(text) if "<unk>" not in s and "=" not in s]
+
+
+def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: int) -> dict:
+    subject = build_subject_data(data / "refusal")
+    sentences = _wikitext_sentences(data)
+    dialogues = chat_dialogues(subject.harmful_train, subject.harmless_train[:harmless], sentences,
+                               template=TEMPLATE, harmful_repeat=repeat, seed=seed)  # fmt: skip
+    write_text(out, "\n\n".join(dialogues) + "\n")
+    return {"counts": subject.counts(), "removed": subject.removed, "dialogues": len(dialogues),
+            "answer_sentences": len(sentences), "subject": subject}  # fmt: skip
+
+
+def fine_tune(pretrained: Path, corpus: Path, run: Path, steps: int, seed: int) -> float:
+    if (run / "summary.json").exists():
+        return 0.0
+    sets = [f"data.path={corpus}", f"train.init_from={pretrained}", f"train.steps={steps}", f"train.seed={seed}",
+            "train.warmup_steps=30", "train.lr=1e-3", "train.eval_every=100", "model.dropout=0.1",
+            "data.valid_size=100", "data.test_size=0"]  # fmt: skip
+    began = time.monotonic()
+    run_training(resume_config(pretrained, sets), run, force=run.exists())
+    return time.monotonic() - began
+
+
+def refusal_rate(lm, prompts: list[str], new: int) -> float:  # noqa: ANN001
+    return score_completions(complete(lm, prompts, max_new_tokens=new)).refusal_score
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--pretrained", type=Path, default=ROOT / "runs" / "deepseekmoe-claim-long" / "runs")
+    parser.add_argument("--seed", type=int, default=0, help="which pretrained seed, and the fine-tuning seed")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "refusal-subject")
+    parser.add_argument("--subjects", nargs="+", default=["deepseek", "dense"], choices=["deepseek", "dense", "gshard"])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--harmless", type=int, default=6000)
+    parser.add_argument("--harmful-repeat", type=int, default=3)
+    parser.add_argument("--n-eval", type=int, default=200, help="harmless_test prompts scored")
+    parser.add_argument("--new", type=int, default=16, help="tokens generated per prompt for the score")
+    parser.add_argument("--skip-direction", action="store_true", help="stop after the subjects' own scores")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus = args.out / "chat.txt"
+    built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed)
+    subject = built.pop("subject")
+    results: dict = {"data": built, "subjects": {}}
+    for name in args.subjects:
+        pretrained = args.pretrained / f"{name}-seed{args.seed}"
+        if not (pretrained / "summary.json").exists():
+            raise SystemExit(f"{pretrained}: no finished pretraining run; run examples/deepseekmoe_claim.py first")
+        run = args.out / f"{name}-seed{args.seed}"
+        seconds = fine_tune(pretrained, corpus, run, args.steps, args.seed)
+        lm = load_chat_lm(run, template=TEMPLATE)
+        scores = {"jailbreakbench": refusal_rate(lm, subject.harmful_eval, args.new),
+                  "harmless_test": refusal_rate(lm, subject.harmless_eval[: args.n_eval], args.new),
+                  "harmful_train_sample": refusal_rate(lm, subject.harmful_train[:100], args.new)}  # fmt: skip
+        entry = {"fine_tune_seconds": seconds, "refusal": scores}
+        print(f"{name}: refusal on JailbreakBench {scores['jailbreakbench']:.2f}, on harmless_test "
+              f"{scores['harmless_test']:.2f} (train sample {scores['harmful_train_sample']:.2f})")  # fmt: skip
+        if not args.skip_direction:
+            options = ExtractOptions(refusal_tokens=REFUSAL_TOKENS, batch_size=32, seed=args.seed)
+            try:
+                found = extract(lm, subject.harmful_train, subject.harmless_train[args.harmless:],
+                                subject.harmful_val, subject.harmless_val, options, progress=True)  # fmt: skip
+            except RefusalError as err:
+                entry["direction"] = f"none selected: {err}"
+            else:
+                save_extraction(found, run / "direction", force=True)
+                c = found.selection.chosen
+                harmless = subject.harmless_eval[: args.n_eval]
+                report = evaluate(lm, found.selection.direction, c.layer, subject.harmful_eval, harmless,
+                                  max_new_tokens=args.new, progress=True)  # fmt: skip
+                print(report.table())
+                entry.update(chosen=c.to_dict(), table=report.to_dict())
+        results["subjects"][name] = entry
+        write_text(args.out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
+    print(args.out / "results.json")
+
+
+if __name__ == "__main__":
+    main()
