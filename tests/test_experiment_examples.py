@@ -1,0 +1,72 @@
+"""examples/mtp_comparison.py and examples/upcycle_experiment.py: every command they run names a
+valid config that builds the model it claims (MTP or not; the upcycled MoE layouts), and their
+reports read results as they are stored."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeformer.config import load_config
+from moeformer.models import build_model
+from moeformer.moe import MoELayer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import mtp_comparison  # noqa: E402
+import upcycle_experiment  # noqa: E402
+
+
+def _config(cmd: list[str]):
+    config_path = Path(cmd[cmd.index("train") + 1])
+    overrides = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    return load_config(config_path, overrides)
+
+
+@pytest.mark.parametrize("variant", list(mtp_comparison.VARIANTS))
+def test_mtp_comparison_runs_differ_only_by_the_mtp_module(variant, tmp_path):
+    cmd = mtp_comparison.command(variant, 1, 50, tmp_path, tmp_path / "run")
+    config = _config(cmd)
+    assert config.train.steps == 50 and config.train.seed == 1
+    mtp = config.model.mtp
+    if variant == "v3":
+        assert mtp is None
+    else:
+        assert (mtp.depth, mtp.weight, mtp.late_weight) == (1, 0.3, 0.1)
+    assert config.model.attention.kind == "mla" and config.model.moe.score == "sigmoid"
+
+
+def test_mtp_comparison_report_pairs_seeds():
+    def run(loss, ahead=None, decoding=None):
+        r = {"test_loss": loss, "best_valid": loss, "wall_seconds": 60.0, "parameters": 10, "mtp_parameters": 0}
+        if ahead is not None:
+            r.update(valid_mtp_nll_1=ahead, decoding=decoding, mtp_parameters=3)
+        return r
+
+    speed = {f"batch{b}": {"acceptance": 0.5, "plain_tokens_per_s": 100.0, "speculative_tokens_per_s": 120.0,
+                           "speedup": 1.2, "passes": 30} for b in (1, 8)}  # fmt: skip
+    results = {"v3": {0: run(1.60), 1: run(1.62)}, "v3-mtp": {0: run(1.58, 2.1, speed), 1: run(1.63, 2.2, speed)}}
+    text = "\n".join(mtp_comparison.report(results, [0, 1]))
+    assert "-0.020, +0.010; MTP better in 1 of 2" in text
+    assert "| batch 1 | 0.50 ± 0.00 | 100 | 120 | 1.20 ± 0.00x |" in text
+
+
+@pytest.mark.parametrize("arm", list(upcycle_experiment.ARMS))
+def test_upcycle_arms_build_the_layer_the_upcycled_checkpoint_holds(arm, tmp_path):
+    start, kind, units = upcycle_experiment.ARMS[arm]
+    sets = upcycle_experiment._common(tmp_path, 0, 40 * units) + upcycle_experiment._moe_sets(kind)
+    config = load_config(upcycle_experiment.CONFIG, sets)
+    assert config.train.steps == 40 * units
+    model = build_model(config.model)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if kind is None:
+        assert not layers
+        return
+    experts = layers[0].experts
+    if kind == "topk":  # sparse upcycling: 8 copies of the whole FFN, top-2
+        assert (experts.n_experts, experts.hidden, layers[0].router.top_k) == (8, upcycle_experiment.D_FF, 2)
+    else:  # fine-grained: segments of d_ff / 4, one shared
+        assert (experts.n_experts, experts.hidden, layers[0].router.top_k) == (31, upcycle_experiment.D_FF // 4, 7)
+        assert layers[0].shared_experts is not None
