@@ -201,7 +201,7 @@ def test_every_refusal_and_inspect_option_has_help_showing_its_default():
 
     checked = [(path, options_without_help_or_default(sub)) for path, sub in subparsers(build_parser())
                if path[0] in ("refusal", "inspect", "report")]  # fmt: skip
-    assert len(checked) == 10 and all(bad == [] for _, bad in checked), checked
+    assert len(checked) == 11 and all(bad == [] for _, bad in checked), checked
 
 
 def test_orthogonalize_stream_writes_the_same_model_without_loading_it(tmp_path, capsys):

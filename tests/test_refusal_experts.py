@@ -172,3 +172,31 @@ def test_statistics_and_errors():
     with pytest.raises(RefusalError, match="no shared experts"):
         with ablate_in_part(lm, torch.randn(lm.d_model), "shared"):
             pass
+
+
+def test_cli_experts_writes_the_study_scores_and_pictures(tmp_path, capsys):
+    import json
+
+    import safetensors.torch
+
+    from moeformer.cli import main
+
+    lm, r = planted()
+    lm.save(tmp_path / "ckpt")
+    safetensors.torch.save_file({"direction": r.contiguous()}, str(tmp_path / "r.safetensors"))
+    (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
+    (tmp_path / "harmless.txt").write_text("\n".join(HARMLESS) + "\n")
+    args = ["refusal", "experts", str(tmp_path / "ckpt"), "--template", "U: {instruction}\nA:", "--direction",
+            str(tmp_path / "r.safetensors"), "--harmful", str(tmp_path / "harmful.txt"), "--harmless",
+            str(tmp_path / "harmless.txt"), "--n", "5", "--top", "1", "2", "--draws", "2", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "study"), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| directional ablation |" in out and "| 1 |" in out
+    report = json.loads((tmp_path / "study" / "experts.json").read_text())
+    assert set(report["scores"]) == {"baseline", "directional ablation", "ablation in routed experts only"}
+    assert set(report["masking"]) == {"1", "2"}  # 4 experts, top-1: up to 3 can go; asked 1 and 2
+    assert report["layers"][0]["routed_write"]["harmful"][2] > 0.1
+    for picture in ("expert_choice.png", "expert_writes.png", "masking.png"):
+        assert (tmp_path / "study" / picture).stat().st_size > 1000
+    assert main(args) == 1 and "exists" in capsys.readouterr().err  # never overwritten without --force

@@ -72,6 +72,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experts(args: argparse.Namespace) -> int:
+    from moeformer.refusal.run import run_experts
+
+    report, written = run_experts(
+        _source(args), _files(args), args.direction, args.out, n=args.n, seed=args.seed, top=args.top,
+        draws=args.draws, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, force=args.force,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(report.table())
+    print(f"wrote {args.out}/ ({', '.join(written)})")
+    return 0
+
+
 def _edit_choice(args: argparse.Namespace) -> EditChoice:
     from moeformer.refusal.edits import StrengthKernel
     from moeformer.refusal.lm import RefusalError
@@ -220,6 +233,19 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
     _out_args(ev, required=False, what="write eval.json (every completion), eval.md and routing.png into this "
               "directory (default: print the table only)")  # fmt: skip
     ev.set_defaults(run=_eval)
+
+    exp = commands.add_parser("experts", help="MoE models: which experts carry refusal (routing, writes along "
+                              "the direction, expert masking against a random control)")  # fmt: skip
+    _model_args(exp)
+    _instruction_args(exp)
+    exp.add_argument("--direction", required=True, help="an extract output directory or a direction .safetensors")
+    exp.add_argument("--n", type=int, default=64, help="instructions per side (default 64)")
+    exp.add_argument("--top", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
+                     help="experts taken out of routing per layer (default 1 2 4 8)")  # fmt: skip
+    exp.add_argument("--draws", type=int, default=3, help="random-expert control draws per N (default 3)")
+    exp.add_argument("--max-new-tokens", type=int, default=32, help="length of each greedy completion (default 32)")
+    _out_args(exp, required=True, what="experts.json, experts.md and three pictures")
+    exp.set_defaults(run=_experts)
 
     orth = commands.add_parser("orthogonalize", help="bake the ablation into the weights; write a new model")
     _model_args(orth)

@@ -59,3 +59,72 @@ def plot_routing(layers: Sequence[dict], path: Path) -> None:
         fig.colorbar(image, ax=ax)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_expert_choice(study: Sequence, path: Path) -> None:
+    """Per MoE layer (rows) and routed expert (columns): choice rate at the post-instruction tokens,
+    harmful minus harmless; a dot marks the differences significant after Benjamini-Hochberg."""
+    plt = _pyplot()
+    import numpy as np
+
+    rate = lambda layer, side: np.array(layer.chosen[side].tolist()) / max(layer.tokens[side], 1)  # noqa: E731
+    diff = np.array([rate(layer, "harmful") - rate(layer, "harmless") for layer in study])
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * diff.shape[1] + 2), 1.5 + 0.4 * len(study)), constrained_layout=True)
+    limit = max(float(np.abs(diff).max()), 1e-6)
+    image = ax.imshow(diff, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
+    for row, layer in enumerate(study):
+        for col in np.flatnonzero(np.array(layer.significant.tolist())):
+            ax.plot(col, row, "k.", markersize=4)
+    ax.set_yticks(range(len(study)), [f"layer {layer.layer}" for layer in study])
+    ax.set(xlabel="routed expert", title="choice rate, harmful - harmless (dot: significant, BH q = 0.05)")
+    fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_writes(study: Sequence, path: Path) -> None:
+    """Left: per layer, the shared and the routed experts' write along r per token (harmful prompts).
+    Right: every routed expert's harmful-minus-harmless write, layer by layer."""
+    plt = _pyplot()
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
+    x = np.arange(len(study))
+    shared = [layer.shared_write["harmful"] for layer in study]
+    routed = [float(layer.routed_write["harmful"].sum()) for layer in study]
+    left.bar(x - 0.2, shared, 0.4, label="shared experts")
+    left.bar(x + 0.2, routed, 0.4, label="routed experts (sum)")
+    left.set_xticks(x, [str(layer.layer) for layer in study])
+    left.set(xlabel="layer", ylabel="mean write along r per token", title="who writes the refusal direction")
+    left.legend()
+    for layer in study:
+        lean = (layer.routed_write["harmful"] - layer.routed_write["harmless"]).numpy()
+        right.plot(np.arange(len(lean)), lean, marker=".", label=f"layer {layer.layer}")
+    right.axhline(0, color="gray", linewidth=0.8)
+    right.set(xlabel="routed expert", ylabel="write along r, harmful - harmless", title="refusal experts?")
+    right.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_masking(baseline: float, masking: dict, path: Path) -> None:
+    """Refusal score against the number of experts taken out per layer: refusal experts vs random."""
+    plt = _pyplot()
+    ns = sorted(masking)
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    ax.plot([0, *ns], [baseline, *[masking[n]["refusal_experts"] for n in ns]], marker="o", label="refusal experts")
+    ax.plot([0, *ns], [baseline, *[masking[n]["random"] for n in ns]], marker="s", label="random experts (control)")
+    ax.set(xlabel="experts taken out of routing per layer", ylabel="refusal score (harmful prompts)", ylim=(0, 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from moeformer.refusal.edits import Method, StrengthKernel, check_method
 from moeformer.refusal.evaluation import CONDITIONS, EvalReport, evaluate, save_evaluation
+from moeformer.refusal.expert_run import ExpertReport, save_expert_report, study_experts
 from moeformer.refusal.extract import (
     CANDIDATES_FILE,
     Extraction,
@@ -290,6 +291,24 @@ def run_stream_orthogonalize(
     mean = edit.harmless_mean(direction_path)
     return stream_orthogonalize(source, out, direction, method=edit.method, kernel=edit.kernel, harmless_mean=mean,
                                 force=force, progress=progress)  # fmt: skip
+
+
+def run_experts(
+    source: ModelSource, files: InstructionFiles, direction_path: str | Path, out: str | Path, *, n: int = 64,
+    seed: int = 0, top: Sequence[int] = (1, 2, 4, 8), draws: int = 3, max_new_tokens: int = 32,
+    batch_size: int = 16, force: bool = False, progress: bool = False,
+) -> tuple[ExpertReport, list[str]]:  # fmt: skip
+    """The expert study (:mod:`moeformer.refusal.experts`) on ``n`` instructions per side, its
+    interventions scored on the harmful ones, written into ``out``."""
+    direction, _ = load_direction(direction_path)
+    check_hidden_size(source.path, direction)
+    harmful = sample_instructions(load_instructions(files.harmful, field=files.field), n, seed)
+    harmless = sample_instructions(load_instructions(files.harmless, field=files.field), n, seed)
+    check_output(out, force=force, source=source.path)  # before the long part
+    lm = _load(source)
+    report = study_experts(lm, direction, harmful, harmless, top=top, draws=draws, seed=seed,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)  # fmt: skip
+    return report, save_expert_report(report, out, force=force)
 
 
 def score_file(path: str | Path, *, substrings_file: str | Path | None = None) -> RefusalScore:
