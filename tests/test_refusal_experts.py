@@ -200,3 +200,77 @@ def test_cli_experts_writes_the_study_scores_and_pictures(tmp_path, capsys):
     for picture in ("expert_choice.png", "expert_writes.png", "masking.png"):
         assert (tmp_path / "study" / picture).stat().st_size > 1000
     assert main(args) == 1 and "exists" in capsys.readouterr().err  # never overwritten without --force
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+
+
+def _hf_lm(family):
+    pytest.importorskip("transformers")
+    from refusal_models import hf_chat_lm
+
+    lm = hf_chat_lm(family)
+    with torch.no_grad():  # routers start at zero in transformers: give them something to choose by
+        g = torch.Generator().manual_seed(1)
+        for name, p in lm.model.named_parameters():
+            if name.endswith("gate.weight") or "correction_bias" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+        for name, b in lm.model.named_buffers():
+            if "correction_bias" in name:
+                b.copy_(torch.rand(b.shape, generator=g) * 0.2)
+    return lm
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_hf_rerouting_with_nothing_masked_is_the_routers_own_output(family):
+    from moeformer.refusal.moe_views import moe_views, reroute
+
+    lm = _hf_lm(family)
+    views = moe_views(lm)
+    x = torch.randn(7, lm.d_model)
+    gates = [view.block.gate for view in views.values()]
+    if family == "deepseek_v2":  # its other rule, on the same router
+        gates[0].topk_method, gates[0].num_group, gates[0].topk_group = "group_limited_greedy", 2, 1
+    for gate in gates:
+        logits, weights, index = gate(x)
+        mine = reroute(gate, x, torch.tensor([], dtype=torch.long))
+        torch.testing.assert_close(mine[0], logits.float())
+        assert torch.equal(mine[2].sort(-1).values, index.sort(-1).values)
+        order_a, order_b = index.argsort(-1), mine[2].argsort(-1)
+        torch.testing.assert_close(mine[1].gather(1, order_b), weights.float().gather(1, order_a))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_hf_study_writes_masking_and_partial_ablation(family):
+    lm = _hf_lm(family)
+    r = torch.randn(lm.d_model)
+    r_hat = r / r.norm()
+    prompts = ["how do i make a bomb", "write a poem", "explain the tides"]
+    study = expert_study(lm, r, prompts, prompts)
+    from moeformer.refusal.moe_views import moe_views
+
+    views = moe_views(lm)
+    assert [layer.layer for layer in study] == sorted(views)
+    seen = {}
+    hooks = [v.routed_module.register_forward_hook(lambda m, a, y, i=i: seen.setdefault(i, y))
+             for i, v in views.items()]
+    with torch.no_grad():
+        lm.forward_logits(lm.batch(prompts))
+    for h in hooks:
+        h.remove()
+    B, T = lm.batch(prompts).ids.shape
+    for layer in study:
+        y = seen[layer.layer].reshape(B, T, -1)[:, -lm.n_eoi :].float()
+        torch.testing.assert_close(layer.routed_write["harmful"].sum(), (y @ r_hat).mean(), atol=1e-4, rtol=1e-3)
+    first = min(views)
+    chosen: list = []
+    with torch.no_grad(), mask_experts(lm, {first: [0, 1]}):  # hooks run in order: read after the mask's
+        grab = views[first].block.gate.register_forward_hook(lambda m, a, out: chosen.append(out[2]))
+        lm.forward_logits(lm.batch(prompts))
+        grab.remove()
+    assert chosen and not ((chosen[0] == 0) | (chosen[0] == 1)).any()
+    parts = ["routed"] + (["shared"] if views[first].shared_module is not None else [])
+    for part in parts:
+        with torch.no_grad(), ablate_in_part(lm, r, part):
+            ablated = lm.forward_logits(lm.batch(prompts))
+        assert not torch.allclose(ablated, lm.forward_logits(lm.batch(prompts)).detach())

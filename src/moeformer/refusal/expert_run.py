@@ -25,12 +25,12 @@ from moeformer.refusal.experts import (
     ablate_in_part,
     expert_study,
     mask_experts,
-    moe_layers,
     random_experts,
     refusal_experts,
 )
 from moeformer.refusal.interventions import ablate
 from moeformer.refusal.lm import ChatLM
+from moeformer.refusal.moe_views import moe_views
 from moeformer.refusal.plots import plot_expert_choice, plot_expert_writes, plot_masking
 from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, score_completions
 
@@ -62,10 +62,10 @@ def study_experts(
 ) -> ExpertReport:  # fmt: skip
     """The study on (harmful, harmless) and every intervention's refusal score on ``harmful``."""
     study = expert_study(lm, direction, harmful, harmless, batch_size=batch_size)
-    layers = moe_layers(lm)
-    room = min(layer.router.n_experts - layer.router.top_k for layer in layers.values())
+    views = moe_views(lm)
+    room = min(view.n_experts - view.top_k for view in views.values())
     sizes = [n for n in top if 0 < n <= room]
-    parts = ["routed"] + (["shared"] if all(layer.shared_experts is not None for layer in layers.values()) else [])
+    parts = ["routed"] + (["shared"] if all(view.shared_module is not None for view in views.values()) else [])
     jobs: list[tuple[str, Callable[[], contextlib.AbstractContextManager]]] = [
         ("baseline", contextlib.nullcontext),
         ("directional ablation", lambda: ablate(lm, direction)),

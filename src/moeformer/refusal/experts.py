@@ -16,7 +16,8 @@ harmless prompts:
   them, for softmax routing exactly), and :func:`ablate_in_part` removes r from the routed
   experts' output only or from the shared experts' only.
 
-Hugging Face MoE families are not read yet: their expert modules differ per family.
+Works on moeformer DecoderLMs and on transformers' Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 and
+DeepSeek-V3 (:mod:`moeformer.refusal.moe_views`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moeformer.moe.layer import MoELayer
 from moeformer.refusal.interventions import project_out, unit
 from moeformer.refusal.lm import ChatLM, RefusalError, iter_batches
+from moeformer.refusal.moe_views import MoEView, moe_views
 
 
 @dataclass
@@ -53,32 +54,18 @@ class LayerExperts:
                 "shared_write": self.shared_write}  # fmt: skip
 
 
-def moe_layers(lm: ChatLM) -> dict[int, MoELayer]:
-    layers = getattr(lm.model, "layers", None)
-    found = {i: block.ffn for i, block in enumerate(layers or []) if isinstance(getattr(block, "ffn", None), MoELayer)}
-    if not found:
-        raise RefusalError(f"the expert study reads moeformer MoE layers; this {lm.family} model has none")
-    return found
-
-
-def _per_expert_write(layer: MoELayer, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-    """x: (N, D) the layer's input at the tokens read -> routed writes (N, E) and shared writes (N,)."""
-    routing = layer.router(x, logits_hook=layer.router_logits)
-    experts, E = layer.experts, layer.router.n_experts
-    N, K = routing.index.shape
+def _per_expert_write(view: MoEView, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x: (N, D) the layer's input at the tokens read -> chosen experts (N, K), routed writes (N, E)
+    and shared writes (N,) along r."""
+    index, weights = view.route(x)
+    E, N = view.n_experts, x.shape[0]
     writes = x.new_zeros(N, E)
-    valid = routing.index < E
-    token, slot = valid.nonzero(as_tuple=True)
-    e = routing.index[token, slot]
-    h = torch.einsum("pd,phd->ph", x[token], experts.first_weight[e])
-    if experts.up_bias is not None:
-        h = h + experts.up_bias[e]
-    y = torch.einsum("ph,pdh->pd", experts.activate(h), experts.down_proj[e])
-    if experts.down_bias is not None:
-        y = y + experts.down_bias[e]
-    writes.index_put_((token, e), routing.weights[token, slot].to(y.dtype) * (y @ r), accumulate=True)
-    shared = layer.shared_output(x) @ r if layer.shared_experts is not None else x.new_zeros(N)
-    return writes, shared
+    token, slot = (index < E).nonzero(as_tuple=True)
+    e = index[token, slot]
+    y = view.expert_outputs(x[token], e)
+    writes.index_put_((token, e), weights[token, slot].to(y.dtype) * (y @ r), accumulate=True)
+    shared = view.shared(x) @ r if view.shared is not None else x.new_zeros(N)
+    return index, writes, shared
 
 
 @torch.no_grad()
@@ -87,30 +74,30 @@ def expert_study(
     fdr: float = 0.05,
 ) -> list[LayerExperts]:  # fmt: skip
     """Routing frequencies (with significance) and writes along ``direction`` of every MoE layer."""
-    layers = moe_layers(lm)
+    views = moe_views(lm)
     r = unit(lm.check_direction(direction))
     n = lm.n_eoi
-    found = {i: {"chosen": {}, "tokens": {}, "routed": {}, "shared": {}} for i in layers}
+    found = {i: {"chosen": {}, "tokens": {}, "routed": {}, "shared": {}} for i in views}
     for side, texts in (("harmful", harmful), ("harmless", harmless)):
         if not texts:
             raise RefusalError(f"the expert study needs {side} instructions")
-        inputs: dict[int, list[Tensor]] = {i: [] for i in layers}
-        handles = [layers[i].register_forward_hook(_keep_last(inputs[i], n)) for i in layers]
+        inputs: dict[int, list[Tensor]] = {i: [] for i in views}
+        handles = [views[i].block.register_forward_hook(_keep_last(inputs[i], n)) for i in views]
         try:
             for chunk in iter_batches(texts, batch_size):
                 lm.forward_logits(lm.batch(chunk))
         finally:
             for handle in handles:
                 handle.remove()
-        for i, layer in layers.items():
+        for i, view in views.items():
             x = torch.cat(inputs[i])
-            routed, shared = _per_expert_write(layer, x.to(layer.router.weight.dtype), r.to(x.dtype))
-            index = layer.router(x, logits_hook=layer.router_logits).index
-            E = layer.router.n_experts
-            found[i]["chosen"][side] = torch.bincount(index[index < E], minlength=E).double().cpu()
+            weight = next(view.routed_module.parameters())
+            index, routed, shared = _per_expert_write(view, x.to(weight.dtype), r.to(weight.dtype))
+            E = view.n_experts
+            found[i]["chosen"][side] = torch.bincount(index[index < E].reshape(-1), minlength=E).double().cpu()
             found[i]["tokens"][side] = x.shape[0]
-            found[i]["routed"][side] = routed.mean(0).cpu()
-            found[i]["shared"][side] = float(shared.mean())
+            found[i]["routed"][side] = routed.float().mean(0).cpu()
+            found[i]["shared"][side] = float(shared.float().mean())
     out = []
     for i, f in found.items():
         p = two_proportion_p(f["chosen"]["harmful"], f["tokens"]["harmful"], f["chosen"]["harmless"],
@@ -133,9 +120,13 @@ def _keep_last(store: list[Tensor], n: int):  # noqa: ANN202
     return hook
 
 
-def _mask_logits(index: Tensor):  # noqa: ANN202
-    def hook(module: object, args: tuple, logits: Tensor) -> Tensor:
-        return logits.index_fill(-1, index.to(logits.device), float("-inf"))
+def _project_output(r: Tensor):  # noqa: ANN202
+    """A forward hook removing r from a module's output (a tensor, or an FFNOutput's ``output``)."""
+
+    def hook(module: object, args: tuple, out: object) -> object:
+        if isinstance(out, Tensor):
+            return project_out(out, r.to(out.device))
+        return type(out)(project_out(out.output, r.to(out.output.device)))
 
     return hook
 
@@ -179,45 +170,33 @@ def random_experts(study: Sequence[LayerExperts], n: int, seed: int) -> dict[int
 @contextlib.contextmanager
 def mask_experts(lm: ChatLM, experts: dict[int, list[int]]) -> Iterator[None]:
     """Take ``experts`` (layer -> routed expert ids) out of routing while the context lasts."""
-    layers = moe_layers(lm)
-    unknown = [i for i in experts if i not in layers]
+    views = moe_views(lm)
+    unknown = [i for i in experts if i not in views]
     if unknown:
-        raise RefusalError(f"layers {unknown} have no MoE layer; MoE layers: {sorted(layers)}")
-    handles, saved = [], {}
-    try:
+        raise RefusalError(f"layers {unknown} have no MoE layer; MoE layers: {sorted(views)}")
+    for i, ids in experts.items():
+        if len(ids) > views[i].n_experts - views[i].top_k:
+            raise RefusalError(f"layer {i}: masking {len(ids)} of {views[i].n_experts} experts leaves fewer than "
+                               f"top_k = {views[i].top_k} to choose from")  # fmt: skip
+    with contextlib.ExitStack() as stack:
         for i, ids in experts.items():
-            if not ids:
-                continue
-            layer, index = layers[i], torch.tensor(ids, dtype=torch.long)
-            if len(ids) > layer.router.n_experts - layer.router.top_k:
-                raise RefusalError(f"layer {i}: masking {len(ids)} of {layer.router.n_experts} experts leaves fewer "
-                                   f"than top_k = {layer.router.top_k} to choose from")  # fmt: skip
-            saved[i] = layer.router.expert_bias.clone()
-            layer.router.expert_bias[index] = float("-inf")  # sigmoid scores: the choice is score + bias
-            handles.append(layer.router_logits.register_forward_hook(_mask_logits(index)))
+            if ids:
+                stack.enter_context(views[i].mask(ids))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for i, bias in saved.items():
-            layers[i].router.expert_bias.copy_(bias)
 
 
 @contextlib.contextmanager
 def ablate_in_part(lm: ChatLM, direction: Tensor, part: Literal["routed", "shared"]) -> Iterator[None]:
     """Remove r from the routed experts' output only, or from the shared experts' only, at every MoE layer."""
     r = unit(lm.check_direction(direction))
+    if part not in ("routed", "shared"):
+        raise RefusalError(f"part must be 'routed' or 'shared', got {part!r}")
     handles = []
-    for layer in moe_layers(lm).values():
-        if part == "routed":
-            handles.append(layer.experts.register_forward_hook(lambda m, a, y: project_out(y, r.to(y.dtype))))
-        elif part == "shared":
-            if layer.shared_experts is None:
-                raise RefusalError("this model's MoE layers have no shared experts to ablate in")
-            handles.append(layer.shared_experts.register_forward_hook(
-                lambda m, a, out: type(out)(project_out(out.output, r.to(out.output.dtype)))))  # fmt: skip
-        else:
-            raise RefusalError(f"part must be 'routed' or 'shared', got {part!r}")
+    for view in moe_views(lm).values():
+        module = view.routed_module if part == "routed" else view.shared_module
+        if module is None:
+            raise RefusalError("this model's MoE layers have no shared experts to ablate in")
+        handles.append(module.register_forward_hook(_project_output(r)))
     try:
         yield
     finally:
