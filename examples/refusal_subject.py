@@ -11,10 +11,13 @@ answered with sentences drawn from wikitext-2 (the valid and test files, as in t
 Measured on held-out prompts with the paper's substring refusal score (greedy, ``--new`` tokens):
 JailbreakBench (all 100, never seen) and ``--n-eval`` of harmless_test; the issue's targets are
 >= 0.90 and <= 0.05. Then, per subject, the paper's pipeline: direction extraction on the train /
-val splits, and the table (baseline, directional ablation, activation addition, orthogonalized).
+val splits, and the table (baseline, directional ablation, activation addition, orthogonalized);
+for MoE subjects the expert study (:mod:`moeformer.refusal.expert_run`). A missing pretrained run
+is trained first (``--pretrain-steps``, on the claim's corpus). ``--quick``: every size cut down,
+a smoke run of the whole pipeline in minutes (its numbers mean nothing).
 
     python examples/refusal_subject.py [--pretrained runs/deepseekmoe-claim-long/runs] [--seed 0]
-        [--out runs/refusal-subject] [--steps 600] [--subjects deepseek dense] [--skip-direction]
+        [--out runs/refusal-subject] [--steps 600] [--subjects deepseek dense] [--skip-direction] [--quick]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from moeformer.publish import write_text
 from moeformer.refusal import ExtractOptions, RefusalError, evaluate, extract, load_chat_lm, save_extraction
 from moeformer.refusal.evaluation import complete
+from moeformer.refusal.expert_run import save_expert_report, study_experts
 from moeformer.refusal.scoring import score_completions
 from moeformer.refusal.subject_data import build_subject_data, chat_dialogues, corpus_sentences
 from moeformer.train.run import resume_config, run_training
@@ -66,6 +70,21 @@ def fine_tune(pretrained: Path, corpus: Path, run: Path, steps: int, seed: int) 
     return time.monotonic() - began
 
 
+def pretrain(data: Path, runs: Path, name: str, seed: int, steps: int) -> Path:
+    """The claim's pretraining run ``name``-seed``seed`` (kept if finished), on its mixed corpus."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import deepseekmoe_claim as claim
+    from experiment_runs import train_one
+
+    corpus = runs.parent / "corpus.txt"
+    runs.mkdir(parents=True, exist_ok=True)
+    claim.build_corpus(data, corpus)
+    run = runs / f"{name}-seed{seed}"
+    return train_one(run, claim.run_command(name, seed, steps, corpus, run))
+
+
 def refusal_rate(lm, prompts: list[str], new: int) -> float:  # noqa: ANN001
     return score_completions(complete(lm, prompts, max_new_tokens=new)).refusal_score
 
@@ -83,7 +102,12 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=200, help="harmless_test prompts scored")
     parser.add_argument("--new", type=int, default=16, help="tokens generated per prompt for the score")
     parser.add_argument("--skip-direction", action="store_true", help="stop after the subjects' own scores")
+    parser.add_argument("--pretrain-steps", type=int, default=2000, help="for a pretrained run that is missing")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a smoke run of the pipeline")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.harmless, args.n_eval, args.new, args.pretrain_steps = 40, 400, 20, 8, 40
+        args.pretrained = args.out / "pretrained"
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.out / "chat.txt"
     built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed)
@@ -92,7 +116,7 @@ def main() -> None:
     for name in args.subjects:
         pretrained = args.pretrained / f"{name}-seed{args.seed}"
         if not (pretrained / "summary.json").exists():
-            raise SystemExit(f"{pretrained}: no finished pretraining run; run examples/deepseekmoe_claim.py first")
+            pretrain(args.data, args.pretrained, name, args.seed, args.pretrain_steps)
         run = args.out / f"{name}-seed{args.seed}"
         seconds = fine_tune(pretrained, corpus, run, args.steps, args.seed)
         lm = load_chat_lm(run, template=TEMPLATE)
@@ -117,6 +141,12 @@ def main() -> None:
                                   max_new_tokens=args.new, progress=True)  # fmt: skip
                 print(report.table())
                 entry.update(chosen=c.to_dict(), table=report.to_dict())
+                if name != "dense":  # where refusal lives inside the MoE
+                    study = study_experts(lm, found.selection.direction, subject.harmful_eval, harmless,
+                                          max_new_tokens=args.new, seed=args.seed, progress=True)  # fmt: skip
+                    save_expert_report(study, run / "experts", force=True)
+                    print(study.table())
+                    entry["experts"] = {"scores": study.scores, "masking": study.masking}
         results["subjects"][name] = entry
         write_text(args.out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
     print(args.out / "results.json")
