@@ -49,7 +49,6 @@ class DecoderCache:
         if self.next_position is not None:
             self.next_position = self.next_position.index_select(0, index)
 
-
     def drop_last(self, real: Tensor) -> None:
         """Remove the last position fed, for every row (``real`` (B,) bool: rows where it was a real
         token, which give its position back). Cheaper than :meth:`discard_last` when every row's
