@@ -85,6 +85,18 @@ def pretrain(data: Path, runs: Path, name: str, seed: int, steps: int) -> Path:
     return train_one(run, claim.run_command(name, seed, steps, corpus, run))
 
 
+def fitting(lm, subject, limit: int) -> tuple[dict[str, list[str]], dict[str, int]]:  # noqa: ANN001
+    """Every instruction set of ``subject`` without the prompts longer than ``limit`` tokens (the
+    context must also hold the completion), and how many each set lost."""
+    names = ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "harmful_eval", "harmless_eval")
+    sets, dropped = {}, {}
+    for name in names:
+        items = getattr(subject, name)
+        sets[name] = [t for t in items if len(lm.encode(lm.prompt_format(t), special_tokens=False)) <= limit]
+        dropped[name] = len(items) - len(sets[name])
+    return sets, dropped
+
+
 def refusal_rate(lm, prompts: list[str], new: int) -> float:  # noqa: ANN001
     return score_completions(complete(lm, prompts, max_new_tokens=new)).refusal_score
 
@@ -120,29 +132,33 @@ def main() -> None:
         run = args.out / f"{name}-seed{args.seed}"
         seconds = fine_tune(pretrained, corpus, run, args.steps, args.seed)
         lm = load_chat_lm(run, template=TEMPLATE)
-        scores = {"jailbreakbench": refusal_rate(lm, subject.harmful_eval, args.new),
-                  "harmless_test": refusal_rate(lm, subject.harmless_eval[: args.n_eval], args.new),
-                  "harmful_train_sample": refusal_rate(lm, subject.harmful_train[:100], args.new)}  # fmt: skip
-        entry = {"fine_tune_seconds": seconds, "refusal": scores}
+        sets, dropped = fitting(lm, subject, lm.model.config.max_seq_len - args.new)
+        entry_dropped = {k: v for k, v in dropped.items() if v}
+        scores = {"jailbreakbench": refusal_rate(lm, sets["harmful_eval"], args.new),
+                  "harmless_test": refusal_rate(lm, sets["harmless_eval"][: args.n_eval], args.new),
+                  "harmful_train_sample": refusal_rate(lm, sets["harmful_train"][:100], args.new)}  # fmt: skip
+        entry = {"fine_tune_seconds": seconds, "refusal": scores, "too_long_dropped": entry_dropped}
         print(f"{name}: refusal on JailbreakBench {scores['jailbreakbench']:.2f}, on harmless_test "
               f"{scores['harmless_test']:.2f} (train sample {scores['harmful_train_sample']:.2f})")  # fmt: skip
         if not args.skip_direction:
             options = ExtractOptions(refusal_tokens=REFUSAL_TOKENS, batch_size=32, seed=args.seed)
             try:
-                found = extract(lm, subject.harmful_train, subject.harmless_train[args.harmless:],
-                                subject.harmful_val, subject.harmless_val, options, progress=True)  # fmt: skip
+                trained_on = set(subject.harmless_train[: args.harmless])  # the means come from others
+                unseen = [t for t in sets["harmless_train"] if t not in trained_on]
+                found = extract(lm, sets["harmful_train"], unseen,
+                                sets["harmful_val"], sets["harmless_val"], options, progress=True)  # fmt: skip
             except RefusalError as err:
                 entry["direction"] = f"none selected: {err}"
             else:
                 save_extraction(found, run / "direction", force=True)
                 c = found.selection.chosen
-                harmless = subject.harmless_eval[: args.n_eval]
-                report = evaluate(lm, found.selection.direction, c.layer, subject.harmful_eval, harmless,
+                harmless = sets["harmless_eval"][: args.n_eval]
+                report = evaluate(lm, found.selection.direction, c.layer, sets["harmful_eval"], harmless,
                                   max_new_tokens=args.new, progress=True)  # fmt: skip
                 print(report.table())
                 entry.update(chosen=c.to_dict(), table=report.to_dict())
                 if name != "dense":  # where refusal lives inside the MoE
-                    study = study_experts(lm, found.selection.direction, subject.harmful_eval, harmless,
+                    study = study_experts(lm, found.selection.direction, sets["harmful_eval"], harmless,
                                           max_new_tokens=args.new, seed=args.seed, progress=True)  # fmt: skip
                     save_expert_report(study, run / "experts", force=True)
                     print(study.table())
