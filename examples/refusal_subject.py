@@ -141,7 +141,9 @@ def main() -> None:
         print(f"{name}: refusal on JailbreakBench {scores['jailbreakbench']:.2f}, on harmless_test "
               f"{scores['harmless_test']:.2f} (train sample {scores['harmful_train_sample']:.2f})")  # fmt: skip
         if not args.skip_direction:
-            options = ExtractOptions(refusal_tokens=REFUSAL_TOKENS, batch_size=32, seed=args.seed)
+            # --quick subjects refuse nothing yet: take a middle candidate by hand so every stage runs
+            by_hand = {"layer": lm.n_layers // 2, "position": -1} if args.quick else {}
+            options = ExtractOptions(refusal_tokens=REFUSAL_TOKENS, batch_size=32, seed=args.seed, **by_hand)
             try:
                 trained_on = set(subject.harmless_train[: args.harmless])  # the means come from others
                 unseen = [t for t in sets["harmless_train"] if t not in trained_on]
