@@ -101,6 +101,28 @@ def refusal_rate(lm, prompts: list[str], new: int) -> float:  # noqa: ANN001
     return score_completions(complete(lm, prompts, max_new_tokens=new)).refusal_score
 
 
+def report_md(results: dict) -> str:
+    """The subjects' scores against the issue's targets, the paper's table and the expert study."""
+    data = results["data"]
+    lines = ["# Refusal subjects", "", f"Training dialogues: {data['dialogues']:,}; instruction sets after "
+             f"de-duplication: {data['counts']}.", "", "| subject | JailbreakBench refusal (target >= 0.90) "
+             "| harmless_test refusal (target <= 0.05) | harmful train sample |", "|---|---|---|---|"]  # fmt: skip
+    for name, entry in results["subjects"].items():
+        r = entry["refusal"]
+        lines.append(f"| {name} | {r['jailbreakbench']:.2f} | {r['harmless_test']:.2f} | "
+                     f"{r['harmful_train_sample']:.2f} |")  # fmt: skip
+    for name, entry in results["subjects"].items():
+        lines += ["", f"## {name}", ""]
+        if "table_md" in entry:
+            c = entry["chosen"]
+            lines += [f"Direction: position {c['position']}, layer {c['layer']}.", "", entry["table_md"]]
+        else:
+            lines.append(str(entry.get("direction", "direction not extracted (--skip-direction)")))
+        if "experts" in entry:
+            lines += ["", "Expert study (JailbreakBench prompts):", "", entry["experts"]["md"]]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -131,6 +153,7 @@ def main() -> None:
             pretrain(args.data, args.pretrained, name, args.seed, args.pretrain_steps)
         run = args.out / f"{name}-seed{args.seed}"
         seconds = fine_tune(pretrained, corpus, run, args.steps, args.seed)
+        began = time.monotonic()
         lm = load_chat_lm(run, template=TEMPLATE)
         sets, dropped = fitting(lm, subject, lm.model.config.max_seq_len - args.new)
         entry_dropped = {k: v for k, v in dropped.items() if v}
@@ -158,16 +181,18 @@ def main() -> None:
                 report = evaluate(lm, found.selection.direction, c.layer, sets["harmful_eval"], harmless,
                                   max_new_tokens=args.new, progress=True)  # fmt: skip
                 print(report.table())
-                entry.update(chosen=c.to_dict(), table=report.to_dict())
+                entry.update(chosen=c.to_dict(), table=report.to_dict(), table_md=report.table())
                 if name != "dense":  # where refusal lives inside the MoE
                     study = study_experts(lm, found.selection.direction, sets["harmful_eval"], harmless,
                                           max_new_tokens=args.new, seed=args.seed, progress=True)  # fmt: skip
                     save_expert_report(study, run / "experts", force=True)
                     print(study.table())
-                    entry["experts"] = {"scores": study.scores, "masking": study.masking}
+                    entry["experts"] = {"scores": study.scores, "masking": study.masking, "md": study.table()}
+        entry["seconds_after_fine_tuning"] = time.monotonic() - began
         results["subjects"][name] = entry
         write_text(args.out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
-    print(args.out / "results.json")
+        write_text(args.out / "results.md", report_md(results))
+    print(args.out / "results.md")
 
 
 if __name__ == "__main__":
