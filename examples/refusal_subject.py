@@ -165,7 +165,7 @@ def main() -> None:
               f"{scores['harmless_test']:.2f} (train sample {scores['harmful_train_sample']:.2f})")  # fmt: skip
         if not args.skip_direction:
             # --quick subjects refuse nothing yet: take a middle candidate by hand so every stage runs
-            by_hand = {"layer": lm.n_layers // 2, "position": -1} if args.quick else {}
+            by_hand = {"layer": lm.n_layers // 2, "position": -1, "filter_train": False} if args.quick else {}
             options = ExtractOptions(refusal_tokens=REFUSAL_TOKENS, batch_size=32, seed=args.seed, **by_hand)
             try:
                 trained_on = set(subject.harmless_train[: args.harmless])  # the means come from others
