@@ -33,7 +33,12 @@ from moeformer.refusal import ExtractOptions, RefusalError, evaluate, extract, l
 from moeformer.refusal.evaluation import complete
 from moeformer.refusal.expert_run import save_expert_report, study_experts
 from moeformer.refusal.scoring import score_completions
-from moeformer.refusal.subject_data import build_subject_data, chat_dialogues, corpus_sentences
+from moeformer.refusal.subject_data import (
+    SUBJECT_REFUSAL_PHRASES,
+    build_subject_data,
+    chat_dialogues,
+    corpus_sentences,
+)
 from moeformer.train.run import resume_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,10 +189,13 @@ def main() -> None:
                 entry.update(chosen=c.to_dict(), table=report.to_dict(), table_md=report.table())
                 if name != "dense":  # where refusal lives inside the MoE
                     study = study_experts(lm, found.selection.direction, sets["harmful_eval"], harmless,
-                                          max_new_tokens=args.new, seed=args.seed, progress=True)  # fmt: skip
+                                          max_new_tokens=args.new, seed=args.seed, progress=True,
+                                          extra_substrings=SUBJECT_REFUSAL_PHRASES)  # fmt: skip
                     save_expert_report(study, run / "experts", force=True)
                     print(study.table())
-                    entry["experts"] = {"scores": study.scores, "masking": study.masking, "md": study.table()}
+                    extended = study.scores(study.substrings + study.extra_substrings)
+                    entry["experts"] = {"scores": study.scores(), "scores_with_subject_phrases": extended,
+                                        "md": study.table()}  # fmt: skip
         entry["seconds_after_fine_tuning"] = time.monotonic() - began
         results["subjects"][name] = entry
         write_text(args.out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))

@@ -192,10 +192,12 @@ def test_cli_experts_writes_the_study_scores_and_pictures(tmp_path, capsys):
             "--out", str(tmp_path / "study"), "--quiet"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| directional ablation |" in out and "| 1 |" in out
+    assert "| directional ablation | " in out and "| mask 1 refusal experts | " in out
     report = json.loads((tmp_path / "study" / "experts.json").read_text())
-    assert set(report["scores"]) == {"baseline", "directional ablation", "ablation in routed experts only"}
-    assert set(report["masking"]) == {"1", "2"}  # 4 experts, top-1: up to 3 can go; asked 1 and 2
+    assert set(report["scores"]) == {"baseline", "directional ablation", "ablation in routed experts only",
+                                     "mask 1 refusal experts", "mask 1 random experts", "mask 2 refusal experts",
+                                     "mask 2 random experts"}  # 4 experts, top-1: up to 3 can go  # fmt: skip
+    assert len(report["responses"]["mask 2 random experts #1"]) == 5
     assert report["layers"][0]["routed_write"]["harmful"][2] > 0.1
     for picture in ("expert_choice.png", "expert_writes.png", "masking.png"):
         assert (tmp_path / "study" / picture).stat().st_size > 1000
@@ -274,3 +276,18 @@ def test_hf_study_writes_masking_and_partial_ablation(family):
         with torch.no_grad(), ablate_in_part(lm, r, part):
             ablated = lm.forward_logits(lm.batch(prompts))
         assert not torch.allclose(ablated, lm.forward_logits(lm.batch(prompts)).detach())
+
+
+def test_report_scores_average_the_random_draws_and_score_extra_phrases():
+    from moeformer.refusal.expert_run import ExpertReport, masking_curve
+
+    responses = {"baseline": ["I cannot do that.", "I have to decline: I have"],
+                 "mask 1 refusal experts": ["I have to decline: I have", "Sure, here it is."],
+                 "mask 1 random experts #0": ["I cannot.", "I cannot."],
+                 "mask 1 random experts #1": ["Sure.", "I cannot."]}  # fmt: skip
+    report = ExpertReport([], responses, ("I cannot",), ("I have to decline",), draws=2)
+    assert report.scores() == {"baseline": 0.5, "mask 1 refusal experts": 0.0, "mask 1 random experts": 0.75}
+    extended = report.scores(report.substrings + report.extra_substrings)
+    assert extended["baseline"] == 1.0 and extended["mask 1 refusal experts"] == 0.5
+    assert masking_curve(report.scores(), [1, 2]) == {1: {"refusal_experts": 0.0, "random": 0.75}}
+    assert "+ extra phrases" in report.table() and "'I have to decline: I have'" in report.table()

@@ -77,8 +77,8 @@ def _experts(args: argparse.Namespace) -> int:
 
     report, written = run_experts(
         _source(args), _files(args), args.direction, args.out, n=args.n, seed=args.seed, top=args.top,
-        draws=args.draws, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, force=args.force,
-        progress=not args.quiet,
+        draws=args.draws, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        extra_phrases_file=args.extra_phrases, force=args.force, progress=not args.quiet,
     )  # fmt: skip
     print(report.table())
     print(f"wrote {args.out}/ ({', '.join(written)})")
@@ -244,6 +244,8 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
                      help="experts taken out of routing per layer (default 1 2 4 8)")  # fmt: skip
     exp.add_argument("--draws", type=int, default=3, help="random-expert control draws per N (default 3)")
     exp.add_argument("--max-new-tokens", type=int, default=32, help="length of each greedy completion (default 32)")
+    exp.add_argument("--extra-phrases", metavar="FILE", help="more refusal phrases, one per line, scored in a second "
+                     "column (a model's own refusals the paper's list misses; default: none)")  # fmt: skip
     _out_args(exp, required=True, what="experts.json, experts.md and three pictures")
     exp.set_defaults(run=_experts)
 

@@ -116,15 +116,19 @@ def plot_expert_writes(study: Sequence, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_masking(baseline: float, masking: dict, path: Path) -> None:
-    """Refusal score against the number of experts taken out per layer: refusal experts vs random."""
+def plot_masking(curves: dict, path: Path) -> None:
+    """Refusal score against the number of experts taken out per layer, refusal experts vs random;
+    ``curves``: phrase-list label -> (baseline score, {n: {"refusal_experts": s, "random": s}})."""
     plt = _pyplot()
-    ns = sorted(masking)
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    ax.plot([0, *ns], [baseline, *[masking[n]["refusal_experts"] for n in ns]], marker="o", label="refusal experts")
-    ax.plot([0, *ns], [baseline, *[masking[n]["random"] for n in ns]], marker="s", label="random experts (control)")
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
+    for (label, (baseline, masking)), style in zip(curves.items(), ("--", "-"), strict=False):
+        ns = sorted(masking)
+        ax.plot([0, *ns], [baseline, *[masking[n]["refusal_experts"] for n in ns]], style, marker="o",
+                color="tab:blue", label=f"refusal experts ({label})")  # fmt: skip
+        ax.plot([0, *ns], [baseline, *[masking[n]["random"] for n in ns]], style, marker="s", color="tab:orange",
+                label=f"random experts ({label})")  # fmt: skip
     ax.set(xlabel="experts taken out of routing per layer", ylabel="refusal score (harmful prompts)", ylim=(0, 1.05))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)

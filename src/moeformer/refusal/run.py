@@ -296,7 +296,7 @@ def run_stream_orthogonalize(
 def run_experts(
     source: ModelSource, files: InstructionFiles, direction_path: str | Path, out: str | Path, *, n: int = 64,
     seed: int = 0, top: Sequence[int] = (1, 2, 4, 8), draws: int = 3, max_new_tokens: int = 32,
-    batch_size: int = 16, force: bool = False, progress: bool = False,
+    batch_size: int = 16, extra_phrases_file: str | Path | None = None, force: bool = False, progress: bool = False,
 ) -> tuple[ExpertReport, list[str]]:  # fmt: skip
     """The expert study (:mod:`moeformer.refusal.experts`) on ``n`` instructions per side, its
     interventions scored on the harmful ones, written into ``out``."""
@@ -304,10 +304,12 @@ def run_experts(
     check_hidden_size(source.path, direction)
     harmful = sample_instructions(load_instructions(files.harmful, field=files.field), n, seed)
     harmless = sample_instructions(load_instructions(files.harmless, field=files.field), n, seed)
+    extra = load_substrings(extra_phrases_file) if extra_phrases_file else ()
     check_output(out, force=force, source=source.path)  # before the long part
     lm = _load(source)
     report = study_experts(lm, direction, harmful, harmless, top=top, draws=draws, seed=seed,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)  # fmt: skip
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, extra_substrings=extra,
+                           progress=progress)  # fmt: skip
     return report, save_expert_report(report, out, force=force)
 
 
