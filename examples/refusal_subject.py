@@ -151,7 +151,9 @@ def main() -> None:
     corpus = args.out / "chat.txt"
     built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed)
     subject = built.pop("subject")
-    results: dict = {"data": built, "subjects": {}}
+    earlier = args.out / "results.json"  # other subjects of an earlier call are kept
+    kept = json.loads(earlier.read_text())["subjects"] if earlier.exists() else {}
+    results: dict = {"data": built, "subjects": {k: v for k, v in kept.items() if k not in args.subjects}}
     for name in args.subjects:
         pretrained = args.pretrained / f"{name}-seed{args.seed}"
         if not (pretrained / "summary.json").exists():
