@@ -214,3 +214,16 @@ def test_round_trip_on_tinyshakespeare(kind, shakespeare_lines, request):
     else:
         cmn_bpe = request.getfixturevalue("cmn_bpe")
         assert cmn_bpe.decode(cmn_bpe.encode(text)) == text  # trained elsewhere, still exact
+
+
+@pytest.mark.parametrize("copy_fn", ["deepcopy", "pickle"])
+def test_a_copied_bpe_tokenizer_encodes_special_token_text_as_text(small_bpe, copy_fn):
+    """Special-token strings in a text stay text after copy.deepcopy or pickling (the backend's JSON
+    does not hold the flag that says so; refusal evaluation deep-copies models with their tokenizer)."""
+    import copy
+    import pickle
+
+    copied = copy.deepcopy(small_bpe) if copy_fn == "deepcopy" else pickle.loads(pickle.dumps(small_bpe))
+    text = "Robert <unk> is an <eos> actor <pad>"
+    assert copied.encode(text) == small_bpe.encode(text)
+    assert copied.decode(copied.encode(text)) == text

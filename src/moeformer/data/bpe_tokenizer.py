@@ -43,6 +43,12 @@ class BPETokenizer:
             raise ValueError(f"BPE tokenizer must map {SPECIALS} to ids [0, 1, 2, 3], got {ids}")
         self.backend.encode_special_tokens = True  # "<eos>" in the text is text, not a special token
 
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and pickle rebuild the backend from its JSON, which does not hold the flag
+        # above: without this, a copied tokenizer reads "<unk>" in a text as the special token
+        object.__setattr__(self, "__dict__", state)
+        self.backend.encode_special_tokens = True
+
     @classmethod
     def train(cls, texts: Iterable[str], *, vocab_size: int = 8000, min_frequency: int = 2) -> BPETokenizer:
         """Learn merges from ``texts`` until the vocabulary (specials and bytes included) reaches ``vocab_size``."""
