@@ -70,3 +70,40 @@ def test_upcycle_arms_build_the_layer_the_upcycled_checkpoint_holds(arm, tmp_pat
     else:  # fine-grained: segments of d_ff / 4, one shared
         assert (experts.n_experts, experts.hidden, layers[0].router.top_k) == (31, upcycle_experiment.D_FF // 4, 7)
         assert layers[0].shared_experts is not None
+
+
+def test_refusal_subject_report_states_the_targets_and_each_subjects_table():
+    import refusal_subject
+
+    results = {
+        "data": {"dialogues": 9, "counts": {"harmful_train": 3}},
+        "subjects": {
+            "deepseek": {"refusal": {"jailbreakbench": 0.95, "harmless_test": 0.06, "harmful_train_sample": 0.9},
+                         "chosen": {"position": -6, "layer": 2}, "table_md": "| baseline | 0.950 |",
+                         "experts": {"md": "| mask 1 refusal experts | 0.060 | 0.950 |"}},
+            "dense": {"refusal": {"jailbreakbench": 0.94, "harmless_test": 0.07, "harmful_train_sample": 0.96},
+                      "direction": "none selected: no candidate"},
+        },
+    }  # fmt: skip
+    text = refusal_subject.report_md(results)
+    assert "| deepseek | 0.95 | 0.06 | 0.90 |" in text and "| dense | 0.94 | 0.07 | 0.96 |" in text
+    assert "Direction: position -6, layer 2." in text and "| mask 1 refusal experts |" in text
+    assert "none selected: no candidate" in text
+
+
+def test_refusal_subject_drops_prompts_that_leave_no_room_and_counts_them():
+    import refusal_subject
+
+    from moeformer.refusal.subject_data import SubjectData
+
+    class Lm:
+        prompt_format = staticmethod(lambda t: f"U: {t}\nA:")
+
+        @staticmethod
+        def encode(text, special_tokens=False):
+            return text.split()
+
+    subject = SubjectData(["a b", "a b c d e f g"], ["x"], [], [], ["short one"], ["y z"])
+    sets, dropped = refusal_subject.fitting(Lm(), subject, limit=5)
+    assert sets["harmful_train"] == ["a b"] and dropped["harmful_train"] == 1
+    assert sets["harmful_eval"] == ["short one"] and dropped["harmful_eval"] == 0
