@@ -134,8 +134,8 @@ def speculative_generate(
         last = torch.where(kept, bonus, token)
         if n_kept == 0:  # every draft rejected: cut the slot off both caches' ends, no padding to carry
             cache.drop_last(active)
-            first = None if everyone else ~active[:, None]
-            mtp = model.mtp_step(main.residual[:, :1], token[:, None], cache=drafts, padding_mask=first)
+            idle_one = None if everyone else ~active[:, None]
+            mtp = model.mtp_step(main.residual[:, :1], token[:, None], cache=drafts, padding_mask=idle_one)
             draft, q = choose.pick(mtp.logits[:, 0])
             continue
         if n_kept < n_active:  # some rows rejected: their draft slots become padding
