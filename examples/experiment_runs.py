@@ -46,6 +46,21 @@ def train_one(run_dir: Path, fresh: list[str]) -> Path:
     return run_dir
 
 
+def save_figure(fig, path: Path) -> None:  # noqa: ANN001
+    """A matplotlib figure as a PNG at ``path``, written atomically; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from moeformer.publish import write_bytes
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+
+
 def wall_seconds(run_dir: Path) -> float:
     """Seconds :func:`train_one` has spent on this run so far (0 if none recorded)."""
     wall = run_dir.parent / f"{run_dir.name}.seconds"

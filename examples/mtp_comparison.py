@@ -20,7 +20,6 @@ this process, best of 3. Resumable (:mod:`experiment_runs`); writes OUT/results.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import time
@@ -33,12 +32,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from deepseekmoe_analysis import mean_loss, test_windows  # noqa: E402
-from experiment_runs import run_all, train_command, wall_seconds  # noqa: E402
+from experiment_runs import run_all, save_figure, train_command, wall_seconds  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from moeformer.checkpoint_io import load_checkpoint  # noqa: E402
 from moeformer.decode import greedy_generate, speculative_generate  # noqa: E402
-from moeformer.publish import write_bytes, write_text  # noqa: E402
+from moeformer.publish import write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "shakespeare-char-deepseek-v3.toml"
@@ -171,11 +170,7 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
     ax.set_ylim(top=2.2)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ by upcycling); budgets are steps. ``python examples/upcycle_experiment.py [--ste
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import subprocess
@@ -33,9 +32,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from experiment_runs import run_all, train_command, wall_seconds  # noqa: E402
+from experiment_runs import run_all, save_figure, train_command, wall_seconds  # noqa: E402
 
-from moeformer.publish import write_bytes, write_text  # noqa: E402
+from moeformer.publish import write_text  # noqa: E402
 from moeformer.train.upcycle import moe_for, moe_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,11 +139,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
            title="Upcycling vs continued dense vs MoE from scratch (BPE tiny Shakespeare)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -351,24 +351,23 @@ def check_kind_options(moe: MoEConfig) -> None:
                     "remove it, or choose kind 'soft', 'topk' or 'deepseek'",
                 )  # fmt: skip
     elif moe.kind == "expert_choice":
-        for name in _EXPERT_CHOICE_IGNORES:
-            if getattr(moe, name) != defaults[name]:
-                raise ConfigError(
-                    name, f"kind 'expert_choice' (experts pick tokens, balanced by construction) ignores it "
-                    f"(got {getattr(moe, name)!r}); remove it, or use kind 'topk' or 'deepseek'",
-                )  # fmt: skip
+        _refuse_set(moe, defaults, _EXPERT_CHOICE_IGNORES, "kind 'expert_choice' (experts pick tokens, balanced by "
+                    "construction) ignores it", "use kind 'topk' or 'deepseek'")  # fmt: skip
     elif moe.kind == "soft":
         if moe.top_k not in (defaults["top_k"], moe.n_experts):
             raise ConfigError(
                 "top_k", f"kind 'soft' sends every token to all {moe.n_experts} experts and ignores it (got "
                 f"{moe.top_k}); remove it, or use kind 'topk' for a sparse top-k layer",
             )  # fmt: skip
-        for name in _SOFT_IGNORES:
-            if getattr(moe, name) != defaults[name]:
-                raise ConfigError(
-                    name, f"kind 'soft' is a plain softmax gate over every expert and ignores it (got "
-                    f"{getattr(moe, name)!r}); remove it, or use kind 'topk' or 'deepseek' for a router with it",
-                )  # fmt: skip
+        _refuse_set(moe, defaults, _SOFT_IGNORES, "kind 'soft' is a plain softmax gate over every expert and "
+                    "ignores it", "use kind 'topk' or 'deepseek' for a router with it")  # fmt: skip
+
+
+def _refuse_set(moe: MoEConfig, defaults: dict[str, object], names: tuple[str, ...], why: str, way_out: str) -> None:
+    """ConfigError for the first of ``names`` set to anything but its default."""
+    for name in names:
+        if getattr(moe, name) != defaults[name]:
+            raise ConfigError(name, f"{why} (got {getattr(moe, name)!r}); remove it, or {way_out}")
 
 
 def check_moe_structure(moe: MoEConfig) -> None:
