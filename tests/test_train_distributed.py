@@ -59,7 +59,10 @@ def _model() -> DecoderLM:
     return DecoderLM(preset("lm-tiny", vocab_size=VOCAB, dropout=0.0, moe=moe))
 
 
-def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "ddp", resume_step: int = 0):
+def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "ddp", resume_step: int = 0,
+           source: str | None = None):  # fmt: skip
+    """Train STEPS updates in ``run_dir``; resume_step: first resume from that checkpoint of ``source``
+    (default: ``run_dir``)."""
     model = _model()
     task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1], meta={"config": {}})
     config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=2,
@@ -68,7 +71,8 @@ def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "
                          compile=mode.endswith("+compile"))  # fmt: skip
     trainer = Trainer(model, task, config, run_dir, progress=False, distributed=ctx)
     if resume_step:
-        trainer.resume(read_checkpoint(os.path.join(run_dir, "checkpoints", f"step-{resume_step:08d}")))
+        where = os.path.join(source or run_dir, "checkpoints", f"step-{resume_step:08d}")
+        trainer.resume(read_checkpoint(where))
     result = trainer.train()
     return trainer, [row["loss"] for row in result.metrics]
 
@@ -80,6 +84,11 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
     ctx = init_distributed(expected_world_size=2, timeout_s=60)
     try:
         losses = _check(rank, tmp, mode, ctx)
+        if mode in ("ddp+ep", "fsdp"):  # the sharded checkpoint of step 2 resumes on every 2-rank layout
+            for i, layout in enumerate(("ddp+ep", "fsdp", "ddp")):
+                _, resumed = _train(_batches(), os.path.join(tmp, f"resumed-{i}"), ctx, layout, resume_step=2,
+                                    source=os.path.join(tmp, "ddp"))  # fmt: skip
+                torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
         # The DDP/FSDP wrappers made in _check hold the process group; freed (with their gloo work)
         # here, while every rank's group is alive, not after it is destroyed (teardown order, issue 13).
         gc.collect()
@@ -87,7 +96,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if rank == 0 and mode.startswith("fsdp"):  # the 2-rank sharded checkpoint of step 2 resumes in one process
+    if rank == 0 and (mode.startswith("fsdp") or mode == "ddp+ep"):  # the 2-rank sharded step 2, in one process
         _, resumed = _train(_merged(), os.path.join(tmp, "ddp"), None, resume_step=2)
         torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
 

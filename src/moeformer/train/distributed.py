@@ -119,6 +119,11 @@ class ExpertShards:
     """Expert parallelism inside data parallelism: the world split into expert-parallel groups of
     ``ep_size`` consecutive ranks; each group holds every routed expert once, sharded.
 
+    The layout is a 2-D device mesh (``init_device_mesh``), dimensions ``("dp", "ep")`` of sizes
+    (world / ep_size, ep_size): the expert-parallel groups are its ``ep`` dimension, the ranks that
+    hold the same expert slice (replicas) its ``dp`` dimension. Checkpoints save the slices as
+    DTensors on this mesh (:func:`moeformer.train.sharded.save_expert_sharded`).
+
     Gradients: a rank's expert shard receives, through the all-to-all backward, the gradient of
     every loss in its EP group; summing over the ranks that hold the same shard in the other
     groups and dividing by the world size gives the mean over the whole world, as DDP does for
@@ -126,16 +131,20 @@ class ExpertShards:
     """
 
     def __init__(self, model: nn.Module, ctx: Distributed, ep_size: int) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
         from moeformer.moe.parallel import shard_experts
 
         if ctx.world_size % ep_size:
-            raise ConfigError("train.expert_parallel", f"{ep_size} must divide the world size {ctx.world_size}")
+            raise ConfigError(
+                "train.expert_parallel",
+                f"{ep_size} must divide the world size {ctx.world_size} (the mesh is world / ep replicas x ep)",
+            )
         self.ctx, self.ep_size = ctx, ep_size
-        n_groups = ctx.world_size // ep_size
-        ep_groups = [dist.new_group(list(range(g * ep_size, (g + 1) * ep_size))) for g in range(n_groups)]
-        replica_groups = [dist.new_group(list(range(i, ctx.world_size, ep_size))) for i in range(ep_size)]
-        self.ep_group = ep_groups[ctx.rank // ep_size]
-        self.replica_group = replica_groups[ctx.rank % ep_size]
+        device = next(model.parameters()).device.type
+        self.mesh = init_device_mesh(device, (ctx.world_size // ep_size, ep_size), mesh_dim_names=("dp", "ep"))
+        self.ep_group = self.mesh.get_group("ep")
+        self.replica_group = self.mesh.get_group("dp")
         try:
             shard_experts(model, self.ep_group)
         except ValueError as err:

@@ -39,14 +39,22 @@ from moeformer.compiled import CompiledModel
 from moeformer.moe.balancing import LoadTracker
 from moeformer.train.board import board_write, open_board
 from moeformer.train.budget import ESTIMATE_AFTER, TimeBudget
-from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
+from moeformer.train.checkpoint import Checkpoint, CheckpointError, load_trainer_state, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
 from moeformer.train.loss import mtp_loss, smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
 from moeformer.train.rundir import append_line
 from moeformer.train.schedule import lr_multiplier, noam_peak
-from moeformer.train.sharded import apply_fsdp, has_sharded_state, load_sharded, save_fsdp_checkpoint
+from moeformer.train.sharded import (
+    apply_fsdp,
+    has_sharded_state,
+    load_expert_sharded,
+    load_sharded,
+    save_expert_sharded,
+    save_fsdp_checkpoint,
+    save_with_shards,
+)
 from moeformer.train.signals import StopSignals, signal_name
 from moeformer.validation import ConfigError
 
@@ -144,14 +152,17 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def resume(self, ckpt: Checkpoint) -> None:
-        if self.shards is not None:
-            raise ConfigError(
-                "train.expert_parallel",
-                "resuming an expert-parallel run is not supported yet (its optimizer state is sharded); "
-                "its checkpoints hold the full weights for inference and evaluation",
-            )
+        """Continue from ``ckpt``, saved under this layout or any other (DCP re-shards)."""
         state = load_trainer_state(ckpt)
-        if has_sharded_state(ckpt.path):  # saved by FSDP ranks: DCP re-shards to this world size
+        sharded = has_sharded_state(ckpt.path)  # saved by FSDP or expert-parallel ranks
+        if self.shards is not None and not sharded:
+            raise CheckpointError(
+                f"{ckpt.path} was saved without sharded state (by one process or DDP), which an expert-parallel "
+                "run cannot resume from yet; resume it with train.expert_parallel = 1 (one process, DDP or FSDP)"
+            )
+        if self.shards is not None:
+            load_expert_sharded(self.model, self.optimizer, self.shards.mesh, self.shards.names, ckpt.path)
+        elif sharded:
             load_sharded(self.model, self.optimizer, ckpt.path)
         else:
             load_weights(self.model, ckpt)
@@ -165,7 +176,7 @@ class Trainer:
     def save(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> Path | None:
         """Write a checkpoint (rank 0); under FSDP every rank calls this and writes its shards."""
         state = {
-            "optimizer": None if self.fsdp else self.optimizer.state_dict(),  # FSDP: in the DCP shards
+            "optimizer": None if self.collective else self.optimizer.state_dict(),  # else in the DCP shards
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "step": self.step,
@@ -173,7 +184,9 @@ class Trainer:
             "best_loss": self.best_loss,
         }
         meta = {**self.task.meta, "metrics": metrics or {}}
-        if self.fsdp:
+        if self.shards is not None:
+            path = self._save_expert_parallel(meta, state, best)
+        elif self.fsdp:
             path = save_fsdp_checkpoint(
                 self.model, self.optimizer, self.run_dir, self.step, meta, state,
                 main=self.main, best=best, keep_last=self.config.keep_last,
@@ -289,13 +302,19 @@ class Trainer:
             board_write(board, "valid", evaluation, self.step)
         self._checkpoint(best=improved, metrics=evaluation)
 
+    def _save_expert_parallel(self, meta: dict[str, Any], state: dict[str, Any], best: bool) -> Path | None:
+        """Every rank helps gather the full experts (for rank 0's model.safetensors), then writes
+        its expert slices and their AdamW moments through DCP."""
+        shards = self.shards
+        with shards.full(self.model):
+            full = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if self.main else None
+        write = lambda tmp: save_expert_sharded(self.model, self.optimizer, shards.mesh, shards.names, tmp)  # noqa: E731
+        return save_with_shards(self.model.config, full, write, self.run_dir, self.step, meta, state,
+                                main=self.main, best=best, keep_last=self.config.keep_last)  # fmt: skip
+
     def _checkpoint(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> None:
-        """Rank 0 saves; with expert parallelism every rank first helps gather the full experts."""
-        if self.shards is not None:
-            with self.shards.full(self.model):
-                if self.main:
-                    self.save(best=best, metrics=metrics)
-        elif self.main or self.fsdp:
+        """Rank 0 saves; in sharded runs (FSDP, expert parallelism) every rank writes its shards."""
+        if self.main or self.collective:
             self.save(best=best, metrics=metrics)
 
     def _after_step(self) -> tuple[bool, bool, int]:
