@@ -4,16 +4,18 @@ training on the same global batches: losses, weights and the aux-loss-free balan
 from __future__ import annotations
 
 import atexit
-import contextlib
 import gc
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
 from spawn import free_port, spawn
+from torch.distributed.tensor import DTensor
 
 from moeformer import DecoderLM, preset
 from moeformer.train.checkpoint import read_checkpoint, resolve
@@ -25,17 +27,17 @@ from moeformer.train.distributed import (
     process_group,
     reduce_loads,
 )
-from moeformer.train.sharded import full_weights
+from moeformer.train.sharded import expert_parallel_full_weights, full_weights
 from moeformer.train.trainer import Batch, Trainer, TrainingTask
 from moeformer.validation import ConfigError
 
 VOCAB, STEPS = 29, 4
 
 
-def _batches() -> list[Batch]:
+def _batches(n: int = 2 * STEPS) -> list[Batch]:
     g = torch.Generator().manual_seed(7)
     out = []
-    for i in range(2 * STEPS):
+    for i in range(n):
         tokens = torch.randint(1, VOCAB, (2, 12), generator=g)
         target = torch.randint(1, VOCAB, (2, 12), generator=g)
         target[:, : i % 5] = 0  # padding: the ranks see different numbers of real tokens
@@ -43,12 +45,13 @@ def _batches() -> list[Batch]:
     return out
 
 
-def _merged() -> list[Batch]:
-    b = _batches()
+def _merged(size: int = 2, batches: list[Batch] | None = None) -> list[Batch]:
+    """Every ``size`` consecutive batches as one: what one process sees of ``size`` ranks' steps."""
+    b = _batches() if batches is None else batches
     return [
-        Batch({"tokens": torch.cat([b[i].inputs["tokens"], b[i + 1].inputs["tokens"]])},
-              torch.cat([b[i].target, b[i + 1].target]), b[i].n_tokens + b[i + 1].n_tokens)
-        for i in range(0, len(b), 2)
+        Batch({"tokens": torch.cat([x.inputs["tokens"] for x in b[i : i + size]])},
+              torch.cat([x.target for x in b[i : i + size]]), sum(x.n_tokens for x in b[i : i + size]))
+        for i in range(0, len(b), size)
     ]  # fmt: skip
 
 
@@ -66,7 +69,7 @@ def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "
     model = _model()
     task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1], meta={"config": {}})
     config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=2,
-                         label_smoothing=0.1, clip_grad=0.5, expert_parallel=2 if mode == "ddp+ep" else 1,
+                         label_smoothing=0.1, clip_grad=0.5, expert_parallel=2 if mode.endswith("+ep") else 1,
                          parallel="fsdp" if mode.startswith("fsdp") else "ddp",
                          compile=mode.endswith("+compile"))  # fmt: skip
     trainer = Trainer(model, task, config, run_dir, progress=False, distributed=ctx)
@@ -77,18 +80,25 @@ def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "
     return trainer, [row["loss"] for row in result.metrics]
 
 
+SHARDED = ("ddp+ep", "fsdp", "fsdp+ep")  # layouts whose checkpoints hold DCP shards
+
+
 def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
+    """Train ``mode`` on ``world`` ranks, check it against one process, then resume its step-2
+    checkpoint on every layout of this world and, on rank 0, in one process."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
-    ctx = init_distributed(expected_world_size=2, timeout_s=60)
+    ctx = init_distributed(expected_world_size=world, timeout_s=60)
+    batches = _batches(world * STEPS)
     try:
-        losses = _check(rank, tmp, mode, ctx)
-        if mode in ("ddp+ep", "fsdp"):  # the sharded checkpoint of step 2 resumes on every 2-rank layout
-            for i, layout in enumerate(("ddp+ep", "fsdp", "ddp")):
-                _, resumed = _train(_batches(), os.path.join(tmp, f"resumed-{i}"), ctx, layout, resume_step=2,
+        losses = _check(rank, world, tmp, mode, ctx)
+        if mode in SHARDED:
+            for layout in ("ddp", *SHARDED):
+                _, resumed = _train(batches, os.path.join(tmp, f"resumed-{layout}"), ctx, layout, resume_step=2,
                                     source=os.path.join(tmp, "ddp"))  # fmt: skip
-                torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
+                torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0,
+                                           msg=lambda m, lay=layout: f"{mode} resumed as {lay}: {m}")  # fmt: skip
         # The DDP/FSDP wrappers made in _check hold the process group; freed (with their gloo work)
         # here, while every rank's group is alive, not after it is destroyed (teardown order, issue 13).
         gc.collect()
@@ -96,23 +106,34 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if rank == 0 and (mode.startswith("fsdp") or mode == "ddp+ep"):  # the 2-rank sharded step 2, in one process
-        _, resumed = _train(_merged(), os.path.join(tmp, "ddp"), None, resume_step=2)
+    if rank == 0 and (mode.startswith("fsdp") or mode in SHARDED):  # the sharded step 2, in one process
+        _, resumed = _train(_merged(world, batches), os.path.join(tmp, "ddp"), None, resume_step=2)
         torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
+        (Path(tmp) / "losses.json").write_text(json.dumps(losses))
 
 
-def _check(rank: int, tmp: str, mode: str, ctx: Distributed | None) -> list[float]:
+def _full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The trained model's whole weights on every rank (a collective under sharding)."""
+    if trainer.shards is not None:
+        return expert_parallel_full_weights(trainer.model, trainer.shards, fsdp=trainer.fsdp)
+    if trainer.fsdp:
+        return full_weights(trainer.model)
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _check(rank: int, world: int, tmp: str, mode: str, ctx: Distributed | None) -> list[float]:
     """The distributed run equals one process on the global batch; returns its losses."""
-    trainer, losses = _train(_batches(), os.path.join(tmp, "ddp"), ctx, mode)
-    model = trainer.model
-    if mode == "ddp+ep":
-        assert model.layers[0].ffn.experts.n_experts == 2
-    with trainer.shards.full(model) if trainer.shards else contextlib.nullcontext():
-        state = {k: v.clone() for k, v in model.state_dict().items()}  # every rank joins the gather
-    if mode.startswith("fsdp"):
-        state = full_weights(model)
+    batches = _batches(world * STEPS)
+    trainer, losses = _train(batches, os.path.join(tmp, "ddp"), ctx, mode)
+    if mode.endswith("+ep"):
+        experts = trainer.model.layers[0].ffn.experts
+        assert experts.n_experts == 2  # of 4: this rank's expert-parallel slice
+        if mode == "fsdp+ep":  # the slice sharded again over the world // 2 replicas
+            assert isinstance(experts.down_proj, DTensor)
+            assert experts.down_proj.to_local().shape[0] == 2 // (world // 2)
+    state = _full_state(trainer)
     if rank == 0:
-        ref_trainer, ref_losses = _train(_merged(), os.path.join(tmp, "single"), None)
+        ref_trainer, ref_losses = _train(_merged(world, batches), os.path.join(tmp, "single"), None)
         ref_model = ref_trainer.model
         assert len(losses) == STEPS
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), atol=1e-5, rtol=0)
@@ -134,11 +155,41 @@ COMPILED = pytest.mark.slow  # torch.compile in two processes: a minute or two o
 
 @pytest.mark.parametrize(
     "mode",
-    ["ddp", "ddp+ep", "fsdp", *(pytest.param(m, marks=COMPILED) for m in ("ddp+compile", "fsdp+compile"))],
+    ["ddp", "ddp+ep", "fsdp", "fsdp+ep", *(pytest.param(m, marks=COMPILED) for m in ("ddp+compile", "fsdp+compile"))],
 )
 def test_ddp_equals_one_process_on_the_global_batch(tmp_path, mode):
     args = (2, free_port(), str(tmp_path), mode)
     spawn(_worker, args)
+
+
+def _resume_worker(rank: int, world: int, port: int, tmp: str, losses: list[float]) -> None:
+    """Resume a 4-rank run's step-2 checkpoint on ``world`` ranks, on every sharded layout."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    ctx = init_distributed(expected_world_size=world, timeout_s=60)
+    batches = _merged(4 // world, _batches(4 * STEPS))  # the same global batch per step as the 4 ranks had
+    try:
+        for layout in SHARDED:
+            _, resumed = _train(batches, os.path.join(tmp, f"resumed-{world}-{layout}"), ctx, layout,
+                                resume_step=2, source=os.path.join(tmp, "ddp"))  # fmt: skip
+            torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0,
+                                       msg=lambda m, lay=layout: f"resumed on {world} ranks as {lay}: {m}")  # fmt: skip
+        gc.collect()
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp+ep", "fsdp+ep"])
+def test_four_ranks_in_two_expert_groups_equal_one_process_and_resume_on_two(tmp_path, mode):
+    """World 4 = 2 data-parallel replicas x expert parallelism 2 (under FSDP each expert slice is
+    sharded again over the 2 replicas): losses and weights equal one process; its step-2
+    checkpoint resumes on 4 ranks (every layout), on 2 ranks (EP 2, FSDP + EP 2, FSDP) and on 1."""
+    spawn(_worker, (4, free_port(), str(tmp_path), mode), nprocs=4, timeout_s=600)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    spawn(_resume_worker, (2, free_port(), str(tmp_path), losses), nprocs=2, timeout_s=300)
 
 
 def test_shards_do_not_overlap_and_have_equal_length():

@@ -32,6 +32,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from moeformer.validation import ConfigError
 
@@ -143,6 +144,7 @@ class ExpertShards:
         self.ctx, self.ep_size = ctx, ep_size
         device = next(model.parameters()).device.type
         self.mesh = init_device_mesh(device, (ctx.world_size // ep_size, ep_size), mesh_dim_names=("dp", "ep"))
+        self._ep_major: DeviceMesh | None = None
         self.ep_group = self.mesh.get_group("ep")
         self.replica_group = self.mesh.get_group("dp")
         try:
@@ -151,6 +153,20 @@ class ExpertShards:
             raise ConfigError("train.expert_parallel", str(err)) from None
         self.names = [n for n, _ in model.named_parameters() if ".experts." in n]
         self.params = [p for n, p in model.named_parameters() if ".experts." in n]
+
+    def expert_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Each MoE layer's slice of routed experts (what FSDP shards over ``dp`` on its own)."""
+        from moeformer.moe.layer import MoELayer
+
+        return [m.experts for m in model.modules() if isinstance(m, MoELayer) and m.expert_parallel is not None]
+
+    def ep_major_mesh(self) -> DeviceMesh:
+        """The same ranks as a mesh ``("ep", "dp")``: a DTensor sharded on one dim over ``ep`` and then
+        over ``dp`` (FSDP's shard of an expert slice) is placed ``[Shard(0), Shard(0)]`` on it."""
+        if self._ep_major is None:
+            self._ep_major = DeviceMesh(self.mesh.device_type, self.mesh.mesh.t().contiguous(),
+                                        mesh_dim_names=("ep", "dp"))  # fmt: skip
+        return self._ep_major
 
     def reduce_grads(self) -> None:
         for p in self.params:

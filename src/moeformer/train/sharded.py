@@ -16,7 +16,7 @@ another, or in one process without any process group.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +30,48 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeformer.models import build_model
 from moeformer.train.checkpoint import save_checkpoint, staging_dir
+from moeformer.train.distributed import ExpertShards
 
 DCP_DIR = "dcp"
 
 
-def apply_fsdp(model: nn.Module) -> None:
-    """fully_shard every block of the model, then the model itself (its embeddings and head)."""
+def apply_fsdp(model: nn.Module, shards: ExpertShards | None = None) -> None:
+    """fully_shard every block of the model, then the model itself (its embeddings and head).
+
+    With expert parallelism (``shards``), as torchtitan does: each layer's routed-expert slice is
+    first sharded on its own over the ranks that hold the same slice (the mesh's ``dp``
+    dimension), everything else over the whole world. Expert gradients arrive summed over the
+    expert-parallel group by the all-to-all's backward and FSDP's reduce-scatter divides them by
+    the ``dp`` size; :func:`to_world_mean` then divides by the expert-parallel size, so every
+    parameter gets the world-mean gradient. (FSDP's own ``set_gradient_divide_factor`` would do it
+    in the reduction, but needs ``ReduceOp.PREMUL_SUM``, which gloo lacks.)
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     device = next(model.parameters()).device.type
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    if shards is not None:
+        for experts in shards.expert_modules(model):
+            fully_shard(experts, mesh=shards.mesh["dp"])
+    mesh = init_device_mesh(device, (world,))
     for name in ("layers", "encoder", "decoder"):
         for block in getattr(model, name, []):
             fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+@torch.no_grad()
+def to_world_mean(model: nn.Module, shards: ExpertShards) -> None:
+    """FSDP + EP, after backward: expert gradients from the dp-mean to the world mean (see apply_fsdp)."""
+    for experts in shards.expert_modules(model):
+        for p in experts.parameters():
+            if p.grad is not None:
+                p.grad.to_local().div_(shards.ep_size)
 
 
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -128,45 +150,78 @@ def save_with_shards(
 
 
 # -- expert parallelism ------------------------------------------------------------------------
-def _expert_dtensors(state: dict[str, Any], names: Collection[str], mesh: DeviceMesh) -> dict[str, Any]:
-    """``get_state_dict``'s (model, optim) pair with every expert-sharded tensor made a DTensor:
-    replicated over the mesh's data-parallel dimension, sharded on dim 0 (the expert index) over
-    its ``ep`` dimension. Scalars (AdamW's ``step``) and everything else stay as they are."""
-    placements = [Replicate(), Shard(0)]
+def _expert_dtensors(state: dict[str, Any], shards: ExpertShards) -> dict[str, Any]:
+    """``get_state_dict``'s (model, optim) pair with every expert tensor made a DTensor of the full
+    expert dimension, so that DCP records its global shape: dim 0 (the expert index) sharded over
+    the mesh's ``ep`` dimension and, under FSDP, each slice sharded again over ``dp`` (else
+    replicated there). Scalars (AdamW's ``step``) and everything else stay as they are."""
 
     def wrap(name: str, value: Any) -> Any:
-        if name in names and isinstance(value, torch.Tensor) and value.dim() > 0:
-            return DTensor.from_local(value, mesh, placements, run_check=False)
-        return value
+        if name not in shards.names or not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        if not isinstance(value, DTensor):  # DDP + EP: this rank holds the whole slice
+            return DTensor.from_local(value, shards.mesh, [Replicate(), Shard(0)], run_check=False)
+        # FSDP + EP: a dp-shard of this rank's slice; ep splits dim 0 first, then dp splits each part
+        shape = (value.shape[0] * shards.ep_size, *value.shape[1:])
+        mesh, placements = shards.ep_major_mesh(), [Shard(0), Shard(0)]
+        return DTensor.from_local(value.to_local(), mesh, placements, run_check=False, shape=torch.Size(shape),
+                                  stride=torch.empty(shape, device="meta").stride())  # fmt: skip
 
     model = {k: wrap(k, v) for k, v in state["model"].items()}
     moments = {k: {m: wrap(k, v) for m, v in per.items()} for k, per in state["optim"]["state"].items()}
     return {"model": model, "optim": {**state["optim"], "state": moments}}
 
 
-def _local(state: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`_expert_dtensors`: every DTensor replaced by this rank's slice."""
-    if isinstance(state, dict):
-        return {k: _local(v) for k, v in state.items()}
-    return state.to_local() if isinstance(state, DTensor) else state
+def _restored(loaded: Any, original: Any) -> Any:
+    """Undo :func:`_expert_dtensors` after a load: DDP + EP entries become this rank's slice;
+    FSDP + EP ones the original FSDP DTensors (the load wrote into their shared local storage)."""
+    if isinstance(loaded, dict):
+        return {k: _restored(v, original[k]) for k, v in loaded.items()}
+    if isinstance(loaded, DTensor) and loaded is not original:
+        return original if isinstance(original, DTensor) else loaded.to_local()
+    return loaded
 
 
-def save_expert_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh,
-                        names: Collection[str], directory: Path) -> None:  # fmt: skip
-    """Every rank writes model and optimizer state, expert slices included, to ``directory/dcp``.
-
-    mesh: 2-D, (data-parallel replicas, ``ep``); names: the parameters this rank holds a slice of.
-    """
+def save_expert_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, shards: ExpertShards,
+                        directory: Path) -> None:  # fmt: skip
+    """Every rank writes model and optimizer state, expert slices included, to ``directory/dcp``."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = _expert_dtensors({"model": model_state, "optim": optim_state}, names, mesh)
+    state = _expert_dtensors({"model": model_state, "optim": optim_state}, shards)
     dcp.save(state, checkpoint_id=str(directory / DCP_DIR))
 
 
-def load_expert_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, mesh: DeviceMesh,
-                        names: Collection[str], checkpoint_dir: Path) -> None:  # fmt: skip
+def load_expert_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, shards: ExpertShards,
+                        checkpoint_dir: Path) -> None:  # fmt: skip
     """Load model and optimizer state saved under any layout into this rank's expert slices."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = _expert_dtensors({"model": model_state, "optim": optim_state}, names, mesh)
+    original = {"model": model_state, "optim": optim_state}
+    state = _expert_dtensors(original, shards)
     dcp.load(state, checkpoint_id=str(checkpoint_dir / DCP_DIR))
-    state = _local(state)
+    state = _restored(state, original)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def expert_parallel_full_weights(model: nn.Module, shards: ExpertShards, *, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The whole model's weights, every routed expert included, on every rank (a collective)."""
+    if not fsdp:
+        with shards.full(model):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # experts: this ep slice
+    for name in shards.names:
+        parts = [torch.empty_like(state[name]) for _ in range(shards.ep_size)]
+        dist.all_gather(parts, state[name].contiguous(), group=shards.ep_group)
+        state[name] = torch.cat(parts)
+    return state
+
+
+def clip_sharded_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm when every element is stored on exactly one rank (FSDP,
+    and FSDP with expert parallelism, whose parameters live on different meshes)."""
+    local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    sq = torch.stack([g.float().pow(2).sum() for g in local]).sum() if local else torch.zeros(())
+    dist.all_reduce(sq)
+    norm = sq.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in local:
+        g.mul_(scale.to(g.dtype))
+    return norm

@@ -48,12 +48,15 @@ from moeformer.train.rundir import append_line
 from moeformer.train.schedule import lr_multiplier, noam_peak
 from moeformer.train.sharded import (
     apply_fsdp,
+    clip_sharded_grad_norm,
+    expert_parallel_full_weights,
     has_sharded_state,
     load_expert_sharded,
     load_sharded,
     save_expert_sharded,
     save_fsdp_checkpoint,
     save_with_shards,
+    to_world_mean,
 )
 from moeformer.train.signals import StopSignals, signal_name
 from moeformer.validation import ConfigError
@@ -122,10 +125,8 @@ class Trainer:
                 raise ConfigError("train.expert_parallel", "needs several processes: launch with torchrun")
             self.shards = ExpertShards(model, distributed, config.expert_parallel)
         self.fsdp = distributed is not None and config.parallel == "fsdp"
-        if self.fsdp and self.shards is not None:
-            raise ConfigError("train.parallel", "'fsdp' with expert_parallel > 1 is not supported yet; use 'ddp'")
         if self.fsdp:
-            apply_fsdp(model)
+            apply_fsdp(model, self.shards)
         self.collective = self.fsdp or self.shards is not None  # every rank must run every forward
         ignore = self.shards.names if self.shards is not None else []
         plain = distributed is None or self.fsdp
@@ -161,7 +162,7 @@ class Trainer:
                 "run cannot resume from yet; resume it with train.expert_parallel = 1 (one process, DDP or FSDP)"
             )
         if self.shards is not None:
-            load_expert_sharded(self.model, self.optimizer, self.shards.mesh, self.shards.names, ckpt.path)
+            load_expert_sharded(self.model, self.optimizer, self.shards, ckpt.path)
         elif sharded:
             load_sharded(self.model, self.optimizer, ckpt.path)
         else:
@@ -306,9 +307,8 @@ class Trainer:
         """Every rank helps gather the full experts (for rank 0's model.safetensors), then writes
         its expert slices and their AdamW moments through DCP."""
         shards = self.shards
-        with shards.full(self.model):
-            full = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if self.main else None
-        write = lambda tmp: save_expert_sharded(self.model, self.optimizer, shards.mesh, shards.names, tmp)  # noqa: E731
+        full = expert_parallel_full_weights(self.model, shards, fsdp=self.fsdp)
+        write = lambda tmp: save_expert_sharded(self.model, self.optimizer, shards, tmp)  # noqa: E731
         return save_with_shards(self.model.config, full, write, self.run_dir, self.step, meta, state,
                                 main=self.main, best=best, keep_last=self.config.keep_last)  # fmt: skip
 
@@ -362,9 +362,13 @@ class Trainer:
             totals = self.dist.sum(totals) / self.dist.world_size
             n_tokens = int(self.dist.sum(torch.tensor(n_tokens)))
             tracker.loads = reduce_loads(tracker.loads, self.dist)
-        if self.shards is not None:
+        if self.shards is not None and self.fsdp:  # FSDP reduce-scattered the expert slices over dp
+            to_world_mean(self.model, self.shards)
+        elif self.shards is not None:
             self.shards.reduce_grads()
-        if cfg.clip_grad is not None and self.shards is not None:
+        if cfg.clip_grad is not None and self.shards is not None and self.fsdp:
+            clip_sharded_grad_norm(list(self.model.parameters()), cfg.clip_grad)
+        elif cfg.clip_grad is not None and self.shards is not None:
             self.shards.clip_grad_norm(list(self.model.parameters()), cfg.clip_grad)
         elif cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
