@@ -37,15 +37,17 @@ def _worker(rank: int, world: int, init_file: str, case: str) -> None:
     try:
         torch.manual_seed(0)
         layer = build_moe(d_model=16, expert_hidden=8, **CASES[case])
-        ref, ep = copy.deepcopy(layer), copy.deepcopy(layer)
+        ref, ep, serial = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer)
         assert shard_experts(ep) == 1 and ep.experts.n_experts == layer.router.n_experts // world
+        shard_experts(serial)
+        serial.expert_parallel.overlap = False  # the shared experts before the dispatch, not during it
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own tokens
         x = torch.randn(3, 7, 16, generator=g)
         pad = torch.zeros(3, 7, dtype=torch.bool)
         pad[0, :2] = True
         grad_out = torch.randn(3, 7, 16, generator=g)
         outs = {}
-        for name, model in (("ref", ref), ("ep", ep)):
+        for name, model in (("ref", ref), ("ep", ep), ("serial", serial)):
             xi = x.clone().requires_grad_()
             out = model(xi, pad)
             loss = (out.output * grad_out).sum() + sum(out.aux_losses.values())
@@ -66,6 +68,14 @@ def _worker(rank: int, world: int, init_file: str, case: str) -> None:
                 dist.all_reduce(expected)
                 expected = expected[first : first + ep.experts.n_experts]
             torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        # Overlap changes when the shared experts run: the forward is equal to the bit; in the
+        # backward, autograd sums the input's two gradients (shared, routed) in the other order.
+        s, sx = outs["serial"]
+        assert torch.equal(s.output, e.output)
+        torch.testing.assert_close(sx, ex, atol=1e-6, rtol=0)
+        for (name, p), q in zip(ep.named_parameters(), serial.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        assert ep.expert_parallel.last.waited_s >= 0.0 and ep.expert_parallel.last.sent_rows > 0
         if case == "topk-capacity":
             assert float(r.stats["dropped_fraction"]) > 0  # the case really drops tokens
         dist.barrier()  # both ranks are done with every collective before the group goes away

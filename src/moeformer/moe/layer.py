@@ -89,12 +89,12 @@ class MoELayer(nn.Module):
             n_real = B * T if real is None else real.sum(dtype=torch.float64)  # a tensor: no host sync
             capacity = self.config.capacity_factor * n_real * self.router.top_k / self.router.n_experts
             routing, dropped = apply_capacity(routing, math.ceil(capacity) if real is None else capacity.ceil())
+        shared = (lambda: self.shared_output(flat)) if self.shared_experts is not None else None
         if self.expert_parallel is None:
             out = self.experts(flat, routing.index, routing.weights)
-        else:
-            out = self.expert_parallel(flat, routing.index, routing.weights, self.experts)
-        if self.shared_experts is not None:
-            out = out + self.shared_output(flat)
+            out = out if shared is None else out + shared()
+        else:  # the shared experts run while the routed rows travel
+            out = self.expert_parallel(flat, routing.index, routing.weights, self.experts, meanwhile=shared)
         if not report:
             return FFNOutput(out.view(B, T, D))
         aux, stats = self._losses_and_stats(routing, chosen, dropped, real, B, T)

@@ -14,10 +14,19 @@ travel to the experts they chose and back. With ``ep`` ranks and E experts, rank
 Both transfers are torch's differentiable functional ``all_to_all_single`` (as torchtitan
 uses), so the backward sends the gradients along the same routes. The router, shared experts
 and the rest of the model stay replicated (data parallel across the group).
+
+Overlap: the functional collective returns at once, with the transfer under way (on gloo, in its
+worker thread; on NCCL, on its stream); whatever the caller passes as ``meanwhile`` (the shared
+experts, which need none of the routed rows) runs then, and the rows are waited for only when
+the local experts need them. The sum is taken in the same order as without overlap, so the
+numbers are identical. ``DispatchStats.waited_s`` is the host time the forward spent blocked on
+the transfers: the communication left exposed.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +41,7 @@ from moeformer.moe.experts import Experts
 class DispatchStats:
     sent_rows: int  # (token, expert) rows this rank sent to other ranks (and got back)
     received_rows: int
+    waited_s: float = 0.0  # host seconds the forward was blocked on its transfers (exposed communication)
 
     def bytes_per_step(self, d_model: int, element_size: int) -> int:
         """Bytes this rank sends in one forward (rows out to the experts plus their results back)."""
@@ -54,38 +64,59 @@ class ExpertParallel(nn.Module):
         self.n_experts = n_experts
         self.n_local = n_experts // self.size
         self.last = DispatchStats(0, 0)
+        self.overlap = True  # run ``meanwhile`` while the dispatch travels (off: before it, for comparison)
 
     @property
     def first_expert(self) -> int:
         return self.rank * self.n_local
 
-    def forward(self, x: Tensor, index: Tensor, weights: Tensor, experts: Experts) -> Tensor:
-        """x: (N, D); index, weights: (N, K) global expert ids (n_experts = dropped) -> (N, D)."""
+    def forward(self, x: Tensor, index: Tensor, weights: Tensor, experts: Experts,
+                meanwhile: Callable[[], Tensor] | None = None) -> Tensor:  # fmt: skip
+        """x: (N, D); index, weights: (N, K) global expert ids (n_experts = dropped) -> (N, D).
+
+        meanwhile: computed while the routed rows travel and added to the result (the shared
+        experts' output): returns routed + meanwhile(), as ``out + shared`` on one device.
+        """
         N, K = index.shape
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         per_expert = torch.bincount(flat, minlength=self.n_experts + 1)[: self.n_experts]
         order = order[: int(per_expert.sum())]  # dropped assignments sort last
         token, gate = order // K, weights.reshape(-1)[order]
+        waited = time.perf_counter()
         received = torch.empty_like(per_expert)
         dist.all_to_all_single(received, per_expert, group=self.group)  # (size * n_local,): [source, local expert]
+        waited = time.perf_counter() - waited
         received = received.view(self.size, self.n_local)
         send_splits = per_expert.view(self.size, self.n_local).sum(1).tolist()
         recv_splits = received.sum(1).tolist()
-        rows = _exchange(x.index_select(0, token), recv_splits, send_splits, self.group)
+        side = meanwhile() if meanwhile is not None and not self.overlap else None
+        travelling = _launch(x.index_select(0, token), recv_splits, send_splits, self.group)
+        if meanwhile is not None and self.overlap:
+            side = meanwhile()
+        rows, blocked = _wait(travelling)
         local_ids = torch.arange(self.n_local, device=x.device).repeat(self.size)
         local_ids = torch.repeat_interleave(local_ids, received.reshape(-1))
         ones = torch.ones(local_ids.shape[0], 1, dtype=weights.dtype, device=x.device)
         y = experts(rows, local_ids[:, None], ones)  # one row per assignment: K = 1, weight 1
-        back = _exchange(y, send_splits, recv_splits, self.group)
-        self.last = DispatchStats(sum(send_splits) - send_splits[self.rank], sum(recv_splits) - recv_splits[self.rank])
-        return torch.zeros_like(x).index_add_(0, token, back * gate[:, None].to(back.dtype))
+        back, blocked_back = _wait(_launch(y, send_splits, recv_splits, self.group))
+        sent, got = sum(send_splits) - send_splits[self.rank], sum(recv_splits) - recv_splits[self.rank]
+        self.last = DispatchStats(sent, got, waited + blocked + blocked_back)
+        out = torch.zeros_like(x).index_add_(0, token, back * gate[:, None].to(back.dtype))
+        return out if side is None else out + side
 
 
-def _exchange(rows: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:
-    """Differentiable all-to-all of rows: the backward sends the gradients along the reverse splits."""
-    out = all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group or dist.group.WORLD)
-    return torch.ops._c10d_functional.wait_tensor(out)
+def _launch(rows: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:
+    """Start a differentiable all-to-all of rows (the backward sends the gradients along the
+    reverse splits); returns at once, with the transfer under way."""
+    return all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group or dist.group.WORLD)
+
+
+def _wait(travelling: Tensor) -> tuple[Tensor, float]:
+    """The rows of a started all-to-all, and the host seconds spent waiting for them."""
+    start = time.perf_counter()
+    rows = torch.ops._c10d_functional.wait_tensor(travelling)
+    return rows, time.perf_counter() - start
 
 
 @torch.no_grad()
