@@ -93,7 +93,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
     batches = _batches(world * STEPS)
     try:
         losses = _check(rank, world, tmp, mode, ctx)
-        if mode in SHARDED:
+        if mode in ("ddp", *SHARDED):  # DDP's plain checkpoint and the sharded ones resume on every layout
             for layout in ("ddp", *SHARDED):
                 _, resumed = _train(batches, os.path.join(tmp, f"resumed-{layout}"), ctx, layout, resume_step=2,
                                     source=os.path.join(tmp, "ddp"))  # fmt: skip

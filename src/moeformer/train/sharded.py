@@ -33,8 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeformer.models import build_model
-from moeformer.train.checkpoint import save_checkpoint, staging_dir
+from moeformer.train.checkpoint import Checkpoint, load_weights, save_checkpoint, staging_dir
 from moeformer.train.distributed import ExpertShards
+from moeformer.train.optim import build_optimizer
 
 DCP_DIR = "dcp"
 
@@ -167,9 +168,16 @@ def _expert_dtensors(state: dict[str, Any], shards: ExpertShards) -> dict[str, A
         return DTensor.from_local(value.to_local(), mesh, placements, run_check=False, shape=torch.Size(shape),
                                   stride=torch.empty(shape, device="meta").stride())  # fmt: skip
 
-    model = {k: wrap(k, v) for k, v in state["model"].items()}
-    moments = {k: {m: wrap(k, v) for m, v in per.items()} for k, per in state["optim"]["state"].items()}
-    return {"model": model, "optim": {**state["optim"], "state": moments}}
+    model, optim = _map_named(state["model"], state["optim"], wrap)
+    return {"model": model, "optim": optim}
+
+
+def _map_named(model_state: dict[str, Any], optim_state: dict[str, Any],
+               fn: Callable[[str, Any], Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """``fn(parameter name, value)`` applied to every model entry and every optimizer moment."""
+    model = {k: fn(k, v) for k, v in model_state.items()}
+    moments = {k: {m: fn(k, v) for m, v in per.items()} for k, per in optim_state["state"].items()}
+    return model, {**optim_state, "state": moments}
 
 
 def _restored(loaded: Any, original: Any) -> Any:
@@ -225,3 +233,31 @@ def clip_sharded_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch
     for g in local:
         g.mul_(scale.to(g.dtype))
     return norm
+
+
+def load_plain_into_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint,
+                            optimizer_state: dict[str, Any], shards: ExpertShards | None) -> None:  # fmt: skip
+    """A checkpoint of one process or DDP (full weights, ``optimizer.state_dict()``) into a sharded
+    run (FSDP2, EP, or both): rebuilt as the plain model and optimizer that wrote it, read as
+    named full state, cut to this rank's expert slices, and handed to ``set_state_dict``, which
+    shards it as the model is sharded."""
+    plain = build_model(model.config)
+    load_weights(plain, ckpt)
+    group, defaults = optimizer.param_groups[0], optimizer.defaults
+    plain_optimizer = build_optimizer(plain, lr=defaults["lr"], weight_decay=group["weight_decay"],
+                                      betas=defaults["betas"], eps=defaults["eps"])  # fmt: skip
+    plain_optimizer.load_state_dict(optimizer_state)
+    model_state, optim_state = get_state_dict(plain, plain_optimizer)
+    if shards is not None:
+        model_state, optim_state = _map_named(model_state, optim_state, lambda k, v: _expert_slice(k, v, shards))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))  # fmt: skip
+
+
+def _expert_slice(name: str, value: Any, shards: ExpertShards) -> Any:
+    """This rank's experts of a full expert tensor (dim 0 = expert index); anything else unchanged."""
+    if name not in shards.names or not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    n_local = value.shape[0] // shards.ep_size
+    first = shards.mesh.get_local_rank("ep") * n_local
+    return value[first : first + n_local].clone()

@@ -39,7 +39,7 @@ from moeformer.compiled import CompiledModel
 from moeformer.moe.balancing import LoadTracker
 from moeformer.train.board import board_write, open_board
 from moeformer.train.budget import ESTIMATE_AFTER, TimeBudget
-from moeformer.train.checkpoint import Checkpoint, CheckpointError, load_trainer_state, load_weights, save_checkpoint
+from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
 from moeformer.train.loss import mtp_loss, smoothed_cross_entropy
@@ -52,6 +52,7 @@ from moeformer.train.sharded import (
     expert_parallel_full_weights,
     has_sharded_state,
     load_expert_sharded,
+    load_plain_into_sharded,
     load_sharded,
     save_expert_sharded,
     save_fsdp_checkpoint,
@@ -155,16 +156,12 @@ class Trainer:
     def resume(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``, saved under this layout or any other (DCP re-shards)."""
         state = load_trainer_state(ckpt)
-        sharded = has_sharded_state(ckpt.path)  # saved by FSDP or expert-parallel ranks
-        if self.shards is not None and not sharded:
-            raise CheckpointError(
-                f"{ckpt.path} was saved without sharded state (by one process or DDP), which an expert-parallel "
-                "run cannot resume from yet; resume it with train.expert_parallel = 1 (one process, DDP or FSDP)"
-            )
-        if self.shards is not None:
+        if self.shards is not None and has_sharded_state(ckpt.path):
             load_expert_sharded(self.model, self.optimizer, self.shards, ckpt.path)
-        elif sharded:
+        elif has_sharded_state(ckpt.path):  # saved by FSDP or EP ranks
             load_sharded(self.model, self.optimizer, ckpt.path)
+        elif self.collective:  # a one-process or DDP checkpoint into FSDP and/or EP
+            load_plain_into_sharded(self.model, self.optimizer, ckpt, state["optimizer"], self.shards)
         else:
             load_weights(self.model, ckpt)
             self.optimizer.load_state_dict(state["optimizer"])
