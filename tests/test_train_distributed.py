@@ -18,10 +18,12 @@ from spawn import free_port, spawn
 from torch.distributed.tensor import DTensor
 
 from moeformer import DecoderLM, preset
+from moeformer.model_config import MoEConfig
 from moeformer.train.checkpoint import read_checkpoint, resolve
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import (
     Distributed,
+    check_layout,
     close_distributed,
     init_distributed,
     process_group,
@@ -190,6 +192,23 @@ def test_four_ranks_in_two_expert_groups_equal_one_process_and_resume_on_two(tmp
     spawn(_worker, (4, free_port(), str(tmp_path), mode), nprocs=4, timeout_s=600)
     losses = json.loads((tmp_path / "losses.json").read_text())
     spawn(_resume_worker, (2, free_port(), str(tmp_path), losses), nprocs=2, timeout_s=300)
+
+
+@pytest.mark.parametrize(
+    ("ep", "world", "moe", "message"),
+    [
+        (2, 1, {"n_experts": 4}, "needs a multiple of 2 processes"),
+        (3, 4, {"n_experts": 6}, "does not divide the 4 processes started"),
+        (2, 4, None, "no MoE layers"),
+        (4, 8, {"n_experts": 6}, "cannot split the 6 routed experts"),
+        (4, 8, {"n_experts": 3, "granularity": 2}, "cannot split the 6 routed experts"),
+    ],
+)
+def test_a_layout_that_cannot_be_built_fails_with_its_numbers(ep, world, moe, message):
+    config = None if moe is None else MoEConfig(kind="deepseek", top_k=1, expert_hidden=8, **moe)
+    with pytest.raises(ConfigError, match=message):
+        check_layout(ep, world, config)
+    check_layout(1, world, config)  # off: nothing to check
 
 
 def test_shards_do_not_overlap_and_have_equal_length():

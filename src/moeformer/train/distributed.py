@@ -107,6 +107,34 @@ def process_group(*, expected_world_size: int | None = None, timeout_s: float = 
             close_distributed()
 
 
+def check_layout(expert_parallel: int, world_size: int, moe: object | None) -> None:
+    """Refuse, before any data is read, an expert-parallel layout that cannot be built, with the
+    numbers: the mesh is world / G data-parallel replicas x G expert-parallel ranks, and each of
+    the G ranks holds an equal share of every MoE layer's routed experts.
+
+    moe: the model's :class:`~moeformer.model_config.MoEConfig` (None: the model has no MoE layer).
+    """
+    G = expert_parallel
+    if G == 1:
+        return
+    if world_size == 1:
+        raise ConfigError("train.expert_parallel", f"{G} needs a multiple of {G} processes: launch with torchrun")
+    if world_size % G:
+        raise ConfigError(
+            "train.expert_parallel",
+            f"{G} does not divide the {world_size} processes started (the mesh is world / {G} replicas x {G} "
+            f"expert-parallel ranks); use a divisor of {world_size}",
+        )
+    if moe is None:
+        raise ConfigError("train.expert_parallel", f"is {G}, but the model has no MoE layers to shard; set it to 1")
+    routed = moe.n_experts * moe.granularity
+    if routed % G:
+        raise ConfigError(
+            "train.expert_parallel",
+            f"{G} cannot split the {routed} routed experts of each MoE layer evenly; use a divisor of {routed}",
+        )
+
+
 def reduce_loads(loads: dict[str, Tensor], ctx: Distributed | None) -> dict[str, Tensor]:
     """Tokens per expert summed over ranks (bias updates and load logging see the global batch)."""
     if ctx is None or not loads:

@@ -33,7 +33,7 @@ from moeformer.train.checkpoint import (
     read_checkpoint,
     remove_partial,
 )
-from moeformer.train.distributed import Distributed, process_group
+from moeformer.train.distributed import Distributed, check_layout, process_group
 from moeformer.train.pipeline import PreparedData, prepare
 from moeformer.train.run_config import Config, apply_overrides, config_from_dict
 from moeformer.train.rundir import RunLock, claim_run_dir, trim_metrics
@@ -141,6 +141,7 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
     if main:
         for warning in config_warnings(config):
             echo(f"warning: {warning}")
+    check_layout(config.train.expert_parallel, ctx.world_size if ctx is not None else 1, config.model.moe)
     prepared = prepare(config, tokenizers)
     if main:
         echo(format_data_report(prepared.report))
