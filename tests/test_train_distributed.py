@@ -65,9 +65,12 @@ def _model() -> DecoderLM:
 
 
 def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "ddp", resume_step: int = 0,
-           source: str | None = None):  # fmt: skip
+           source: str | None = None, merged: bool = False):  # fmt: skip
     """Train STEPS updates in ``run_dir``; resume_step: first resume from that checkpoint of ``source``
-    (default: ``run_dir``)."""
+    (default: ``run_dir``). merged: ``batches`` joins the batches of several of the saving run's
+    ranks (the tests' way of keeping the global batch equal on fewer ranks), so each rank resumes
+    at its own index ``resume_step`` (the trainer, resuming on fewer ranks with one batch list,
+    continues at the saving run's global position instead: test_resume_position_...)."""
     model = _model()
     task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1], meta={"config": {}})
     config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=2,
@@ -78,6 +81,8 @@ def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "
     if resume_step:
         where = os.path.join(source or run_dir, "checkpoints", f"step-{resume_step:08d}")
         trainer.resume(read_checkpoint(where))
+        if merged:
+            trainer.position = (0, resume_step)
     result = trainer.train()
     return trainer, [row["loss"] for row in result.metrics]
 
@@ -109,7 +114,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0 and (mode.startswith("fsdp") or mode in SHARDED):  # the sharded step 2, in one process
-        _, resumed = _train(_merged(world, batches), os.path.join(tmp, "ddp"), None, resume_step=2)
+        _, resumed = _train(_merged(world, batches), os.path.join(tmp, "ddp"), None, resume_step=2, merged=True)
         torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
         (Path(tmp) / "losses.json").write_text(json.dumps(losses))
 
@@ -174,7 +179,7 @@ def _resume_worker(rank: int, world: int, port: int, tmp: str, losses: list[floa
     try:
         for layout in SHARDED:
             _, resumed = _train(batches, os.path.join(tmp, f"resumed-{world}-{layout}"), ctx, layout,
-                                resume_step=2, source=os.path.join(tmp, "ddp"))  # fmt: skip
+                                resume_step=2, source=os.path.join(tmp, "ddp"), merged=True)  # fmt: skip
             torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0,
                                        msg=lambda m, lay=layout: f"resumed on {world} ranks as {lay}: {m}")  # fmt: skip
         gc.collect()
@@ -209,6 +214,18 @@ def test_a_layout_that_cannot_be_built_fails_with_its_numbers(ep, world, moe, me
     with pytest.raises(ConfigError, match=message):
         check_layout(ep, world, config)
     check_layout(1, world, config)  # off: nothing to check
+
+
+@pytest.mark.parametrize(("saved_world", "index", "world", "expected"),
+                         [(2, 3, 2, 3), (2, 3, 1, 6), (4, 3, 2, 6), (2, 3, 4, 2), (4, 5, 3, 7)])  # fmt: skip
+def test_resume_position_on_another_number_of_ranks_continues_the_shared_order(saved_world, index, world, expected):
+    """Saved after ``index`` batches per rank by saved_world ranks: index * saved_world batches of
+    the shared order are used; on ``world`` ranks each continues at that batch, rounded up."""
+    trainer = Trainer.__new__(Trainer)  # only the data position is under test
+    trainer.dist = Distributed(0, world, 0) if world > 1 else None
+    state = {"position": [1, index], "world_size": saved_world}
+    assert trainer._local_position(state) == (1, expected)
+    assert trainer._local_position({"position": [1, index]}) == (1, index)  # older checkpoints: as saved
 
 
 def test_shards_do_not_overlap_and_have_equal_length():

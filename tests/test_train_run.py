@@ -278,3 +278,32 @@ def test_torchrun_stops_every_rank_at_one_step(tmp_path, group):
     logged = [r["step"] for r in rows(run) if "loss" in r]
     assert logged == list(range(1, step + 1))
     assert not (run / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_fsdp_expert_parallel_run_resumes_in_one_process(tmp_path):
+    """torchrun, 2 ranks, FSDP2 x expert parallelism 2, stopped by SIGTERM: the checkpoint it
+    saves (DCP shards) continues in one process from the next step, as ``--resume`` with the
+    layout changed by ``--set``."""
+    config = write_config(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "moeformer", "train", str(config), "--out", str(run), "--quiet",
+         "--set", "train.parallel=fsdp", "--set", "train.expert_parallel=2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    wait_for_rows(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    ckpt = read_checkpoint(run, which="latest")
+    step = ckpt.meta["step"]
+    assert (ckpt.path / "dcp" / ".metadata").is_file(), err
+    resumed = start("--resume", str(run), "--set", "train.parallel=ddp", "--set", "train.expert_parallel=1",
+                    "--set", f"train.steps={step + 3}", cwd=tmp_path)  # fmt: skip
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    logged = [r["step"] for r in rows(run) if "loss" in r]
+    assert logged == list(range(1, step + 4))
+    assert read_checkpoint(run, which="latest").meta["step"] == step + 3

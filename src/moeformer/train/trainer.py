@@ -167,7 +167,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        self.step, self.position = int(state["step"]), tuple(state["position"])
+        self.step, self.position = int(state["step"]), self._local_position(state)
         self.best_loss = float(state["best_loss"])
         self.last_checkpoint = ckpt.path
 
@@ -178,7 +178,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "step": self.step,
-            "position": list(self.position),
+            "position": list(self.position),  # (epoch, index among this rank's batches)
+            "world_size": self._world(),
             "best_loss": self.best_loss,
         }
         meta = {**self.task.meta, "metrics": metrics or {}}
@@ -198,6 +199,18 @@ class Trainer:
         return path
 
     # -- data -------------------------------------------------------------------------------
+    def _world(self) -> int:
+        return self.dist.world_size if self.dist is not None else 1
+
+    def _local_position(self, state: dict[str, Any]) -> tuple[int, int]:
+        """Where this rank resumes. Ranks take every world-th batch of the shared order, so a run
+        saved at index i by w ranks has used i * w batches of the epoch; on another number of
+        ranks it continues at that batch of the order (rounded up: no batch seen twice). The
+        batch list is the same on any layout; the global batch is world_size batches."""
+        epoch, index = (int(v) for v in state["position"])
+        saved_world = int(state.get("world_size", self._world()))  # older checkpoints: this layout's
+        return epoch, -(-index * saved_world // self._world())
+
     def _stream(self) -> Iterator[Batch]:
         epoch, index = self.position
         while True:
