@@ -29,6 +29,7 @@ from moeformer.train.distributed import (
     process_group,
     reduce_loads,
 )
+from moeformer.train.layout import Layout
 from moeformer.train.sharded import expert_parallel_full_weights, full_weights
 from moeformer.train.trainer import Batch, Trainer, TrainingTask
 from moeformer.validation import ConfigError
@@ -221,11 +222,11 @@ def test_a_layout_that_cannot_be_built_fails_with_its_numbers(ep, world, moe, me
 def test_resume_position_on_another_number_of_ranks_continues_the_shared_order(saved_world, index, world, expected):
     """Saved after ``index`` batches per rank by saved_world ranks: index * saved_world batches of
     the shared order are used; on ``world`` ranks each continues at that batch, rounded up."""
-    trainer = Trainer.__new__(Trainer)  # only the data position is under test
-    trainer.dist = Distributed(0, world, 0) if world > 1 else None
+    layout = Layout.__new__(Layout)  # only the data position is under test: no model to shard
+    layout.dist = Distributed(0, world, 0) if world > 1 else None
     state = {"position": [1, index], "world_size": saved_world}
-    assert trainer._local_position(state) == (1, expected)
-    assert trainer._local_position({"position": [1, index]}) == (1, index)  # older checkpoints: as saved
+    assert layout.local_position(state) == (1, expected)
+    assert layout.local_position({"position": [1, index]}) == (1, index)  # older checkpoints: as saved
 
 
 def test_shards_do_not_overlap_and_have_equal_length():

@@ -10,9 +10,9 @@ Resuming restores weights (balancing biases included), optimiser, schedule, the 
 the position in the data, so that on a CPU the losses after ``--resume`` equal those of an
 uninterrupted run. A NaN or inf loss stops the run with the step and the last good checkpoint.
 
-With several processes (see :mod:`moeformer.train.distributed`) the model runs under
-DistributedDataParallel (or FSDP2, :mod:`moeformer.train.sharded`; experts may be sharded too,
-``train.expert_parallel``), each rank takes its shard of every epoch's batches, and rank 0 alone
+With several processes the model is laid out by :class:`~moeformer.train.layout.Layout` (DDP,
+FSDP2, expert parallelism, or both: forward wrapper, gradient reduction and clipping, checkpoints
+that any layout resumes), each rank takes its shard of every epoch's batches, and rank 0 alone
 logs and writes files; under FSDP or expert parallelism every rank runs the evaluation forwards.
 
 ``train.compile`` runs the training forward (and its backward) through ``torch.compile``, applied
@@ -39,28 +39,15 @@ from moeformer.compiled import CompiledModel
 from moeformer.moe.balancing import LoadTracker
 from moeformer.train.board import board_write, open_board
 from moeformer.train.budget import ESTIMATE_AFTER, TimeBudget
-from moeformer.train.checkpoint import Checkpoint, load_trainer_state, load_weights, save_checkpoint
+from moeformer.train.checkpoint import Checkpoint, load_trainer_state
 from moeformer.train.config import TrainConfig
-from moeformer.train.distributed import Distributed, ExpertShards, reduce_loads
+from moeformer.train.distributed import Distributed, reduce_loads
+from moeformer.train.layout import Layout
 from moeformer.train.loss import mtp_loss, smoothed_cross_entropy
 from moeformer.train.optim import build_optimizer
 from moeformer.train.rundir import append_line
 from moeformer.train.schedule import lr_multiplier, noam_peak
-from moeformer.train.sharded import (
-    apply_fsdp,
-    clip_sharded_grad_norm,
-    expert_parallel_full_weights,
-    has_sharded_state,
-    load_expert_sharded,
-    load_plain_into_sharded,
-    load_sharded,
-    save_expert_sharded,
-    save_fsdp_checkpoint,
-    save_with_shards,
-    to_world_mean,
-)
 from moeformer.train.signals import StopSignals, signal_name
-from moeformer.validation import ConfigError
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,18 +107,9 @@ class Trainer:
         self.echo = echo if echo is not None and self.main else (lambda _: None)  # one voice under torchrun
         self.progress = progress and self.main
         self.device = next(model.parameters()).device
-        self.shards = None
-        if config.expert_parallel > 1:
-            if distributed is None:
-                raise ConfigError("train.expert_parallel", "needs several processes: launch with torchrun")
-            self.shards = ExpertShards(model, distributed, config.expert_parallel)
-        self.fsdp = distributed is not None and config.parallel == "fsdp"
-        if self.fsdp:
-            apply_fsdp(model, self.shards)
-        self.collective = self.fsdp or self.shards is not None  # every rank must run every forward
-        ignore = self.shards.names if self.shards is not None else []
-        plain = distributed is None or self.fsdp
-        self.forward = model if plain else _data_parallel(model, self.device, ignore)
+        self.layout = Layout(model, config, distributed)  # shards the model in place where asked
+        self.shards, self.fsdp, self.collective = self.layout.shards, self.layout.fsdp, self.layout.collective
+        self.forward = self.layout.forward
         if config.compile:  # after wrapping, as torch recommends; self.model stays eager (eval, saving)
             self.forward = CompiledModel(self.forward)
         peak = noam_peak(model.config.d_model, config.warmup_steps) if config.schedule == "noam" else config.lr
@@ -156,61 +134,32 @@ class Trainer:
     def resume(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``, saved under this layout or any other (DCP re-shards)."""
         state = load_trainer_state(ckpt)
-        if self.shards is not None and has_sharded_state(ckpt.path):
-            load_expert_sharded(self.model, self.optimizer, self.shards, ckpt.path)
-        elif has_sharded_state(ckpt.path):  # saved by FSDP or EP ranks
-            load_sharded(self.model, self.optimizer, ckpt.path)
-        elif self.collective:  # a one-process or DDP checkpoint into FSDP and/or EP
-            load_plain_into_sharded(self.model, self.optimizer, ckpt, state["optimizer"], self.shards)
-        else:
-            load_weights(self.model, ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.layout.load(self.model, self.optimizer, ckpt, state)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        self.step, self.position = int(state["step"]), self._local_position(state)
+        self.step, self.position = int(state["step"]), self.layout.local_position(state)
         self.best_loss = float(state["best_loss"])
         self.last_checkpoint = ckpt.path
 
     def save(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> Path | None:
         """Write a checkpoint (rank 0); under FSDP every rank calls this and writes its shards."""
         state = {
-            "optimizer": None if self.collective else self.optimizer.state_dict(),  # else in the DCP shards
+            "optimizer": self.layout.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "step": self.step,
             "position": list(self.position),  # (epoch, index among this rank's batches)
-            "world_size": self._world(),
+            "world_size": self.layout.world_size,
             "best_loss": self.best_loss,
         }
         meta = {**self.task.meta, "metrics": metrics or {}}
-        if self.shards is not None:
-            path = self._save_expert_parallel(meta, state, best)
-        elif self.fsdp:
-            path = save_fsdp_checkpoint(
-                self.model, self.optimizer, self.run_dir, self.step, meta, state,
-                main=self.main, best=best, keep_last=self.config.keep_last,
-            )  # fmt: skip
-        else:
-            path = save_checkpoint(
-                self.run_dir, self.step, self.model, meta, state, best=best, keep_last=self.config.keep_last
-            )
+        path = self.layout.save(self.model, self.optimizer, self.run_dir, self.step, meta, state,
+                                best=best, keep_last=self.config.keep_last)  # fmt: skip
         if path is not None:
             self.last_checkpoint = path
         return path
 
     # -- data -------------------------------------------------------------------------------
-    def _world(self) -> int:
-        return self.dist.world_size if self.dist is not None else 1
-
-    def _local_position(self, state: dict[str, Any]) -> tuple[int, int]:
-        """Where this rank resumes. Ranks take every world-th batch of the shared order, so a run
-        saved at index i by w ranks has used i * w batches of the epoch; on another number of
-        ranks it continues at that batch of the order (rounded up: no batch seen twice). The
-        batch list is the same on any layout; the global batch is world_size batches."""
-        epoch, index = (int(v) for v in state["position"])
-        saved_world = int(state.get("world_size", self._world()))  # older checkpoints: this layout's
-        return epoch, -(-index * saved_world // self._world())
-
     def _stream(self) -> Iterator[Batch]:
         epoch, index = self.position
         while True:
@@ -313,15 +262,6 @@ class Trainer:
             board_write(board, "valid", evaluation, self.step)
         self._checkpoint(best=improved, metrics=evaluation)
 
-    def _save_expert_parallel(self, meta: dict[str, Any], state: dict[str, Any], best: bool) -> Path | None:
-        """Every rank helps gather the full experts (for rank 0's model.safetensors), then writes
-        its expert slices and their AdamW moments through DCP."""
-        shards = self.shards
-        full = expert_parallel_full_weights(self.model, shards, fsdp=self.fsdp)
-        write = lambda tmp: save_expert_sharded(self.model, self.optimizer, shards, tmp)  # noqa: E731
-        return save_with_shards(self.model.config, full, write, self.run_dir, self.step, meta, state,
-                                main=self.main, best=best, keep_last=self.config.keep_last)  # fmt: skip
-
     def _checkpoint(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> None:
         """Rank 0 saves; in sharded runs (FSDP, expert parallelism) every rank writes its shards."""
         if self.main or self.collective:
@@ -372,16 +312,7 @@ class Trainer:
             totals = self.dist.sum(totals) / self.dist.world_size
             n_tokens = int(self.dist.sum(torch.tensor(n_tokens)))
             tracker.loads = reduce_loads(tracker.loads, self.dist)
-        if self.shards is not None and self.fsdp:  # FSDP reduce-scattered the expert slices over dp
-            to_world_mean(self.model, self.shards)
-        elif self.shards is not None:
-            self.shards.reduce_grads()
-        if cfg.clip_grad is not None and self.shards is not None and self.fsdp:
-            clip_sharded_grad_norm(list(self.model.parameters()), cfg.clip_grad)
-        elif cfg.clip_grad is not None and self.shards is not None:
-            self.shards.clip_grad_norm(list(self.model.parameters()), cfg.clip_grad)
-        elif cfg.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.layout.finish_gradients(self.model, cfg.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -446,12 +377,3 @@ class Trainer:
         if self.config.precision != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-
-def _data_parallel(model: nn.Module, device: torch.device, ignore: list[str]) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    if ignore:  # expert shards differ per rank: ExpertShards reduces their gradients
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
