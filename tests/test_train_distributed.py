@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 from spawn import free_port, spawn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeformer import DecoderLM, preset
 from moeformer.model_config import MoEConfig
@@ -76,7 +76,8 @@ def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "
     task = TrainingTask(train_batches=lambda epoch: batches, valid_batches=batches[:1], meta={"config": {}})
     config = TrainConfig(steps=STEPS, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=2,
                          label_smoothing=0.1, clip_grad=0.5, expert_parallel=2 if mode.endswith("+ep") else 1,
-                         parallel="fsdp" if mode.startswith("fsdp") else "ddp",
+                         parallel="fsdp" if mode.startswith(("fsdp", "hsdp")) else "ddp",
+                         dp_replicate=2 if mode.startswith("hsdp") else 1,  # HSDP: 2 replicas of the shards
                          compile=mode.endswith("+compile"))  # fmt: skip
     trainer = Trainer(model, task, config, run_dir, progress=False, distributed=ctx)
     if resume_step:
@@ -91,6 +92,11 @@ def _train(batches: list[Batch], run_dir, ctx: Distributed | None, mode: str = "
 SHARDED = ("ddp+ep", "fsdp", "fsdp+ep")  # layouts whose checkpoints hold DCP shards
 
 
+def _layouts(world: int) -> tuple[str, ...]:
+    """Every layout of ``world`` ranks to resume on (HSDP x EP needs 2 replicas of 2 shards: 4 ranks)."""
+    return ("ddp", *SHARDED, *(("hsdp+ep",) if world == 4 else ()))
+
+
 def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
     """Train ``mode`` on ``world`` ranks, check it against one process, then resume its step-2
     checkpoint on every layout of this world and, on rank 0, in one process."""
@@ -101,8 +107,8 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
     batches = _batches(world * STEPS)
     try:
         losses = _check(rank, world, tmp, mode, ctx)
-        if mode in ("ddp", *SHARDED):  # DDP's plain checkpoint and the sharded ones resume on every layout
-            for layout in ("ddp", *SHARDED):
+        if mode in _layouts(world):  # DDP's plain checkpoint and the sharded ones resume on every layout
+            for layout in _layouts(world):
                 _, resumed = _train(batches, os.path.join(tmp, f"resumed-{layout}"), ctx, layout, resume_step=2,
                                     source=os.path.join(tmp, "ddp"))  # fmt: skip
                 torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0,
@@ -114,7 +120,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if rank == 0 and (mode.startswith("fsdp") or mode in SHARDED):  # the sharded step 2, in one process
+    if rank == 0 and (mode.startswith("fsdp") or mode in _layouts(world)):  # step 2, in one process
         _, resumed = _train(_merged(world, batches), os.path.join(tmp, "ddp"), None, resume_step=2, merged=True)
         torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses[2:]), atol=1e-5, rtol=0)
         (Path(tmp) / "losses.json").write_text(json.dumps(losses))
@@ -136,9 +142,11 @@ def _check(rank: int, world: int, tmp: str, mode: str, ctx: Distributed | None) 
     if mode.endswith("+ep"):
         experts = trainer.model.layers[0].ffn.experts
         assert experts.n_experts == 2  # of 4: this rank's expert-parallel slice
-        if mode == "fsdp+ep":  # the slice sharded again over the world // 2 replicas
+        if mode in ("fsdp+ep", "hsdp+ep"):  # the slice sharded again over the world // 2 replicas
             assert isinstance(experts.down_proj, DTensor)
             assert experts.down_proj.to_local().shape[0] == 2 // (world // 2)
+    if mode == "hsdp+ep":  # the rest: 2 replicas of shards over 2 ranks
+        assert trainer.model.lm_head.weight.placements == (Replicate(), Shard(0))
     state = _full_state(trainer)
     if rank == 0:
         ref_trainer, ref_losses = _train(_merged(world, batches), os.path.join(tmp, "single"), None)
@@ -190,11 +198,12 @@ def _resume_worker(rank: int, world: int, port: int, tmp: str, losses: list[floa
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp+ep", "fsdp+ep"])
+@pytest.mark.parametrize("mode", ["ddp+ep", "fsdp+ep", "hsdp+ep"])
 def test_four_ranks_in_two_expert_groups_equal_one_process_and_resume_on_two(tmp_path, mode):
     """World 4 = 2 data-parallel replicas x expert parallelism 2 (under FSDP each expert slice is
-    sharded again over the 2 replicas): losses and weights equal one process; its step-2
-    checkpoint resumes on 4 ranks (every layout), on 2 ranks (EP 2, FSDP + EP 2, FSDP) and on 1."""
+    sharded again over the 2 replicas; under HSDP the rest of the model is sharded over 2 ranks and
+    replicated twice): losses and weights equal one process; its step-2 checkpoint resumes on 4
+    ranks (every layout), on 2 ranks (EP 2, FSDP + EP 2, FSDP) and on 1."""
     spawn(_worker, (4, free_port(), str(tmp_path), mode), nprocs=4, timeout_s=600)
     losses = json.loads((tmp_path / "losses.json").read_text())
     spawn(_resume_worker, (2, free_port(), str(tmp_path), losses), nprocs=2, timeout_s=300)
@@ -215,6 +224,14 @@ def test_a_layout_that_cannot_be_built_fails_with_its_numbers(ep, world, moe, me
     with pytest.raises(ConfigError, match=message):
         check_layout(ep, world, config)
     check_layout(1, world, config)  # off: nothing to check
+
+
+def test_hybrid_sharding_needs_fsdp_and_a_divisor_of_the_world():
+    with pytest.raises(ConfigError, match="dp_replicate: replicates FSDP2 shards"):
+        TrainConfig(dp_replicate=2)
+    with pytest.raises(ConfigError, match="3 does not divide the 4 processes"):
+        check_layout(1, 4, None, dp_replicate=3)
+    check_layout(2, 4, MoEConfig(kind="deepseek", n_experts=4, top_k=1, expert_hidden=8), dp_replicate=2)
 
 
 @pytest.mark.parametrize(("saved_world", "index", "world", "expected"),

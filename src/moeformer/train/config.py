@@ -38,6 +38,7 @@ class TrainConfig:
     world_size: int | None = None  # processes torchrun must start (None: any); checked at start-up
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes: replicate (DDP) or shard (FSDP2)
     expert_parallel: int = 1  # ranks per expert-parallel group (routed experts sharded over them); 1: off
+    dp_replicate: int = 1  # FSDP2 only: replicas of the sharded model (HSDP, shards over world / this); 1: off
     dist_timeout_s: float = 600.0  # a collective waiting longer (a dead rank) ends the run with an error
 
     def __post_init__(self) -> None:
@@ -71,6 +72,9 @@ class TrainConfig:
         if self.world_size is not None and self.world_size < 1:
             raise ConfigError("world_size", f"must be >= 1 (or absent), got {self.world_size}")
         positive("expert_parallel", self.expert_parallel)
+        positive("dp_replicate", self.dp_replicate)
+        if self.dp_replicate > 1 and self.parallel != "fsdp":
+            raise ConfigError("dp_replicate", "replicates FSDP2 shards (HSDP): set parallel = 'fsdp', or leave it 1")
         if self.compile and self.expert_parallel > 1:  # its all-to-all sizes are read on the host in every layer
             raise ConfigError("compile", "cannot be combined with expert_parallel > 1 yet; set one of them off")
         if self.dist_timeout_s <= 0:

@@ -107,13 +107,20 @@ def process_group(*, expected_world_size: int | None = None, timeout_s: float = 
             close_distributed()
 
 
-def check_layout(expert_parallel: int, world_size: int, moe: object | None) -> None:
-    """Refuse, before any data is read, an expert-parallel layout that cannot be built, with the
-    numbers: the mesh is world / G data-parallel replicas x G expert-parallel ranks, and each of
-    the G ranks holds an equal share of every MoE layer's routed experts.
+def check_layout(expert_parallel: int, world_size: int, moe: object | None, dp_replicate: int = 1) -> None:
+    """Refuse, before any data is read, a layout that cannot be built, with the numbers: the
+    expert mesh is world / G data-parallel replicas x G expert-parallel ranks, each of the G ranks
+    holding an equal share of every MoE layer's routed experts; under HSDP the rest of the model
+    is sharded over world / R ranks and replicated R times (R = dp_replicate).
 
     moe: the model's :class:`~moeformer.model_config.MoEConfig` (None: the model has no MoE layer).
     """
+    if world_size % dp_replicate:
+        raise ConfigError(
+            "train.dp_replicate",
+            f"{dp_replicate} does not divide the {world_size} processes started (the mesh is {dp_replicate} "
+            f"replicas x world / {dp_replicate} shards); use a divisor of {world_size}",
+        )
     G = expert_parallel
     if G == 1:
         return

@@ -1,8 +1,9 @@
 """How a training run spreads its model over the processes, and how it saves and loads its state.
 
-Five layouts, from ``train.parallel`` and ``train.expert_parallel = G`` (README, "Several
-processes"): one process; DDP (:func:`~torch.nn.parallel.DistributedDataParallel`); FSDP2
-(:func:`~moeformer.train.sharded.apply_fsdp`); DDP x EP and FSDP2 x EP
+The layouts, from ``train.parallel``, ``train.dp_replicate = R`` and ``train.expert_parallel = G``
+(README, "Several processes"): one process; DDP (:func:`~torch.nn.parallel.DistributedDataParallel`);
+FSDP2 (:func:`~moeformer.train.sharded.apply_fsdp`), over the whole world or as HSDP (R replicas of
+shards over world / R); each of these but one process with expert parallelism
 (:class:`~moeformer.train.distributed.ExpertShards`: routed experts sharded over G ranks). The
 trainer asks the layout for the module to run forward, for the gradients to be finished after
 backward (reduced where no wrapper reduces them, then clipped by the global norm), and for
@@ -49,7 +50,8 @@ class Layout:
             self.shards = ExpertShards(model, distributed, config.expert_parallel)
         self.fsdp = distributed is not None and config.parallel == "fsdp"
         if self.fsdp:
-            apply_fsdp(model, self.shards)
+            apply_fsdp(model, self.shards, replicate=config.dp_replicate)
+        self.hybrid = self.fsdp and config.dp_replicate > 1
         self.collective = self.fsdp or self.shards is not None  # every rank runs every forward and save
         plain = distributed is None or self.fsdp
         ignore = self.shards.names if self.shards is not None else []
@@ -69,7 +71,7 @@ class Layout:
             self.shards.reduce_grads()
         if clip is None:
             return
-        if self.shards is not None and self.fsdp:
+        if self.fsdp and (self.shards is not None or self.hybrid):
             clip_sharded_grad_norm(list(model.parameters()), clip)
         elif self.shards is not None:
             self.shards.clip_grad_norm(list(model.parameters()), clip)

@@ -141,7 +141,8 @@ def _run(config: Config, run_dir: Path, ctx: Distributed | None, resume: bool, p
     if main:
         for warning in config_warnings(config):
             echo(f"warning: {warning}")
-    check_layout(config.train.expert_parallel, ctx.world_size if ctx is not None else 1, config.model.moe)
+    world = ctx.world_size if ctx is not None else 1
+    check_layout(config.train.expert_parallel, world, config.model.moe, config.train.dp_replicate)
     prepared = prepare(config, tokenizers)
     if main:
         echo(format_data_report(prepared.report))

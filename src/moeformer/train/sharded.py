@@ -40,8 +40,12 @@ from moeformer.train.optim import build_optimizer
 DCP_DIR = "dcp"
 
 
-def apply_fsdp(model: nn.Module, shards: ExpertShards | None = None) -> None:
+def apply_fsdp(model: nn.Module, shards: ExpertShards | None = None, replicate: int = 1) -> None:
     """fully_shard every block of the model, then the model itself (its embeddings and head).
+
+    replicate > 1: hybrid sharding (HSDP): the model is sharded over world / replicate ranks and
+    replicated ``replicate`` times (a 2-D mesh ``("replicate", "shard")``); gradients are
+    reduce-scattered within a replica, then all-reduced across replicas.
 
     With expert parallelism (``shards``), as torchtitan does: each layer's routed-expert slice is
     first sharded on its own over the ranks that hold the same slice (the mesh's ``dp``
@@ -59,7 +63,10 @@ def apply_fsdp(model: nn.Module, shards: ExpertShards | None = None) -> None:
     if shards is not None:
         for experts in shards.expert_modules(model):
             fully_shard(experts, mesh=shards.mesh["dp"])
-    mesh = init_device_mesh(device, (world,))
+    if replicate > 1:
+        mesh = init_device_mesh(device, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device, (world,))
     for name in ("layers", "encoder", "decoder"):
         for block in getattr(model, name, []):
             fully_shard(block, mesh=mesh)
@@ -223,16 +230,31 @@ def expert_parallel_full_weights(model: nn.Module, shards: ExpertShards, *, fsdp
 
 
 def clip_sharded_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip by the global gradient norm when every element is stored on exactly one rank (FSDP,
-    and FSDP with expert parallelism, whose parameters live on different meshes)."""
-    local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
-    sq = torch.stack([g.float().pow(2).sum() for g in local]).sum() if local else torch.zeros(())
+    """Clip by the global gradient norm when the gradients are DTensors on different meshes (FSDP
+    with expert parallelism, HSDP): each rank's squares, divided by how many ranks hold the same
+    values (the mesh dimensions the gradient is replicated over), summed over the world."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    sq = torch.zeros((), dtype=torch.float32, device=local[0].device if local else None)
+    for g, values in zip(grads, local):
+        sq += values.float().pow(2).sum() / _copies(g)
     dist.all_reduce(sq)
     norm = sq.sqrt()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in local:
         g.mul_(scale.to(g.dtype))
     return norm
+
+
+def _copies(grad: torch.Tensor) -> int:
+    """How many ranks hold each value of ``grad``: the world for a plain tensor (replicated
+    everywhere), the product of its mesh's replicated dimensions for a DTensor."""
+    if not isinstance(grad, DTensor):
+        return dist.get_world_size()
+    mesh, copies = grad.device_mesh, 1
+    for dim, placement in enumerate(grad.placements):
+        copies *= mesh.size(dim) if placement.is_replicate() else 1
+    return copies
 
 
 def load_plain_into_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint,
