@@ -142,7 +142,7 @@ class Trainer:
         self.last_checkpoint = ckpt.path
 
     def save(self, *, best: bool = False, metrics: dict[str, float] | None = None) -> Path | None:
-        """Write a checkpoint (rank 0); under FSDP every rank calls this and writes its shards."""
+        """Write a checkpoint (rank 0); in sharded layouts every rank calls this and writes its shards."""
         state = {
             "optimizer": self.layout.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
