@@ -6,6 +6,8 @@ import argparse
 import errno
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from safetensors import SafetensorError
@@ -215,3 +217,14 @@ def test_every_option_has_help_and_shows_its_default():
         assert options_without_help_or_default(sub) == [], " ".join(path)
         checked += 1
     assert checked >= 7
+
+
+def test_the_cli_starts_without_the_compiler_and_distributed_checkpoints():
+    """Every command pays for its imports: torch._dynamo (~1.3 s; torch.compiler.disable as a
+    decorator imports it) and torch.distributed.checkpoint (~0.8 s, with DTensor and sympy) are
+    loaded only by the runs that use them."""
+    heavy = ("torch._dynamo", "torch._inductor", "torch.distributed.checkpoint", "torch.distributed.tensor", "sympy")
+    probe = "import sys, moeformer.cli; print('\\n'.join(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert "moeformer.cli" in loaded
+    assert [m for m in loaded if m.startswith(heavy)] == []

@@ -87,7 +87,9 @@ class Experts(nn.Module):
         return self._composed(x, w_down, index, weights)
 
     # Reads counts and data pointers on the host: under torch.compile a graph break, run eagerly.
-    @torch.compiler.disable
+    # torch's lazy form of torch.compiler.disable: the public decorator imports torch._dynamo at
+    # import time (1.3 s of every CLI command's start); this one when first called.
+    @torch._disable_dynamo
     def _composed(self, x: Tensor, w_down: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """The same computation step by step under autograd: for biases and the padded-bmm kernel."""
         order, counts, _ = sort_assignments(index, self.n_experts)

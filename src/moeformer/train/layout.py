@@ -22,20 +22,10 @@ from torch import nn
 from moeformer.train.checkpoint import Checkpoint, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards
-from moeformer.train.sharded import (
-    apply_fsdp,
-    clip_sharded_grad_norm,
-    expert_parallel_full_weights,
-    has_sharded_state,
-    load_expert_sharded,
-    load_plain_into_sharded,
-    load_sharded,
-    save_expert_sharded,
-    save_fsdp_checkpoint,
-    save_with_shards,
-    to_world_mean,
-)
 from moeformer.validation import ConfigError
+
+# moeformer.train.sharded is imported where a method needs it: it brings in DCP and DTensor
+# (~0.8 s at import), which runs in one process (and every CLI command) never use.
 
 
 class Layout:
@@ -50,6 +40,8 @@ class Layout:
             self.shards = ExpertShards(model, distributed, config.expert_parallel)
         self.fsdp = distributed is not None and config.parallel == "fsdp"
         if self.fsdp:
+            from moeformer.train.sharded import apply_fsdp
+
             apply_fsdp(model, self.shards, replicate=config.dp_replicate)
         self.hybrid = self.fsdp and config.dp_replicate > 1
         self.collective = self.fsdp or self.shards is not None  # every rank runs every forward and save
@@ -66,12 +58,16 @@ class Layout:
         """After backward: expert gradients to the world mean (DDP leaves them to us, FSDP
         reduces them over the replicas only), then clipping by the whole model's gradient norm."""
         if self.shards is not None and self.fsdp:
+            from moeformer.train.sharded import to_world_mean
+
             to_world_mean(model, self.shards)
         elif self.shards is not None:
             self.shards.reduce_grads()
         if clip is None:
             return
         if self.fsdp and (self.shards is not None or self.hybrid):
+            from moeformer.train.sharded import clip_sharded_grad_norm
+
             clip_sharded_grad_norm(list(model.parameters()), clip)
         elif self.shards is not None:
             self.shards.clip_grad_norm(list(model.parameters()), clip)
@@ -86,6 +82,13 @@ class Layout:
              meta: dict[str, Any], state: dict[str, Any], *, best: bool, keep_last: int) -> Path | None:  # fmt: skip
         """Write checkpoint ``step``: called by rank 0 in plain layouts, by every rank in sharded
         ones (each writes its shards). Returns the published directory on rank 0, else None."""
+        from moeformer.train.sharded import (
+            expert_parallel_full_weights,
+            save_expert_sharded,
+            save_fsdp_checkpoint,
+            save_with_shards,
+        )
+
         if self.shards is not None:
             full = expert_parallel_full_weights(model, self.shards, fsdp=self.fsdp)  # a collective
             shards = self.shards
@@ -100,6 +103,13 @@ class Layout:
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint,
              state: dict[str, Any]) -> None:  # fmt: skip
         """Model and optimizer state from ``ckpt``, saved under this layout or any other."""
+        from moeformer.train.sharded import (
+            has_sharded_state,
+            load_expert_sharded,
+            load_plain_into_sharded,
+            load_sharded,
+        )
+
         if self.shards is not None and has_sharded_state(ckpt.path):
             load_expert_sharded(model, optimizer, self.shards, ckpt.path)
         elif has_sharded_state(ckpt.path):  # saved by FSDP or EP ranks: DCP re-shards
