@@ -126,3 +126,11 @@ def load_trainer_state(ckpt: Checkpoint) -> dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{file}: unreadable trainer state ({type(err).__name__}: {err})") from None
+
+
+DCP_DIR = "dcp"  # a sharded run's model and optimizer state, written by torch.distributed.checkpoint
+
+
+def has_sharded_state(checkpoint_dir: Path) -> bool:
+    """Whether the checkpoint was saved by sharded ranks (FSDP, expert parallelism)."""
+    return (checkpoint_dir / DCP_DIR / ".metadata").is_file()

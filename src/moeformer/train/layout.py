@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeformer.train.checkpoint import Checkpoint, load_weights, save_checkpoint
+from moeformer.train.checkpoint import Checkpoint, has_sharded_state, load_weights, save_checkpoint
 from moeformer.train.config import TrainConfig
 from moeformer.train.distributed import Distributed, ExpertShards
 from moeformer.validation import ConfigError
@@ -82,20 +82,17 @@ class Layout:
              meta: dict[str, Any], state: dict[str, Any], *, best: bool, keep_last: int) -> Path | None:  # fmt: skip
         """Write checkpoint ``step``: called by rank 0 in plain layouts, by every rank in sharded
         ones (each writes its shards). Returns the published directory on rank 0, else None."""
-        from moeformer.train.sharded import (
-            expert_parallel_full_weights,
-            save_expert_sharded,
-            save_fsdp_checkpoint,
-            save_with_shards,
-        )
-
         if self.shards is not None:
+            from moeformer.train.sharded import expert_parallel_full_weights, save_expert_sharded, save_with_shards
+
             full = expert_parallel_full_weights(model, self.shards, fsdp=self.fsdp)  # a collective
             shards = self.shards
             write = lambda tmp: save_expert_sharded(model, optimizer, shards, tmp)  # noqa: E731
             return save_with_shards(model.config, full, write, run_dir, step, meta, state,
                                     main=self.main, best=best, keep_last=keep_last)  # fmt: skip
         if self.fsdp:
+            from moeformer.train.sharded import save_fsdp_checkpoint
+
             return save_fsdp_checkpoint(model, optimizer, run_dir, step, meta, state,
                                         main=self.main, best=best, keep_last=keep_last)  # fmt: skip
         return save_checkpoint(run_dir, step, model, meta, state, best=best, keep_last=keep_last)
@@ -103,22 +100,18 @@ class Layout:
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint,
              state: dict[str, Any]) -> None:  # fmt: skip
         """Model and optimizer state from ``ckpt``, saved under this layout or any other."""
-        from moeformer.train.sharded import (
-            has_sharded_state,
-            load_expert_sharded,
-            load_plain_into_sharded,
-            load_sharded,
-        )
+        if not has_sharded_state(ckpt.path) and not self.collective:
+            load_weights(model, ckpt)
+            optimizer.load_state_dict(state["optimizer"])
+            return
+        from moeformer.train.sharded import load_expert_sharded, load_plain_into_sharded, load_sharded
 
         if self.shards is not None and has_sharded_state(ckpt.path):
             load_expert_sharded(model, optimizer, self.shards, ckpt.path)
         elif has_sharded_state(ckpt.path):  # saved by FSDP or EP ranks: DCP re-shards
             load_sharded(model, optimizer, ckpt.path)
-        elif self.collective:  # a one-process or DDP checkpoint into FSDP and/or EP
+        else:  # a one-process or DDP checkpoint into FSDP and/or EP
             load_plain_into_sharded(model, optimizer, ckpt, state["optimizer"], self.shards)
-        else:
-            load_weights(model, ckpt)
-            optimizer.load_state_dict(state["optimizer"])
 
     def local_position(self, state: dict[str, Any]) -> tuple[int, int]:
         """Where this rank resumes. Ranks take every world-th batch of the shared order, so a run

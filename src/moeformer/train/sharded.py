@@ -33,11 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeformer.models import build_model
-from moeformer.train.checkpoint import Checkpoint, load_weights, save_checkpoint, staging_dir
+from moeformer.train.checkpoint import DCP_DIR, Checkpoint, load_weights, save_checkpoint, staging_dir
 from moeformer.train.distributed import ExpertShards
 from moeformer.train.optim import build_optimizer
-
-DCP_DIR = "dcp"
 
 
 def apply_fsdp(model: nn.Module, shards: ExpertShards | None = None, replicate: int = 1) -> None:
@@ -91,10 +89,6 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     """Every rank writes its shards of model and optimizer state to ``directory/dcp``."""
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR))
-
-
-def has_sharded_state(checkpoint_dir: Path) -> bool:
-    return (checkpoint_dir / DCP_DIR / ".metadata").is_file()
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_dir: Path) -> None:
