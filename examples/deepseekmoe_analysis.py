@@ -250,7 +250,8 @@ def _plot_curves(results: dict[str, dict[int, dict]], path: Path) -> None:
             ax.text(epoch, 0.98, " 1 epoch", va="top", fontsize=8, color="gray", transform=ax.get_xaxis_transform())
         ax.set(title=title, xlabel="training tokens (M)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a run of some variants only can leave a panel empty
+            ax.legend(fontsize=8)
     axes[0].set_ylabel("validation loss (nats/token); band = min..max over seeds")
     if top:  # the first quarter of training is off the top: the differences are in the last part
         axes[0].set_ylim(top=max(top))
