@@ -107,3 +107,34 @@ def test_refusal_subject_drops_prompts_that_leave_no_room_and_counts_them():
     sets, dropped = refusal_subject.fitting(Lm(), subject, limit=5)
     assert sets["harmful_train"] == ["a b"] and dropped["harmful_train"] == 1
     assert sets["harmful_eval"] == ["short one"] and dropped["harmful_eval"] == 0
+
+
+def test_refusal_subject_harmless_scores_every_fitting_prompt_in_chunks(monkeypatch, tmp_path):
+    import refusal_subject_harmless as harmless
+
+    from moeformer.refusal.scoring import Completion
+    from moeformer.refusal.subject_data import SubjectData
+
+    class Lm:
+        prompt_format = staticmethod(lambda t: t)
+        model = type("M", (), {"config": type("C", (), {"max_seq_len": 20})()})()
+
+        @staticmethod
+        def encode(text, special_tokens=False):
+            return text.split()
+
+    prompts = [f"ask {i}" for i in range(7)] + ["too long " * 3]  # 9 words: over 20 - 16 tokens
+    calls = []
+
+    def complete(lm, batch, max_new_tokens):
+        calls.append(len(batch))
+        return [Completion(p, "I'm sorry, I cannot" if p.endswith(("1", "4")) else "Sure: here") for p in batch]
+
+    monkeypatch.setattr(harmless, "load_chat_lm", lambda run, template: Lm())
+    monkeypatch.setattr(harmless, "complete", complete)
+    subject = SubjectData([], [], [], [], [], prompts)
+    scores = harmless.score_subject(tmp_path, subject, chunk=3)
+    assert calls == [3, 3, 1] and scores["dropped_too_long"] == 1
+    assert (scores["prompts"], scores["refused"]) == (7, 2) and abs(scores["rate"] - 2 / 7) < 1e-12
+    assert abs(scores["standard_error"] - (2 / 7 * 5 / 7 / 7) ** 0.5) < 1e-12
+    assert scores["first_200_rate"] == scores["rate"]  # fewer than 200 prompts: all of them
