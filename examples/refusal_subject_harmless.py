@@ -24,16 +24,18 @@ from moeformer.publish import write_text
 from moeformer.refusal import load_chat_lm
 from moeformer.refusal.evaluation import complete
 from moeformer.refusal.scoring import score_completions
-from moeformer.refusal.subject_data import build_subject_data
+from moeformer.refusal.subject_data import SubjectData, build_subject_data
 
 NEW_TOKENS = 16  # as refusal_subject.py's --new
 
 
-def score_subject(run: Path, prompts_of, chunk: int = 500) -> dict:  # noqa: ANN001
+def score_subject(run: Path, subject: SubjectData, chunk: int = 500) -> dict:
     """Refusal on every harmless_test prompt that fits, in chunks (progress), and its standard error."""
     lm = load_chat_lm(run, template=TEMPLATE)
-    sets, dropped = fitting(lm, prompts_of, lm.model.config.max_seq_len - NEW_TOKENS)
+    sets, dropped = fitting(lm, subject, lm.model.config.max_seq_len - NEW_TOKENS)
     prompts = sets["harmless_eval"]
+    if not prompts:
+        raise SystemExit(f"{run}: no harmless_test prompt fits the context of {lm.model.config.max_seq_len} tokens")
     labels: list[bool] = []
     for start in tqdm(range(0, len(prompts), chunk), desc=run.name, unit="chunk"):
         labels += score_completions(complete(lm, prompts[start : start + chunk], max_new_tokens=NEW_TOKENS)).labels

@@ -100,6 +100,14 @@ def test_moe_model_traces_as_one_graph_and_equals_eager():
     assert torch._dynamo.config.capture_dynamic_output_shape_ops == flag  # set for the call only
 
 
+def test_experts_on_the_bmm_kernel_run_eagerly_inside_a_compiled_model():
+    """The composed path (padded bmm, or expert biases) reads counts on the host: the graph breaks
+    there, that part runs eagerly, the rest compiles, and losses, logits and gradients are eager's."""
+    model = tiny_lm("mha", "topk", moe={**FFNS["topk"], "backend": "bmm"})
+    assert_compiled_equals_eager(model, inputs(padded=True), 1e-5, backend="aot_eager")
+    assert graphs_compiled() >= 2  # the graph is cut at the experts, once per MoE layer at least
+
+
 def test_experts_custom_op_passes_opcheck():
     """Schema, fake kernel (data-dependent row count), autograd registration, AOT dispatch."""
     import moeformer.moe.expert_ops  # noqa: F401  (registers the ops)

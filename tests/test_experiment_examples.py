@@ -123,7 +123,7 @@ def test_refusal_subject_harmless_scores_every_fitting_prompt_in_chunks(monkeypa
         def encode(text, special_tokens=False):
             return text.split()
 
-    prompts = [f"ask {i}" for i in range(7)] + ["too long " * 3]  # 9 words: over 20 - 16 tokens
+    prompts = [f"ask {i}" for i in range(7)] + ["too long " * 3]  # 6 words: over the 20 - 16 left
     calls = []
 
     def complete(lm, batch, max_new_tokens):

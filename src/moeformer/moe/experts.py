@@ -41,6 +41,12 @@ from moeformer.moe.grouped import activate, resolve_kernel, sort_assignments
 Backend = Literal["auto", "grouped_mm", "loop", "bmm"]
 
 
+# torch.compiler.disable, lazily: the public decorator imports torch._dynamo when applied, 1.3 s
+# of every CLI command's start; torch's own lazy form (private, hence the fallback) imports it at
+# the first call.
+_eager_only = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
+
 class Experts(nn.Module):
     def __init__(
         self,
@@ -87,9 +93,7 @@ class Experts(nn.Module):
         return self._composed(x, w_down, index, weights)
 
     # Reads counts and data pointers on the host: under torch.compile a graph break, run eagerly.
-    # torch's lazy form of torch.compiler.disable: the public decorator imports torch._dynamo at
-    # import time (1.3 s of every CLI command's start); this one when first called.
-    @torch._disable_dynamo
+    @_eager_only
     def _composed(self, x: Tensor, w_down: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """The same computation step by step under autograd: for biases and the padded-bmm kernel."""
         order, counts, _ = sort_assignments(index, self.n_experts)
