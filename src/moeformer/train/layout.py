@@ -100,15 +100,16 @@ class Layout:
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint,
              state: dict[str, Any]) -> None:  # fmt: skip
         """Model and optimizer state from ``ckpt``, saved under this layout or any other."""
-        if not has_sharded_state(ckpt.path) and not self.collective:
+        sharded = has_sharded_state(ckpt.path)
+        if not sharded and not self.collective:
             load_weights(model, ckpt)
             optimizer.load_state_dict(state["optimizer"])
             return
         from moeformer.train.sharded import load_expert_sharded, load_plain_into_sharded, load_sharded
 
-        if self.shards is not None and has_sharded_state(ckpt.path):
+        if sharded and self.shards is not None:
             load_expert_sharded(model, optimizer, self.shards, ckpt.path)
-        elif has_sharded_state(ckpt.path):  # saved by FSDP or EP ranks: DCP re-shards
+        elif sharded:  # saved by FSDP or EP ranks: DCP re-shards
             load_sharded(model, optimizer, ckpt.path)
         else:  # a one-process or DDP checkpoint into FSDP and/or EP
             load_plain_into_sharded(model, optimizer, ckpt, state["optimizer"], self.shards)
