@@ -4,6 +4,7 @@ reports read results as they are stored."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -138,3 +139,45 @@ def test_refusal_subject_harmless_scores_every_fitting_prompt_in_chunks(monkeypa
     assert (scores["prompts"], scores["refused"]) == (7, 2) and abs(scores["rate"] - 2 / 7) < 1e-12
     assert abs(scores["standard_error"] - (2 / 7 * 5 / 7 / 7) ** 0.5) < 1e-12
     assert scores["first_200_rate"] == scores["rate"]  # fewer than 200 prompts: all of them
+
+
+def test_refusal_candidates_scores_each_saved_direction_at_its_layer_and_draws_them(monkeypatch, tmp_path):
+    import refusal_candidates as rc
+    import torch
+    from safetensors.torch import save_file
+
+    from moeformer.refusal.evaluation import ConditionResult, EvalReport
+
+    run = tmp_path / "dense-seed0"
+    (run / "direction").mkdir(parents=True)
+    directions = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # (positions, layers, d)
+    save_file({"directions": directions}, str(run / "direction" / "candidates.safetensors"))
+    nan = float("nan")
+    scores = [dict(position=p, layer=layer, bypass=nan if layer == 0 else 0.5, induce=0.1, kl=0.01,
+                   discarded="zero difference of means" if layer == 0 else None if layer == 1 else "layer >= 2")
+              for p in (-2, -1) for layer in range(3)]  # fmt: skip
+    (run / "direction" / "scores.json").write_text(json.dumps(scores))
+    (run / "direction" / "summary.json").write_text(json.dumps({"chosen": {"position": -1, "layer": 1}}))
+    seen = []
+
+    def evaluate(lm, r, layer, harmful, harmless, *, conditions, max_new_tokens, batch_size):
+        seen.append((r.tolist(), layer, conditions))
+        value = float(r[0]) / 100
+        return EvalReport([ConditionResult("ablation", value, 0.0, 0.02, 1.0),
+                           ConditionResult("actadd", 1.0, 1 - value, 0.3, 1.1)], layer)  # fmt: skip
+
+    monkeypatch.setattr(rc, "evaluate", evaluate)
+    result = rc.score_candidates(object(), run, ["h"], ["x"], new=4)
+    assert result["n_layers"] == 3 and result["n_positions"] == 2
+    assert [(r[1], r[2]) for r in seen] == [(1, ("ablation", "actadd")), (2, ("ablation", "actadd"))] * 2
+    assert [r[0] for r in seen] == [directions[i, j].tolist() for i in (0, 1) for j in (1, 2)]  # layer 0 skipped
+    rows = {(c["position"], c["layer"]): c for c in result["candidates"]}
+    assert rows[(-1, 1)]["chosen"] and not rows[(-2, 1)]["chosen"]
+    assert rows[(-1, 2)]["ablation_harmful_refusal"] == pytest.approx(directions[1, 2, 0].item() / 100)
+    assert rows[(-1, 2)]["actadd_harmless_refusal"] == pytest.approx(1 - directions[1, 2, 0].item() / 100)
+    text = "\n".join(rc.table("dense", result))
+    assert "| -1 | 1 | 0.50 | 0.10 | 0.010 | **chosen** | 0.16 | 0.84 |" in text
+    assert "| -2 | 2 | 0.50 | 0.10 | 0.010 | layer >= 2 |" in text
+    assert "| -2 | 1 | 0.50 | 0.10 | 0.010 | passes |" in text
+    rc.plot({"dense": result, "deepseek": result}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
