@@ -17,7 +17,8 @@ is trained first (``--pretrain-steps``, on the claim's corpus). ``--quick``: eve
 a smoke run of the whole pipeline in minutes (its numbers mean nothing).
 
     python examples/refusal_subject.py [--pretrained runs/deepseekmoe-claim-long/runs] [--seed 0]
-        [--out runs/refusal-subject] [--steps 600] [--subjects deepseek dense] [--skip-direction] [--quick]
+        [--out runs/refusal-subject] [--steps 600] [--harmless 6000] [--harmful-repeat 3] [--hard-negatives 0]
+        [--subjects deepseek dense] [--skip-direction] [--quick]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from moeformer.refusal.subject_data import (
     build_subject_data,
     chat_dialogues,
     corpus_sentences,
+    harmful_looking,
 )
 from moeformer.train.run import resume_config, run_training
 
@@ -54,14 +56,19 @@ def _wikitext_sentences(data: Path) -> list[str]:
     return [s for s in corpus_sentences(text) if "<unk>" not in s and "=" not in s]
 
 
-def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: int) -> dict:
+def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: int, hard: int = 0) -> dict:
+    """The dialogues: the first ``harmless`` Alpaca instructions, plus the ``hard`` of the rest
+    worded most like the harmful pool (hard negatives), all complied with."""
     subject = build_subject_data(data / "refusal")
     sentences = _wikitext_sentences(data)
-    dialogues = chat_dialogues(subject.harmful_train, subject.harmless_train[:harmless], sentences,
+    complied = subject.harmless_train[:harmless]
+    complied += harmful_looking(subject.harmful_train, subject.harmless_train[harmless:], hard)
+    dialogues = chat_dialogues(subject.harmful_train, complied, sentences,
                                template=TEMPLATE, harmful_repeat=repeat, seed=seed)  # fmt: skip
     write_text(out, "\n\n".join(dialogues) + "\n")
     return {"counts": subject.counts(), "removed": subject.removed, "dialogues": len(dialogues),
-            "answer_sentences": len(sentences), "subject": subject}  # fmt: skip
+            "hard_negatives": hard, "answer_sentences": len(sentences), "subject": subject,
+            "complied": complied}  # fmt: skip
 
 
 def fine_tune(pretrained: Path, corpus: Path, run: Path, steps: int, seed: int) -> float:
@@ -138,6 +145,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--harmless", type=int, default=6000)
     parser.add_argument("--harmful-repeat", type=int, default=3)
+    parser.add_argument("--hard-negatives", type=int, default=0,
+                        help="extra harmless instructions, those worded most like the harmful pool")
     parser.add_argument("--n-eval", type=int, default=200, help="harmless_test prompts scored")
     parser.add_argument("--new", type=int, default=16, help="tokens generated per prompt for the score")
     parser.add_argument("--skip-direction", action="store_true", help="stop after the subjects' own scores")
@@ -149,8 +158,8 @@ def main() -> None:
         args.pretrained = args.out / "pretrained"
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.out / "chat.txt"
-    built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed)
-    subject = built.pop("subject")
+    built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed, args.hard_negatives)
+    subject, complied = built.pop("subject"), built.pop("complied")
     earlier = args.out / "results.json"  # other subjects of an earlier call are kept
     kept = json.loads(earlier.read_text())["subjects"] if earlier.exists() else {}
     results: dict = {"data": built, "subjects": {k: v for k, v in kept.items() if k not in args.subjects}}
@@ -175,7 +184,7 @@ def main() -> None:
             by_hand = {"layer": lm.n_layers // 2, "position": -1, "filter_train": False} if args.quick else {}
             options = ExtractOptions(refusal_tokens=REFUSAL_TOKENS, batch_size=32, seed=args.seed, **by_hand)
             try:
-                trained_on = set(subject.harmless_train[: args.harmless])  # the means come from others
+                trained_on = set(complied)  # the means come from others
                 unseen = [t for t in sets["harmless_train"] if t not in trained_on]
                 found = extract(lm, sets["harmful_train"], unseen,
                                 sets["harmful_val"], sets["harmless_val"], options, progress=True)  # fmt: skip

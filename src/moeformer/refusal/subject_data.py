@@ -19,9 +19,11 @@ fewer than three words compare as word sets.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,3 +191,27 @@ def chat_dialogues(
     out += [f"{template.format(instruction=t)} {compliant_response(rng, sentences)}" for t in harmless]
     rng.shuffle(out)
     return out
+
+
+def harmful_looking(harmful: Sequence[str], pool: Sequence[str], n: int) -> list[str]:
+    """The ``n`` instructions of ``pool`` (harmless ones) worded most like ``harmful``: hard
+    negatives for fine-tuning, so that a subject learns what is asked rather than how it is asked
+    ("Write a script that ..." is how much of AdvBench begins, and how many Alpaca tasks begin).
+
+    Score: the mean over the instruction's normalised words of the naive-Bayes log-odds
+    log P(w | harmful) - log P(w | pool), add-one smoothing; ties keep ``pool``'s order.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    harm = Counter(w for t in harmful for w in normalise(t).split())
+    safe = Counter(w for t in pool for w in normalise(t).split())
+    vocab = len(harm.keys() | safe.keys())
+    harm_total, safe_total = sum(harm.values()) + vocab, sum(safe.values()) + vocab
+
+    def score(text: str) -> float:
+        words = normalise(text).split()
+        odds = [math.log((harm[w] + 1) / harm_total) - math.log((safe[w] + 1) / safe_total) for w in words]
+        return sum(odds) / len(odds) if odds else -math.inf
+
+    ranked = sorted(range(len(pool)), key=lambda i: -score(pool[i]))
+    return [pool[i] for i in ranked[:n]]
