@@ -51,7 +51,7 @@ def score_candidates(lm: ChatLM, run: Path, harmful: list[str], harmless: list[s
     ``run/direction`` (as saved by ``save_extraction``), beside the selection's metrics and verdict."""
     directions = load_file(str(run / "direction" / "candidates.safetensors"))["directions"]
     metrics = json.loads((run / "direction" / "scores.json").read_text())
-    chosen = json.loads((run / "direction" / "summary.json").read_text())["chosen"]
+    chosen = json.loads((run / "direction" / "summary.json").read_text())["chosen"] or {}  # {}: none passed
     rows = []
     for m in tqdm(metrics, desc=run.name, unit="candidate"):
         if not math.isfinite(m["bypass"]):  # zero difference of means: no direction to try
@@ -60,7 +60,7 @@ def score_candidates(lm: ChatLM, run: Path, harmful: list[str], harmless: list[s
         report = evaluate(lm, r, m["layer"], harmful, harmless, conditions=("ablation", "actadd"),
                           max_new_tokens=new, batch_size=32)  # fmt: skip
         ablation, actadd = report.results
-        rows.append({**m, "chosen": (m["position"], m["layer"]) == (chosen["position"], chosen["layer"]),
+        rows.append({**m, "chosen": (m["position"], m["layer"]) == (chosen.get("position"), chosen.get("layer")),
                      "ablation_harmful_refusal": ablation.harmful_refusal, "ablation_kl": ablation.kl,
                      "actadd_harmless_refusal": actadd.harmless_refusal})  # fmt: skip
     return {"n_layers": int(directions.shape[1]), "n_positions": int(directions.shape[0]), "candidates": rows}

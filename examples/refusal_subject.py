@@ -190,6 +190,8 @@ def main() -> None:
                                 sets["harmful_val"], sets["harmless_val"], options, progress=True)  # fmt: skip
             except RefusalError as err:
                 entry["direction"] = f"none selected: {err}"
+                if getattr(err, "extraction", None) is not None:  # all filtered out: keep every score
+                    save_extraction(err.extraction, run / "direction", force=True)
             else:
                 save_extraction(found, run / "direction", force=True)
                 c = found.selection.chosen

@@ -179,5 +179,7 @@ def test_refusal_candidates_scores_each_saved_direction_at_its_layer_and_draws_t
     assert "| -1 | 1 | 0.50 | 0.10 | 0.010 | **chosen** | 0.16 | 0.84 |" in text
     assert "| -2 | 2 | 0.50 | 0.10 | 0.010 | layer >= 2 |" in text
     assert "| -2 | 1 | 0.50 | 0.10 | 0.010 | passes |" in text
+    (run / "direction" / "summary.json").write_text(json.dumps({"chosen": None}))  # every candidate filtered out
+    assert not any(c["chosen"] for c in rc.score_candidates(object(), run, ["h"], ["x"], new=4)["candidates"])
     rc.plot({"dense": result, "deepseek": result}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
