@@ -25,28 +25,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import time
 from pathlib import Path
 
 from moeformer.publish import write_text
-from moeformer.refusal import ExtractOptions, RefusalError, evaluate, extract, load_chat_lm, save_extraction
+from moeformer.refusal import ChatLM, ExtractOptions, RefusalError, evaluate, extract, load_chat_lm, save_extraction
 from moeformer.refusal.evaluation import complete
 from moeformer.refusal.expert_run import save_expert_report, study_experts
 from moeformer.refusal.scoring import score_completions
+from moeformer.refusal.selection import discriminative_first_tokens
 from moeformer.refusal.subject_data import (
     SUBJECT_REFUSAL_PHRASES,
     build_subject_data,
     chat_dialogues,
+    compliant_response,
     corpus_sentences,
     harmful_looking,
+    refusal_response,
 )
 from moeformer.train.run import resume_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "User: {instruction}\nAssistant:"
-# first words of the refusal openers (subject_data): the direction is not one token
-REFUSAL_TOKENS = [" I", " As", " Sorry", " Unfortunately", " No", " That", " Thanks", " Honestly"]
+# Until 2026-11-28 the refusal tokens were the first words of the refusal openers: " I", " As", " Sorry",
+# " Unfortunately", " No", " That", " Thanks", " Honestly". In this 2,048-token BPE most of those
+# begin with a generic piece (" S" as in "Sure!", " Th" as in "The"), so the metric partly scored how
+# compliant answers begin; the tokens now come from the data (subject_refusal_tokens).
+
+
+def subject_refusal_tokens(lm: ChatLM, sentences: list[str], seed: int, n: int = 2000) -> list[str]:
+    """The first tokens that begin the subject's refusals and not its compliant answers, from ``n``
+    responses of each kind drawn as the training data draws them."""
+    rng = random.Random(seed)
+    refusals = [" " + refusal_response(rng) for _ in range(n)]
+    compliances = [" " + compliant_response(rng, sentences) for _ in range(n)]
+    return discriminative_first_tokens(lm, refusals, compliances)
 
 
 def _wikitext_sentences(data: Path) -> list[str]:
@@ -68,7 +83,7 @@ def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: i
     write_text(out, "\n\n".join(dialogues) + "\n")
     return {"counts": subject.counts(), "removed": subject.removed, "dialogues": len(dialogues),
             "hard_negatives": hard, "answer_sentences": len(sentences), "subject": subject,
-            "complied": complied}  # fmt: skip
+            "complied": complied, "sentences": sentences}  # fmt: skip
 
 
 def fine_tune(pretrained: Path, corpus: Path, run: Path, steps: int, seed: int) -> float:
@@ -159,7 +174,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.out / "chat.txt"
     built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed, args.hard_negatives)
-    subject, complied = built.pop("subject"), built.pop("complied")
+    subject, complied, sentences = built.pop("subject"), built.pop("complied"), built.pop("sentences")
     earlier = args.out / "results.json"  # other subjects of an earlier call are kept
     kept = json.loads(earlier.read_text())["subjects"] if earlier.exists() else {}
     results: dict = {"data": built, "subjects": {k: v for k, v in kept.items() if k not in args.subjects}}
@@ -182,7 +197,8 @@ def main() -> None:
         if not args.skip_direction:
             # --quick subjects refuse nothing yet: take a middle candidate by hand so every stage runs
             by_hand = {"layer": lm.n_layers // 2, "position": -1, "filter_train": False} if args.quick else {}
-            options = ExtractOptions(refusal_tokens=REFUSAL_TOKENS, batch_size=32, seed=args.seed, **by_hand)
+            entry["refusal_tokens"] = tokens = subject_refusal_tokens(lm, sentences, args.seed)
+            options = ExtractOptions(refusal_tokens=tokens, batch_size=32, seed=args.seed, **by_hand)
             try:
                 trained_on = set(complied)  # the means come from others
                 unseen = [t for t in sets["harmless_train"] if t not in trained_on]

@@ -47,6 +47,37 @@ def refusal_token_ids(lm: ChatLM, tokens: Sequence[str] | None = None) -> list[i
     return sorted({lm.token_id(t) for t in texts})
 
 
+def discriminative_first_tokens(
+    lm: ChatLM, refusals: Sequence[str], compliances: Sequence[str], *, min_share: float = 0.95, min_count: int = 5
+) -> list[str]:
+    """The first tokens of refusals that (almost) never begin a compliant answer, as ``refusal_tokens``.
+
+    The metric sums P(R) at the first generated position, so a token that also begins ordinary
+    answers (a small BPE's " Th" of "That request ..." and of "The ...") makes it measure how an
+    answer begins rather than whether the model refuses. ``refusals``, ``compliances``: example
+    responses as the model generates them (their leading space included). Kept: tokens beginning
+    at least ``min_count`` refusals and with refusals >= ``min_share`` of the responses they begin;
+    most frequent first. Raises when none is left.
+    """
+    starts: dict[int, list[int]] = {}  # token -> [refusals, compliances] it begins
+    for column, texts in ((0, refusals), (1, compliances)):
+        for text in texts:
+            ids = lm.encode(text, special_tokens=False)
+            if ids:
+                starts.setdefault(ids[0], [0, 0])[column] += 1
+    kept = sorted((n_ref, t) for t, (n_ref, n_comp) in starts.items()
+                  if n_ref >= min_count and n_ref >= min_share * (n_ref + n_comp))  # fmt: skip
+    tokens = []  # as strings, for ExtractOptions: those that encode back to the same first token
+    for _, t in reversed(kept):
+        text = lm.decode([t])
+        if text and lm.token_id(text) == t:
+            tokens.append(text)
+    if not tokens:
+        raise RefusalError(f"no first token begins >= {min_share:.0%} refusals (and {min_count}+ of them) among "
+                           f"{len(refusals)} refusals and {len(compliances)} compliant answers")  # fmt: skip
+    return tokens
+
+
 def refusal_metric(logits: Tensor, refusal_ids: Sequence[int], eps: float = 1e-8) -> Tensor:
     """logits: (B, V) at the first generated position -> (B,) log-odds of the refusal tokens."""
     probs = torch.softmax(logits.float(), dim=-1)
