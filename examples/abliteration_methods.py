@@ -19,7 +19,6 @@ import argparse
 import copy
 import io
 import json
-import re
 from pathlib import Path
 
 import matplotlib
@@ -27,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from refusal_subject import plain_text  # noqa: E402
 
 from moeformer.publish import write_bytes, write_text  # noqa: E402
 from moeformer.refusal import load_chat_lm  # noqa: E402
@@ -46,15 +46,6 @@ REFUSAL_TOKENS = [" I", " As", " Sorry", " Unfortunately", " No", " That", " Tha
 
 def _fits(lm, items: list[str], limit: int) -> list[str]:  # noqa: ANN001
     return [t for t in items if len(lm.encode(lm.prompt_format(t), special_tokens=False)) <= limit]
-
-
-def _plain_text(data: Path, lm, n: int = 100) -> list[str]:  # noqa: ANN001
-    """The first ``n`` long wikitext-2 test paragraphs, each cut to the model's context."""
-    text = (data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
-    text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 200 and "=" not in p[:3]]
-    limit = lm.model.config.max_seq_len
-    return [lm.decode(lm.encode(p, special_tokens=False)[:limit]) for p in paragraphs[:n]]
 
 
 def measure(lm, base, prompts: dict[str, list[str]], texts: list[str], new: int) -> dict[str, float]:  # noqa: ANN001
@@ -83,7 +74,7 @@ def main() -> None:
     limit = lm.model.config.max_seq_len - args.new
     prompts = {"harmful": _fits(lm, subject.harmful_eval, limit),
                "harmless": _fits(lm, subject.harmless_eval, limit)[: args.n_harmless]}  # fmt: skip
-    texts = _plain_text(args.data, lm)
+    texts = plain_text(args.data, lm)
     with torch.no_grad():
         base_logits = last_logits(lm, prompts["harmless"])
     tuned = tune(lm, direction_dir, _fits(lm, subject.harmful_val, limit), _fits(lm, subject.harmless_val, limit)[:64],

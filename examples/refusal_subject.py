@@ -71,6 +71,15 @@ def _wikitext_sentences(data: Path) -> list[str]:
     return [s for s in corpus_sentences(text) if "<unk>" not in s and "=" not in s]
 
 
+def plain_text(data: Path, lm, n: int = 100) -> list[str]:  # noqa: ANN001
+    """The first ``n`` long wikitext-2 test paragraphs, each cut to the model's context."""
+    text = (data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
+    text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 200 and "=" not in p[:3]]
+    limit = lm.model.config.max_seq_len
+    return [lm.decode(lm.encode(p, special_tokens=False)[:limit]) for p in paragraphs[:n]]
+
+
 def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: int, hard: int = 0) -> dict:
     """The dialogues: the first ``harmless`` Alpaca instructions, plus the ``hard`` of the rest
     worded most like the harmful pool (hard negatives), all complied with."""
@@ -212,8 +221,11 @@ def main() -> None:
                 save_extraction(found, run / "direction", force=True)
                 c = found.selection.chosen
                 harmless = sets["harmless_eval"][: args.n_eval]
+                # loss column: wikitext-2 test paragraphs, the paper's coherence check (since 2026-11-28;
+                # before, the harmless prompts themselves)
                 report = evaluate(lm, found.selection.direction, c.layer, sets["harmful_eval"], harmless,
-                                  max_new_tokens=args.new, progress=True)  # fmt: skip
+                                  loss_texts=plain_text(args.data, lm), max_new_tokens=args.new,
+                                  progress=True)  # fmt: skip
                 print(report.table())
                 entry.update(chosen=c.to_dict(), table=report.to_dict(), table_md=report.table())
                 if name != "dense":  # where refusal lives inside the MoE
