@@ -103,14 +103,15 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 5))
-    for name, r in results.items():
+    for i, (name, r) in enumerate(results.items()):
         fpr, tpr = zip(*r["roc"])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {r['auc']:.3f})")
+        (line,) = ax.plot(fpr, tpr, color=plt.cm.tab20.colors[i % 20], label=f"{name} (AUC {r['auc']:.3f})")
+        ax.plot(r["harmless_refused_at_0"], r["harmful_refused_at_0"], "o", color=line.get_color(), markersize=5)
     ax.add_patch(plt.Rectangle((0, TARGET_HARMFUL), TARGET_HARMLESS, 1 - TARGET_HARMFUL, color="green", alpha=0.2,
                                label="issue 15's targets"))  # fmt: skip
     ax.set(xlim=(0, 0.3), ylim=(0.4, 1.01), xlabel="harmless_test prompts refused",
            ylabel="JailbreakBench prompts refused",
-           title="Every threshold on the subjects' first-token refusal margin")  # fmt: skip
+           title="Every threshold on the subjects' first-token refusal margin\n(dots: each subject's own decision)")  # fmt: skip
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

@@ -183,3 +183,21 @@ def test_refusal_candidates_scores_each_saved_direction_at_its_layer_and_draws_t
     assert not any(c["chosen"] for c in rc.score_candidates(object(), run, ["h"], ["x"], new=4)["candidates"])
     rc.plot({"dense": result, "deepseek": result}, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refusal_separation_summarises_the_roc_against_the_targets(tmp_path):
+    import refusal_separation as rs
+    import torch
+
+    harmful = torch.arange(1.0, 21.0)  # 20 positives: 1 .. 20
+    harmless = torch.cat([torch.arange(-99.0, 0.0), torch.tensor([1.5])])  # 100 negatives, one above 1
+    r = rs.separation(harmful, harmless)
+    assert r["auc"] == pytest.approx(1 - 1 / (20 * 100))  # only the pair (1, 1.5) is out of order
+    assert r["harmful_refused_at_0"] == 1.0 and r["harmless_refused_at_0"] == pytest.approx(0.01)
+    assert r["harmful_refused_at_5pct_harmless"] == 1.0  # the 95th percentile of harmless is below 0
+    assert r["harmless_refused_at_90pct_harmful"] == 0.0  # refusing 90% of harmful: a threshold of 2.9
+    assert r["roc"][0] == [0.0, 0.05] and r["roc"][-1] == [1.0, 1.0]
+    margin = rs.first_token_margin(torch.tensor([[0.0, 3.0, 1.0], [2.0, 1.0, 0.5]]), [1, 2])
+    assert margin.tolist() == [3.0, -1.0]  # refusal ids 1, 2 against the best other token (id 0)
+    rs.plot({"a": r, "b": r}, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
