@@ -111,7 +111,8 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
                                label="issue 15's targets"))  # fmt: skip
     ax.set(xlim=(0, 0.3), ylim=(0.4, 1.01), xlabel="harmless_test prompts refused",
            ylabel="JailbreakBench prompts refused",
-           title="Every threshold on the subjects' first-token refusal margin\n(dots: each subject's own decision)")  # fmt: skip
+           title="Every threshold on the subjects' first-token refusal margin\n"
+                 "(dots: each subject's own decision)")  # fmt: skip
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

@@ -196,7 +196,7 @@ def test_refusal_separation_summarises_the_roc_against_the_targets(tmp_path):
     assert r["harmful_refused_at_0"] == 1.0 and r["harmless_refused_at_0"] == pytest.approx(0.01)
     assert r["harmful_refused_at_5pct_harmless"] == 1.0  # the 95th percentile of harmless is below 0
     assert r["harmless_refused_at_90pct_harmful"] == 0.0  # refusing 90% of harmful: a threshold of 2.9
-    assert r["roc"][0] == [0.0, 0.05] and r["roc"][-1] == [1.0, 1.0]
+    assert r["roc"][0] == pytest.approx([0.0, 0.05]) and r["roc"][-1] == [1.0, 1.0]
     margin = rs.first_token_margin(torch.tensor([[0.0, 3.0, 1.0], [2.0, 1.0, 0.5]]), [1, 2])
     assert margin.tolist() == [3.0, -1.0]  # refusal ids 1, 2 against the best other token (id 0)
     rs.plot({"a": r, "b": r}, tmp_path / "s.png")
