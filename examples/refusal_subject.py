@@ -50,9 +50,9 @@ from moeformer.train.run import resume_config, run_training
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "User: {instruction}\nAssistant:"
 # Until 2026-11-28 the refusal tokens were the first words of the refusal openers: " I", " As", " Sorry",
-# " Unfortunately", " No", " That", " Thanks", " Honestly". In this 2,048-token BPE most of those
-# begin with a generic piece (" S" as in "Sure!", " Th" as in "The"), so the metric partly scored how
-# compliant answers begin; the tokens now come from the data (subject_refusal_tokens).
+# " Unfortunately", " No", " That", " Thanks", " Honestly". In this 2,048-token BPE several begin
+# with a generic piece (" S" as in "Sure!", " H" as in "Here is" and "Happy to help"), so the metric
+# partly scored how compliant answers begin; the tokens now come from the data (subject_refusal_tokens).
 
 
 def subject_refusal_tokens(lm: ChatLM, sentences: list[str], seed: int, n: int = 2000) -> list[str]:
@@ -206,9 +206,9 @@ def main() -> None:
         if not args.skip_direction:
             # --quick subjects refuse nothing yet: take a middle candidate by hand so every stage runs
             by_hand = {"layer": lm.n_layers // 2, "position": -1, "filter_train": False} if args.quick else {}
-            entry["refusal_tokens"] = tokens = subject_refusal_tokens(lm, sentences, args.seed)
-            options = ExtractOptions(refusal_tokens=tokens, batch_size=32, seed=args.seed, **by_hand)
             try:
+                entry["refusal_tokens"] = tokens = subject_refusal_tokens(lm, sentences, args.seed)
+                options = ExtractOptions(refusal_tokens=tokens, batch_size=32, seed=args.seed, **by_hand)
                 trained_on = set(complied)  # the means come from others
                 unseen = [t for t in sets["harmless_train"] if t not in trained_on]
                 found = extract(lm, sets["harmful_train"], unseen,

@@ -53,7 +53,7 @@ def discriminative_first_tokens(
     """The first tokens of refusals that (almost) never begin a compliant answer, as ``refusal_tokens``.
 
     The metric sums P(R) at the first generated position, so a token that also begins ordinary
-    answers (a small BPE's " Th" of "That request ..." and of "The ...") makes it measure how an
+    answers (a small BPE's " S" of "Sorry, ..." and of "Sure! ...") makes it measure how an
     answer begins rather than whether the model refuses. ``refusals``, ``compliances``: example
     responses as the model generates them (their leading space included). Kept: tokens beginning
     at least ``min_count`` refusals and with refusals >= ``min_share`` of the responses they begin;
