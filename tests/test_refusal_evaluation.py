@@ -25,6 +25,7 @@ def test_every_condition_runs_and_leaves_the_model_unchanged(make, single_thread
     assert rows["orthogonalized"].loss == pytest.approx(rows["ablation"].loss, abs=1e-4)
     assert all(len(x.completions["harmful"]) == 3 for x in report.results)
     assert "| actadd |" in report.table() and report.to_dict()["layer"] == 1
+    assert "loss (harmless prompts) |" in report.table()
     for k, v in lm.model.state_dict().items():  # the orthogonalized condition edits a copy
         torch.testing.assert_close(v, before[k])
 
@@ -46,6 +47,9 @@ def test_text_loss_is_the_mean_token_cross_entropy():
 def test_bad_conditions_are_refused():
     lm = hf_chat_lm("llama")
     r = torch.randn(lm.d_model)
+    texts = evaluate(lm, r, 1, HARMFUL[:2], HARMLESS[:2], conditions=["baseline"], loss_texts=["a plain text"],
+                     max_new_tokens=1)  # fmt: skip
+    assert "loss (given texts) |" in texts.table() and texts.to_dict()["loss_on"] == "given texts"
     with pytest.raises(RefusalError, match="unknown conditions"):
         evaluate(lm, r, 1, HARMFUL, HARMLESS, conditions=["baseline", "steer"])
     with pytest.raises(RefusalError, match="needs the direction's layer"):

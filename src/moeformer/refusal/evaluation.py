@@ -82,10 +82,11 @@ class ConditionResult:
 class EvalReport:
     results: list[ConditionResult]
     layer: int | None
+    loss_on: str = "harmless prompts"  # what the loss column was measured on
 
     def table(self) -> str:
         """A Markdown table: one row per condition."""
-        lines = ["| condition | refusal (harmful) | refusal (harmless) | KL (harmless) | loss (harmless text) |",
+        lines = [f"| condition | refusal (harmful) | refusal (harmless) | KL (harmless) | loss ({self.loss_on}) |",
                  "|---|---|---|---|---|"]  # fmt: skip
         for r in self.results:
             lines.append(
@@ -96,6 +97,7 @@ class EvalReport:
     def to_dict(self) -> dict[str, object]:
         return {
             "layer": self.layer,
+            "loss_on": self.loss_on,
             "conditions": [r.row() for r in self.results],
             "completions": {
                 r.condition: {k: [vars(c) for c in v] for k, v in r.completions.items()} for r in self.results
@@ -148,6 +150,7 @@ def evaluate(
     if not harmful or not harmless:
         raise RefusalError("evaluation needs harmful and harmless instructions")
     lm.check_direction(direction)
+    given_texts = bool(loss_texts)
     loss_texts = list(loss_texts) if loss_texts else list(harmless)
     base_logits = last_logits(lm, harmless, batch_size=batch_size)
     results = []
@@ -170,7 +173,7 @@ def evaluate(
                 runs,
             )
         )
-    return EvalReport(results, layer)
+    return EvalReport(results, layer, "given texts" if given_texts else "harmless prompts")
 
 
 @contextmanager
