@@ -5,7 +5,8 @@ direction added at its layer, eq. 3); ``orthogonalized`` (a copy of the model wi
 baked into its weights, section 4.1). For each: greedy completions of held-out harmful and
 harmless instructions, their refusal score (the paper's substring rule), the mean KL(baseline ||
 condition) of the next-token distribution at the last prompt position of harmless prompts, and
-the mean next-token cross-entropy on harmless text (does the edit damage ordinary modelling?).
+the mean next-token cross-entropy on harmless text, the harmless prompts unless ``loss_texts``
+are given (plain text is the paper's check: does the edit damage ordinary modelling?).
 """
 
 from __future__ import annotations
