@@ -12,11 +12,11 @@ from moeformer.refusal.scoring import is_refusal
 from moeformer.refusal.subject_data import (
     HARMFUL_SOURCES,
     build_subject_data,
-    harmful_looking,
     chat_dialogues,
     compliant_response,
     corpus_sentences,
     deduplicate,
+    harmful_looking,
     near_duplicate,
     refusal_response,
     shingles,
