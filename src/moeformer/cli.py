@@ -81,6 +81,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         note=_note,
         speculative=args.speculative,
+        draft_tokens=args.draft_tokens,
     )
     print(text)
     return 0
@@ -199,7 +200,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set with this mass (default: off)")
     gen.add_argument("--seed", type=int, help="random seed, for repeatable samples (default: a fresh one)")
     gen.add_argument("--speculative", action="store_true", help="draft with the model's multi-token prediction "
-                     "module ([model.mtp]) and verify with the main model: same output, fewer main passes")  # fmt: skip
+                     "modules ([model.mtp]) and verify with the main model: same output, fewer main passes")
+    gen.add_argument("--draft-tokens", type=positive_int, help="with --speculative: tokens drafted per main pass, "
+                     "1 to the model's MTP depth (default: its depth)")  # fmt: skip
     gen.set_defaults(run=_generate)
 
 

@@ -182,12 +182,14 @@ def generate(
     seed: int | None = None,
     note: Note | None = None,
     speculative: bool = False,
+    draft_tokens: int | None = None,
 ) -> str:
     """Continue ``prompt`` with a decoder-only model (sampling; temperature 0 is greedy).
 
-    ``speculative=True`` (a model trained with ``[model.mtp]``): the MTP module drafts every other
-    token and the main model verifies it (:func:`~moeformer.decode.speculative_generate`: the same
-    greedy output, the same sampling distribution); ``note`` gets the acceptance rate.
+    ``speculative=True`` (a model trained with ``[model.mtp]``): the MTP modules draft up to
+    ``draft_tokens`` tokens (default: the MTP depth) and the main model verifies them in one pass
+    (:func:`~moeformer.decode.speculative_generate`: the same greedy output, the same sampling
+    distribution); ``note`` gets the acceptance rate.
 
     The prompt and the new tokens share the model's ``max_seq_len`` positions: a prompt that leaves
     no room raises ValueError with both numbers; generation that stops at the limit before
@@ -210,13 +212,18 @@ def generate(
     options = {"max_new_tokens": min(max_new_tokens, room), "temperature": temperature, "top_k": top_k,
                "top_p": top_p, "eos_id": tok.eos_id, "generator": generator}  # fmt: skip
     prompt_ids = torch.tensor([ids], device=device)
+    if draft_tokens is not None and not speculative:
+        raise ValueError("draft_tokens is the number of tokens speculative decoding drafts: pass speculative=True")
     if speculative:
-        result = speculative_generate(model.eval(), prompt_ids, **options)
+        result = speculative_generate(model.eval(), prompt_ids, draft_tokens=draft_tokens, **options)
         new = result.tokens[0].tolist()
         if note is not None:
             passes = result.passes + 1  # the prompt's pass gives the first token
+            by_depth = ", ".join(f"{a:.0%}" for a in result.acceptance_at)
+            per_depth = f"; by depth: {by_depth}" if len(result.acceptance_at) > 1 else ""
             note(f"speculative decoding: {result.accepted} of {result.drafted} drafts accepted "
-                 f"({result.acceptance:.0%}), {len(new)} tokens in {passes} passes of the main model")  # fmt: skip
+                 f"({result.acceptance:.0%}{per_depth}), {len(new)} tokens in {passes} passes of the "
+                 "main model")  # fmt: skip
     else:
         new = sample_generate(model.eval(), prompt_ids, **options)[0].tolist()
     if note is not None and max_new_tokens > room and len(new) == room and tok.eos_id not in new:

@@ -49,26 +49,30 @@ class DecoderCache:
         if self.next_position is not None:
             self.next_position = self.next_position.index_select(0, index)
 
-    def drop_last(self, real: Tensor) -> None:
-        """Remove the last position fed, for every row (``real`` (B,) bool: rows where it was a real
-        token, which give its position back). Cheaper than :meth:`discard_last` when every row's
-        draft was rejected: no padding is recorded, so later steps need no mask for it."""
-        self.length -= 1
-        for layer in self.layers:
-            layer.self_attn.truncate(self.length)
-        if self.padding_mask is not None:
-            self.padding_mask = self.padding_mask[:, : self.length]
-        self.next_position = self.next_position - real.long()
-
-    def discard_last(self, rows: Tensor) -> None:
-        """Forget the last position fed for ``rows`` (B,) bool: it becomes padding, never attended
-        again, and those rows' next token takes its position (rejected speculative drafts)."""
+    def forget_last(self, fed: int, keep: Tensor) -> None:
+        """Of the last ``fed`` slots, row b keeps its first ``keep[b]`` (B,) and forgets the rest
+        (rejected speculative drafts). Slots that no row keeps are cut off the end; the others
+        become padding, never attended again. A forgotten real token gives its position back, so
+        each row's next token takes the position after its last kept one."""
+        forgotten = torch.arange(fed, device=keep.device) >= keep[:, None]  # (B, fed)
+        recorded = self.padding_mask
+        real = forgotten if recorded is None else forgotten & ~recorded[:, self.length - fed :]
+        self.next_position = self.next_position - real.sum(1)
+        cut = fed - int(keep.max().clamp(0, fed))
+        if cut:  # cheaper than padding: later steps need no mask for these slots
+            self.length -= cut
+            for layer in self.layers:
+                layer.self_attn.truncate(self.length)
+            if recorded is not None:
+                self.padding_mask = recorded[:, : self.length]
+        rest = forgotten[:, : fed - cut]
+        if not bool(rest.any()):
+            return
         if self.padding_mask is None:
-            self.padding_mask = rows.new_zeros(rows.shape[0], self.length)
+            self.padding_mask = rest.new_zeros(rest.shape[0], self.length)
             if self.capacity:
                 self.padding_buffer = self.padding_mask
-        self.padding_mask[:, -1] |= rows
-        self.next_position = self.next_position - rows.long()
+        self.padding_mask[:, self.length - rest.shape[1] :] |= rest
 
 
 def step_positions(

@@ -119,18 +119,27 @@ class DecoderLM(nn.Module):
         return out
 
     def mtp_step(
-        self, hidden: Tensor, next_tokens: Tensor, *, cache: DecoderCache, padding_mask: Tensor | None = None
+        self,
+        hidden: Tensor,
+        next_tokens: Tensor,
+        *,
+        cache: DecoderCache,
+        padding_mask: Tensor | None = None,
+        depth: int = 1,
     ) -> MTPOutput:
-        """The first MTP module, incrementally (the drafter of speculative decoding).
+        """MTP module ``depth`` (1 ... D) incrementally: the drafters of speculative decoding.
 
-        hidden: (B, T, D) the main model's ``residual`` at T new positions; next_tokens: (B, T) the
-        token after each of them -> logits (B, T, V) for the token after those. ``cache``: from
-        :meth:`new_mtp_cache`; padding_mask (B, T): slots to ignore, as in :meth:`forward`.
+        hidden: (B, T, D) h^{depth-1} at T new positions (the main model's ``residual`` for depth
+        1, the previous module's ``hidden`` after); next_tokens: (B, T) the token ``depth``
+        positions after each of them -> logits (B, T, V) for the token after that. ``cache``: from
+        :meth:`new_mtp_cache` for the same depth; padding_mask (B, T): slots to ignore, as in
+        :meth:`forward`.
         """
-        if not len(self.mtp):
-            raise ValueError("this model has no MTP module to draft with: train it with [model.mtp]")
+        if not 1 <= depth <= len(self.mtp):
+            have = f"depths 1 to {len(self.mtp)}" if len(self.mtp) else "no MTP module: train it with [model.mtp]"
+            raise ValueError(f"MTP depth {depth} asked for; this model has {have}")
         positions, keys_padding = step_positions(padding_mask, cache, *next_tokens.shape, next_tokens.device)
-        return self.mtp[0](
+        return self.mtp[depth - 1](
             hidden,
             self.embedding.embed(next_tokens),
             self.lm_head,
@@ -140,9 +149,9 @@ class DecoderLM(nn.Module):
             report=False,
         )
 
-    def new_mtp_cache(self, capacity: int = 0) -> DecoderCache:
-        """An empty cache for :meth:`mtp_step` (``capacity`` as in :meth:`new_cache`)."""
-        return DecoderCache([self.mtp[0].new_cache(capacity)], capacity=capacity)
+    def new_mtp_cache(self, capacity: int = 0, depth: int = 1) -> DecoderCache:
+        """An empty cache for :meth:`mtp_step` at ``depth`` (``capacity`` as in :meth:`new_cache`)."""
+        return DecoderCache([self.mtp[depth - 1].new_cache(capacity)], capacity=capacity)
 
     def new_cache(self, capacity: int = 0) -> DecoderCache:
         """An empty cache for incremental decoding.
