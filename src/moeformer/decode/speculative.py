@@ -227,13 +227,16 @@ def _draft_count(model: DecoderLM, draft_tokens: int | None) -> int:
 def _count(result: SpeculativeOutput, kept: Tensor, real: Tensor, n: int) -> None:
     """Add one pass's drafts to the totals, per depth: draft j + 1 is checked in the rows that fed
     it and kept drafts 1 ... j."""
-    for j in range(n):
-        fed = real > j
-        checked, taken = int((fed & (kept >= j)).sum()), int((fed & (kept > j)).sum())
-        result.drafted_at[j] += checked
-        result.accepted_at[j] += taken
-        result.drafted += checked
-        result.accepted += taken
+    if not n:
+        return
+    depth = torch.arange(n, device=kept.device)
+    fed = real[:, None] > depth
+    checked, taken = (fed & (kept[:, None] >= depth)).sum(0), (fed & (kept[:, None] > depth)).sum(0)
+    for j, (c, t) in enumerate(zip(checked.tolist(), taken.tolist(), strict=True)):
+        result.drafted_at[j] += c
+        result.accepted_at[j] += t
+        result.drafted += c
+        result.accepted += t
 
 
 def _append(out: Tensor, count: Tensor, done: Tensor, token: Tensor, rows: Tensor, eos_id: int | None) -> None:

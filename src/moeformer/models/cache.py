@@ -54,25 +54,36 @@ class DecoderCache:
         (rejected speculative drafts). Slots that no row keeps are cut off the end; the others
         become padding, never attended again. A forgotten real token gives its position back, so
         each row's next token takes the position after its last kept one."""
-        forgotten = torch.arange(fed, device=keep.device) >= keep[:, None]  # (B, fed)
+        fewest, most = (int(k) for k in torch.aminmax(keep.clamp(0, fed)))
+        if fewest == fed:
+            return
         recorded = self.padding_mask
+        if fewest == most and recorded is None:  # every row forgets the same real slots (batch 1)
+            self.next_position = self.next_position - (fed - most)
+            self._cut(fed - most)
+            return
+        forgotten = torch.arange(fed, device=keep.device) >= keep[:, None]  # (B, fed)
         real = forgotten if recorded is None else forgotten & ~recorded[:, self.length - fed :]
         self.next_position = self.next_position - real.sum(1)
-        cut = fed - int(keep.max().clamp(0, fed))
-        if cut:  # cheaper than padding: later steps need no mask for these slots
-            self.length -= cut
-            for layer in self.layers:
-                layer.self_attn.truncate(self.length)
-            if recorded is not None:
-                self.padding_mask = recorded[:, : self.length]
-        rest = forgotten[:, : fed - cut]
+        self._cut(fed - most)  # cheaper than padding: later steps need no mask for these slots
+        rest = forgotten[:, :most]
         if not bool(rest.any()):
             return
         if self.padding_mask is None:
             self.padding_mask = rest.new_zeros(rest.shape[0], self.length)
             if self.capacity:
                 self.padding_buffer = self.padding_mask
-        self.padding_mask[:, self.length - rest.shape[1] :] |= rest
+        self.padding_mask[:, self.length - most :] |= rest
+
+    def _cut(self, slots: int) -> None:
+        """Drop the last ``slots`` positions of every row (their positions already given back)."""
+        if not slots:
+            return
+        self.length -= slots
+        for layer in self.layers:
+            layer.self_attn.truncate(self.length)
+        if self.padding_mask is not None:
+            self.padding_mask = self.padding_mask[:, : self.length]
 
 
 def step_positions(
