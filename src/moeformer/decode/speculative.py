@@ -40,7 +40,7 @@ from moeformer.models.decoder import DecoderLM
 @dataclass
 class SpeculativeOutput:
     tokens: Tensor  # (B, <= max_new_tokens), rows end at EOS, then repeat EOS (as greedy_generate)
-    drafted: int  # drafts checked by the main model (rows still generating, summed over passes)
+    drafted: int  # drafts the main model checked (draft k only where drafts 1 ... k-1 were kept), all rows
     accepted: int  # drafts kept
     passes: int  # main-model forward passes after the prompt
     drafted_at: list[int] = field(default_factory=list)  # per draft depth k: drafts k checked (1 ... k-1 kept)
