@@ -66,7 +66,7 @@ class DecoderCache:
         real = forgotten if recorded is None else forgotten & ~recorded[:, self.length - fed :]
         self.next_position = self.next_position - real.sum(1)
         self._cut(fed - most)  # cheaper than padding: later steps need no mask for these slots
-        rest = forgotten[:, :most]
+        rest = real[:, :most]  # forgotten slots that were padding already stay so
         if not bool(rest.any()):
             return
         if self.padding_mask is None:
