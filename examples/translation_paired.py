@@ -9,7 +9,7 @@ training pipeline, decoded greedily as the end-of-run test score is, and scored 
 references in the run's ``data.zh_script`` (simplified for the Tatoeba configs) and as given.
 
     python examples/translation_paired.py runs/tatoeba-en-zh-topk-v2 runs/tatoeba-en-zh-expert-choice-v2
-        [--samples 1000] [--out runs/paired-topk-vs-ec.json]
+        [--which best|latest] [--samples 1000] [--out runs/paired-topk-vs-ec.json]
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from moeformer.publish import write_text
 from moeformer.train.pipeline import prepare
 
 
-def test_hypotheses(run: Path) -> tuple[list[tuple[str, str]], list[str], dict]:
-    """The run's test pairs (as the pipeline splits them) and its best checkpoint's greedy outputs."""
-    loaded = load_checkpoint(run, which="best")
+def test_hypotheses(run: Path, which: str) -> tuple[list[tuple[str, str]], list[str], dict]:
+    """The run's test pairs (as the pipeline splits them) and its checkpoint's greedy outputs."""
+    loaded = load_checkpoint(run, which=which)
     config = config_from_dict(json.loads((run / "run.json").read_text())["config"])
     pairs = prepare(config, tokenizers=loaded.tokenizers).test_pairs
     result = evaluate_translation(loaded.model.eval(), loaded.tokenizers, pairs, target_lang=config.data.target_lang,
@@ -44,9 +44,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", type=Path, nargs=2, help="two run directories of the same data config")
     parser.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--which", choices=["best", "latest"], default="best",
+                        help="each run's checkpoint: best by validation loss (the run's own test score), or its last")
     parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
-    (pairs, first, data), (other_pairs, second, other_data) = (test_hypotheses(r) for r in args.runs)
+    (pairs, first, data), (other_pairs, second, other_data) = (test_hypotheses(r, args.which) for r in args.runs)
     if pairs != other_pairs or data != other_data:
         raise SystemExit("the two runs do not share their data config and test split: nothing to pair")
     given = [t for _, t in pairs]
@@ -55,7 +57,8 @@ def main() -> None:
         references[data["zh_script"]] = [convert_script(t, data["zh_script"]) for t in given]
     names = [r.name for r in args.runs]
     report: dict[str, dict] = {}
-    print(f"{len(pairs)} test pairs; paired bootstrap, {args.samples} resamples; baseline: {names[0]}")
+    print(f"{len(pairs)} test pairs; {args.which} checkpoints; paired bootstrap, {args.samples} resamples; "
+          f"baseline: {names[0]}")
     print("| references | metric | " + " | ".join(names) + " | p (difference) |")
     print("|---|---|---|---|---|")
     for label, refs in references.items():
@@ -74,8 +77,9 @@ def main() -> None:
                 for name, r in zip(names, results, strict=True)
             } | {"p_value": p}
     if args.out:
-        write_text(args.out, json.dumps({"runs": [str(r) for r in args.runs], "samples": args.samples,
-                                         "pairs": len(pairs), "results": report}, indent=1))  # fmt: skip
+        summary = {"runs": [str(r) for r in args.runs], "which": args.which, "samples": args.samples,
+                   "pairs": len(pairs), "results": report}  # fmt: skip
+        write_text(args.out, json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
