@@ -267,3 +267,5 @@ def test_cli_generate_speculative_prints_the_greedy_text_and_the_acceptance(tmp_
     assert one.out == plain and "by depth" not in one.err
     assert main([*args, "--speculative", "--draft-tokens", "3"]) != 0
     assert "draft_tokens=3: this model's MTP modules draft 1 to 2 tokens per pass" in capsys.readouterr().err
+    assert main([*args, "--draft-tokens", "1"]) != 0  # without --speculative nothing drafts
+    assert "ask for it too (speculative=True, --speculative)" in capsys.readouterr().err
