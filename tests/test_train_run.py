@@ -208,6 +208,13 @@ def _latest_step(run: Path) -> int:
         return 0
 
 
+def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, seconds: float) -> None:
+    """Poll until ``run``'s latest checkpoint is at ``step`` or later, the process ends or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while _latest_step(run) < step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_twenty_kills_at_random_moments_lose_nothing(tmp_path):
     """SIGKILL (no chance to clean up) at random moments of a run that saves every step; after
@@ -225,12 +232,13 @@ def test_twenty_kills_at_random_moments_lose_nothing(tmp_path):
         args = ["--resume", str(run)] if resuming else [str(config), "--out", str(run), "--force"]
         saved = read_checkpoint(run, which="latest").meta["step"] if resuming else 0
         proc = start(*args, cwd=tmp_path)
+        # the run advances by a few steps per kill, counted in steps, not seconds: on a fast quiet
+        # machine half a second is dozens of steps, and the run would end before the 20th kill
         if kills % 4 == 3:  # now and then during start-up: importing, reading, resuming
-            time.sleep(rng.uniform(0.0, 3.0))
-        else:  # else once this process has saved a checkpoint, so that the run advances
-            while _latest_step(run) <= saved and proc.poll() is None:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.5))
+            _wait_for_step(proc, run, saved + 1, rng.uniform(0.0, 3.0))
+        else:  # else once this process has saved a few checkpoints, at a random moment of a step
+            _wait_for_step(proc, run, saved + rng.randint(1, 6), 300.0)
+            time.sleep(rng.uniform(0.0, 0.05))
         if proc.poll() is not None:
             pytest.fail(f"the run ended by itself after {kills} kills ({proc.stderr.read()})")
         proc.kill()
