@@ -22,22 +22,23 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 from moeformer.checkpoint_io import load_checkpoint
-from moeformer.config import config_from_dict
 from moeformer.data.chinese import convert_script
+from moeformer.data.config import DataConfig
 from moeformer.evaluate.metrics import bleu_tokenizer
 from moeformer.evaluate.translation import evaluate_translation
 from moeformer.publish import write_text
 from moeformer.train.pipeline import prepare
+from moeformer.train.run import resume_config
 
 
-def test_hypotheses(run: Path, which: str) -> tuple[list[tuple[str, str]], list[str], dict]:
-    """The run's test pairs (as the pipeline splits them) and its checkpoint's greedy outputs."""
+def test_hypotheses(run: Path, which: str) -> tuple[list[tuple[str, str]], list[str], DataConfig]:
+    """The run's test pairs (as the pipeline splits them), its checkpoint's greedy outputs and its data config."""
     loaded = load_checkpoint(run, which=which)
-    config = config_from_dict(json.loads((run / "run.json").read_text())["config"])
+    config = resume_config(run)
     pairs = prepare(config, tokenizers=loaded.tokenizers).test_pairs
     result = evaluate_translation(loaded.model.eval(), loaded.tokenizers, pairs, target_lang=config.data.target_lang,
                                   zh_script=config.data.zh_script, overlong="cut")  # fmt: skip
-    return pairs, result.hypotheses, json.loads((run / "run.json").read_text())["config"]["data"]
+    return pairs, result.hypotheses, config.data
 
 
 def main() -> None:
@@ -53,8 +54,8 @@ def main() -> None:
         raise SystemExit("the two runs do not share their data config and test split: nothing to pair")
     given = [t for _, t in pairs]
     references = {"as given": given}
-    if data.get("zh_script", "keep") != "keep":
-        references[data["zh_script"]] = [convert_script(t, data["zh_script"]) for t in given]
+    if data.zh_script != "keep":
+        references[data.zh_script] = [convert_script(t, data.zh_script) for t in given]
     names = [r.name for r in args.runs]
     report: dict[str, dict] = {}
     print(f"{len(pairs)} test pairs; {args.which} checkpoints; paired bootstrap, {args.samples} resamples; "
@@ -62,7 +63,7 @@ def main() -> None:
     print("| references | metric | " + " | ".join(names) + " | p (difference) |")
     print("|---|---|---|---|---|")
     for label, refs in references.items():
-        metrics = {"BLEU": BLEU(tokenize=bleu_tokenizer(data["target_lang"])), "chrF": CHRF()}
+        metrics = {"BLEU": BLEU(tokenize=bleu_tokenizer(data.target_lang)), "chrF": CHRF()}
         test = PairedTest(list(zip(names, (first, second), strict=True)), metrics, [refs], test_type="bs",
                           n_samples=args.samples)  # fmt: skip
         _, scores = test()
