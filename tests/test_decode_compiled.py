@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from decode_models import MODELS, left_padded_prompt, tiny
+from torch._dynamo.utils import counters
 
 from moeformer.decode import greedy_generate
 from moeformer.decode.compiled import fixed_shape_step, fixed_state
@@ -75,3 +76,16 @@ def test_compiled_greedy_gives_eager_tokens(name):
     for padding in (None, mask):
         expected = greedy_generate(model, ids, max_new_tokens=12, padding_mask=padding)
         assert torch.equal(greedy_generate(model, ids, max_new_tokens=12, padding_mask=padding, compile=True), expected)
+
+
+@torch.no_grad()
+def test_more_shapes_than_dynamos_default_limit_still_compile():
+    """Ten capacities, ten graphs: none falls back to eager decoding (dynamo's default keeps 8)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny("dense")
+    ids = torch.randint(1, 37, (1, 4), generator=torch.Generator().manual_seed(0))
+    for n in range(2, 12):
+        decode_steps(model, ids, None, n, backend="aot_eager")
+    assert counters["stats"]["unique_graphs"] == 10
+    torch._dynamo.reset()

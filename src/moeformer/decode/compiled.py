@@ -126,6 +126,12 @@ def fixed_step(model: DecoderLM, ids: Tensor, state: FixedState) -> Tensor:
     return model.lm_head(model.norm(x))
 
 
+# graphs kept for the one compiled step function: one per model, batch size and capacity (dynamo's
+# default of 8 would make a long-lived process, e.g. one serving several prompt lengths, fall
+# back to eager decoding without a word once 8 shapes have been seen)
+RECOMPILE_LIMIT = 256
+
+
 @functools.cache
 def _compiled(backend: str) -> Callable[[DecoderLM, Tensor, FixedState], Tensor]:
     """One compiled step per backend for the process (built at first use): dynamo keeps a graph per
@@ -150,7 +156,7 @@ def fixed_shape_step(
     compiled = _compiled(backend)
 
     def step(ids: Tensor) -> Tensor:
-        with dynamo_settings():
+        with dynamo_settings(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(model, ids, state)
 
     return step

@@ -85,21 +85,24 @@ class PreparedLinear(nn.Module):
             raise ValueError(f"kernel {kernel!r} cannot run here; allowed: {available_kernels(linear.weight)}")
         self.kernel, self.in_features, self.out_features = kernel, linear.in_features, linear.out_features
         weight = linear.weight.detach()
+        # ``weight`` stays the (out, in) original: code that reads it directly (MLA's absorbed
+        # projections) sees what it expects; the products use ``prepared``
+        self.register_buffer("weight", weight, persistent=False)
         if kernel == "transposed":
             weight = weight.t().contiguous()
         elif kernel == "onednn":
             weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
-        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("prepared", weight, persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows, w = x.reshape(-1, self.in_features), self.prepared
         if self.kernel == "linear":
-            y = F.linear(rows, self.weight, self.bias)
+            y = F.linear(rows, w, self.bias)
         elif self.kernel == "transposed":
-            y = rows @ self.weight if self.bias is None else torch.addmm(self.bias, rows, self.weight)
+            y = rows @ w if self.bias is None else torch.addmm(self.bias, rows, w)
         else:
-            y = onednn_linear(rows.contiguous(), self.weight, self.bias)
+            y = onednn_linear(rows.contiguous(), w, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -229,7 +232,7 @@ def prepare_for_decoding(
         if experts and kernel == "auto":
             plan.experts = _fastest_experts(experts, batch, rounds)
             if plan.experts != "grouped":
-                swaps.update({e: _expert_kernel(e, plan.experts, batch) for e, _ in experts})
+                swaps.update({e: prepared_experts(e, plan.experts, batch) for e, _ in experts})
         elif experts:
             plan.experts = "grouped"
     prepared = _clone_with(model, swaps).eval()
@@ -278,8 +281,10 @@ def _fastest_linear(group: list[nn.Linear], batch: int, rounds: int) -> str:
     return _fastest(candidates, rounds, weight.device)
 
 
-def _expert_kernel(experts: Experts, kernel: str, batch: int) -> nn.Module:
-    """The experts run by ``kernel`` ("grouped": as they are)."""
+def prepared_experts(experts: Experts, kernel: str, batch: int) -> nn.Module:
+    """The experts run by ``kernel`` of :data:`EXPERT_KERNELS` ("grouped": as they are)."""
+    if kernel not in EXPERT_KERNELS:
+        raise ValueError(f"expert kernel must be one of {EXPERT_KERNELS}, got {kernel!r}")
     if kernel == "chosen":
         return ChosenExperts(experts)
     if kernel == "grouped":
@@ -299,7 +304,7 @@ def _fastest_experts(experts: list[tuple[Experts, int]], batch: int, rounds: int
     weights = torch.rand(batch, K, device=device)
     candidates = {}
     for kernel in EXPERT_KERNELS:
-        modules = [_expert_kernel(e, kernel, batch) for e in sample]
+        modules = [prepared_experts(e, kernel, batch) for e in sample]
         candidates[kernel] = lambda modules=modules: [m(x, index, weights) for m in modules]
     return _fastest(candidates, rounds, device)
 

@@ -1,0 +1,114 @@
+"""Weights prepared for decoding: every kernel computes the same products as the original layers,
+a prepared model gives the original's logits and greedy tokens (eagerly and through a traced
+fixed-shape step), and the original model is left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decode_models import MODELS, left_padded_prompt, tiny
+from torch import nn
+
+from moeformer.decode import greedy_generate
+from moeformer.decode.compiled import fixed_shape_step
+from moeformer.decode.prepared import (
+    EXPERT_KERNELS,
+    KERNELS,
+    PreparedLinear,
+    available_kernels,
+    prepare_for_decoding,
+    prepared_experts,
+)
+from moeformer.moe.experts import Experts
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_every_kernel_equals_the_linear(batch, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40, bias=bias)
+    x = torch.randn(2, 3, 24)  # more rows than the batch it was prepared for: any row count works
+    assert "onednn" in available_kernels(linear.weight)  # the CPU build these tests run on has mkldnn
+    for kernel in available_kernels(linear.weight):
+        torch.testing.assert_close(PreparedLinear(linear, kernel, batch)(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu"])
+@pytest.mark.parametrize("kernel", EXPERT_KERNELS)
+def test_every_expert_kernel_equals_the_grouped_experts(kernel, activation):
+    """Random routing of 5 tokens to 2 of 6 experts, two assignments dropped (index E)."""
+    torch.manual_seed(0)
+    experts = Experts(6, 16, 8, activation=activation)
+    x = torch.randn(5, 16)
+    index = torch.rand(5, 6).argsort(-1)[:, :2]
+    index[1, 0] = index[3, 1] = 6
+    weights = torch.rand(5, 2)
+    expected = experts.forward_reference(x, index, weights)
+    got = prepared_experts(experts, kernel, batch=5)(x, index, weights)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kernel", ["auto", *KERNELS])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prepared_model_gives_the_original_logits(name, kernel):
+    model = tiny(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = left_padded_prompt()
+    prepared, plan = prepare_for_decoding(model, batch=3, kernel=kernel)
+    torch.testing.assert_close(
+        prepared(ids, padding_mask=mask).logits, model(ids, padding_mask=mask).logits, atol=1e-5, rtol=1e-5
+    )
+    assert all(type(m) is not PreparedLinear for m in model.modules())  # the original keeps its layers
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert prepared.embedding is not model.embedding  # a structural copy ...
+    assert prepared.embedding.embed.weight is model.embedding.embed.weight  # ... sharing the parameters
+    assert set(plan.linear.values()) <= set(KERNELS)
+    has_experts = any(type(m) is Experts for m in model.modules())
+    assert (plan.experts in EXPERT_KERNELS) if has_experts else plan.experts is None
+    if kernel != "auto":
+        assert set(plan.linear.values()) == {kernel}
+    assert str(plan.batch) in plan.summary()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prepared_decoding_gives_the_same_greedy_tokens(name):
+    """Eagerly and through the traced fixed-shape step (aot_eager: the custom ops' fake kernels)."""
+    model = tiny(name)
+    ids, mask = left_padded_prompt()
+    expected = greedy_generate(model, ids, max_new_tokens=8, padding_mask=mask)
+    prepared, _ = prepare_for_decoding(model, batch=3)
+    assert torch.equal(greedy_generate(prepared, ids, max_new_tokens=8, padding_mask=mask), expected)
+    cache = prepared.new_cache(ids.shape[1] + 8)
+    tokens = [prepared(ids, padding_mask=mask, cache=cache, reports=False).logits[:, -1:].argmax(-1)]
+    step = fixed_shape_step(prepared, cache, backend="aot_eager")
+    for _ in range(7):
+        tokens.append(step(tokens[-1]).argmax(-1))
+    assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
+@torch.no_grad()
+def test_every_expert_kernel_is_applied_where_chosen():
+    model = tiny("deepseek")
+    for kernel in EXPERT_KERNELS:
+        layer = next(m for m in model.modules() if type(getattr(m, "experts", None)) is Experts)
+        swapped = type(prepared_experts(layer.experts, kernel, batch=1))
+        assert swapped is Experts if kernel == "grouped" else swapped is not Experts
+
+
+def test_bad_arguments_are_named():
+    model = tiny("dense")
+    with pytest.raises(ValueError, match=r"kernel must be 'auto' or one of .*linear.*got 'fast'"):
+        prepare_for_decoding(model, batch=1, kernel="fast")
+    with pytest.raises(ValueError, match="batch and rounds must be >= 1, got batch=0"):
+        prepare_for_decoding(model, batch=0)
+    with pytest.raises(ValueError, match="expert kernel must be one of"):
+        prepared_experts(Experts(2, 4, 4), "loop", batch=1)
+    linear = nn.Linear(4, 4).double()
+    with pytest.raises(ValueError, match="kernel 'onednn' cannot run here; allowed: .*transposed"):
+        PreparedLinear(linear, "onednn", 1)
