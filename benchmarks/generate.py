@@ -1,7 +1,7 @@
 """Greedy decoding with the KV cache: moeformer's ``greedy_generate`` vs transformers' ``generate``.
 
     python benchmarks/generate.py [--models dense deepseek] [--batches 1 8] [--prompt 32] [--new 64]
-                                  [--vocab 8192] [--repeats 5] [--threads N] [--compile]
+                                  [--vocab 8192] [--repeats 5] [--threads N] [--compile] [--prepared]
                                   [--append BENCHMARKS.md]
 
 Both models are ``preset("lm-small")`` DecoderLMs (d 384, 6 layers, GQA 6/2, SwiGLU d_ff 1024) built
@@ -17,6 +17,9 @@ Timed per call: the whole generation of ``--new`` tokens after a ``--prompt``-to
 turn, ``--repeats`` rounds, median), in one process, so a change in the machine's load hits all
 alike; compare ratios, not absolute times. ``--compile`` adds ``greedy_generate(compile=True)``
 (its first call, which compiles, is left out of the timing and reported below the table).
+``--prepared`` adds the same calls on the model from ``prepare_for_decoding(model, batch)``
+(each product in its fastest layout for the batch, chosen by timing; prepared once per model and
+batch before the timed calls, as a compile is; its time and choices are reported below the table).
 Generated tokens are compared with transformers': the table says whether they are identical.
 ``--threads`` sets torch's intra-op threads (default: torch's own choice, the core count).
 """
@@ -62,8 +65,11 @@ def load_hf(model: torch.nn.Module, folder: str) -> torch.nn.Module:
     return hf
 
 
-def runners(model: torch.nn.Module, hf: torch.nn.Module, new: int, compiled: bool) -> dict[str, Callable]:
-    """Implementation name -> function of the prompt (B, T) returning the new tokens (B, new)."""
+def runners(
+    model: torch.nn.Module, hf: torch.nn.Module, new: int, compiled: bool, prepared: torch.nn.Module | None
+) -> dict[str, Callable]:
+    """Implementation name -> function of the prompt (B, T) returning the new tokens (B, new).
+    ``prepared``: the model from ``prepare_for_decoding`` for this batch size (its rows are added)."""
     from moeformer.decode.greedy import greedy_generate
 
     def ours(prompt: torch.Tensor) -> torch.Tensor:
@@ -87,6 +93,12 @@ def runners(model: torch.nn.Module, hf: torch.nn.Module, new: int, compiled: boo
             return greedy_generate(model, prompt, max_new_tokens=new, compile=True)
 
         out["moeformer greedy_generate compile=True"] = ours_compiled
+    if prepared is not None:
+        out["moeformer prepared greedy_generate"] = lambda p: greedy_generate(prepared, p, max_new_tokens=new)
+        if compiled:
+            out["moeformer prepared greedy_generate compile=True"] = lambda p: greedy_generate(
+                prepared, p, max_new_tokens=new, compile=True
+            )
     return out
 
 
@@ -103,7 +115,13 @@ def bench_model(kind: str, args: argparse.Namespace, folder: str, notes: list[st
     rows = []
     for batch in args.batches:
         prompt = torch.randint(1, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
-        impls = runners(model, hf, args.new, args.compile)
+        prepared = None
+        if args.prepared:
+            from moeformer.decode.prepared import prepare_for_decoding
+
+            prepared, plan = prepare_for_decoding(model, batch)
+            notes.append(f"{kind} prepared for {plan.summary()}")
+        impls = runners(model, hf, args.new, args.compile, prepared)
         reference = None
         same: dict[str, bool] = {}
         for name, fn in impls.items():  # warm-up (and compilation), and the tokens to compare
@@ -138,6 +156,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="add the compiled decode step's rows")
+    parser.add_argument("--prepared", action="store_true", help="add rows for the model prepared for decoding")
     parser.add_argument("--append", help="append the table to this Markdown file")
     args = parser.parse_args()
     if args.threads:

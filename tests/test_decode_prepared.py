@@ -59,7 +59,8 @@ def test_prepared_model_gives_the_original_logits(name, kernel):
     model = tiny(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids, mask = left_padded_prompt()
-    prepared, plan = prepare_for_decoding(model, batch=3, kernel=kernel)
+    expert_kernel = {"linear": "grouped", "transposed": "chosen", "onednn": "dense"}.get(kernel, "auto")
+    prepared, plan = prepare_for_decoding(model, batch=3, kernel=kernel, expert_kernel=expert_kernel)
     torch.testing.assert_close(
         prepared(ids, padding_mask=mask).logits, model(ids, padding_mask=mask).logits, atol=1e-5, rtol=1e-5
     )
@@ -72,6 +73,7 @@ def test_prepared_model_gives_the_original_logits(name, kernel):
     assert (plan.experts in EXPERT_KERNELS) if has_experts else plan.experts is None
     if kernel != "auto":
         assert set(plan.linear.values()) == {kernel}
+        assert plan.experts == (expert_kernel if has_experts else None)
     assert str(plan.batch) in plan.summary()
 
 
@@ -105,6 +107,8 @@ def test_bad_arguments_are_named():
     model = tiny("dense")
     with pytest.raises(ValueError, match=r"kernel must be 'auto' or one of .*linear.*got 'fast'"):
         prepare_for_decoding(model, batch=1, kernel="fast")
+    with pytest.raises(ValueError, match=r"expert_kernel must be 'auto' or one of .*chosen.*got 'loop'"):
+        prepare_for_decoding(model, batch=1, expert_kernel="loop")
     with pytest.raises(ValueError, match="batch and rounds must be >= 1, got batch=0"):
         prepare_for_decoding(model, batch=0)
     with pytest.raises(ValueError, match="expert kernel must be one of"):
@@ -112,3 +116,33 @@ def test_bad_arguments_are_named():
     linear = nn.Linear(4, 4).double()
     with pytest.raises(ValueError, match="kernel 'onednn' cannot run here; allowed: .*transposed"):
         PreparedLinear(linear, "onednn", 1)
+
+
+@torch.no_grad()
+def test_compiled_steps_of_several_models_in_one_process_keep_apart():
+    """Later steps skip dynamo's full guard check (decode.compiled): generations alternating
+    between models whose graphs differ still each run their own graph."""
+    ids, mask = left_padded_prompt()
+    models = [tiny("dense"), tiny("deepseek"), tiny("mla")]
+    models.append(prepare_for_decoding(models[1], batch=3, kernel="transposed", expert_kernel="chosen")[0])
+    expected = [greedy_generate(m, ids, max_new_tokens=6, padding_mask=mask) for m in models]
+    for _ in range(2):
+        for model, tokens in zip(models, expected):
+            cache = model.new_cache(ids.shape[1] + 6)
+            got = [model(ids, padding_mask=mask, cache=cache, reports=False).logits[:, -1:].argmax(-1)]
+            step = fixed_shape_step(model, cache, backend="aot_eager")
+            for _ in range(5):
+                got.append(step(got[-1]).argmax(-1))
+            assert torch.equal(torch.cat(got, dim=1), tokens)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+@pytest.mark.parametrize("expert_kernel", ["dense", "chosen"])
+def test_prepared_model_compiled_by_inductor_gives_the_same_tokens(expert_kernel):
+    """The custom ops (oneDNN's linear, the chosen experts) inside inductor's C++-wrapped graph."""
+    model = tiny("deepseek")
+    ids, mask = left_padded_prompt()
+    expected = greedy_generate(model, ids, max_new_tokens=8, padding_mask=mask)
+    prepared, _ = prepare_for_decoding(model, batch=3, kernel="onednn", expert_kernel=expert_kernel)
+    assert torch.equal(greedy_generate(prepared, ids, max_new_tokens=8, padding_mask=mask, compile=True), expected)

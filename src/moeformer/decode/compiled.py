@@ -155,8 +155,18 @@ def fixed_shape_step(
         return lambda ids: fixed_step(model, ids, state)
     compiled = _compiled(backend)
 
+    guarded = [True]
+
     def step(ids: Tensor) -> Tensor:
         with dynamo_settings(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return compiled(model, ids, state)
+            if guarded[0]:  # the first step picks (or compiles) the graph for this model and state
+                guarded[0] = False
+                return compiled(model, ids, state)
+            # later steps pass the same model and state objects and ids of the same shape, so the
+            # graph the first step chose is the right one: checking its ~1,500 guards again took
+            # 0.45 ms of each 8 ms step (DeepSeekMoE lm-small, batch 1); only the guards that tell
+            # this process's compiled graphs apart still run
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return compiled(model, ids, state)
 
     return step

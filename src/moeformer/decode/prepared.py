@@ -148,12 +148,15 @@ def chosen_experts(x: Tensor, up_t: Tensor, down_t: Tensor, index: Tensor, weigh
     """x (N, D), up_t (E, D, 2H or H), down_t (E, H, D) -> (N, D): one product pair per (token,
     expert) chosen. Reads the routing on the host, hence a custom op (a compiled graph calls it)."""
     out = torch.zeros_like(x)
-    E = up_t.shape[0]
+    E, H = up_t.shape[0], down_t.shape[1]
     for n, (experts, gates) in enumerate(zip(index.tolist(), weights.tolist())):
-        row = x[n : n + 1]
+        row, acc = x[n : n + 1], out[n : n + 1]
         for e, g in zip(experts, gates):
-            if e < E:  # E: dropped by capacity
-                out[n : n + 1].add_(activate(row @ up_t[e], activation) @ down_t[e], alpha=g)
+            if e >= E:  # dropped by capacity
+                continue
+            h = torch.mm(row, up_t[e])
+            a = F.silu(h[:, :H]).mul_(h[:, H:]) if activation == "swiglu" else activate(h, activation)
+            acc.addmm_(a, down_t[e], alpha=g)  # the product and the gated sum in one call
     return out
 
 
@@ -203,17 +206,20 @@ class Preparation:
 
 
 def prepare_for_decoding(
-    model: DecoderLM, batch: int, *, kernel: str = "auto", rounds: int = 3
+    model: DecoderLM, batch: int, *, kernel: str = "auto", expert_kernel: str = "auto", rounds: int = 3
 ) -> tuple[DecoderLM, Preparation]:
     """A copy of ``model`` whose products run in the fastest layout for ``batch`` rows per step.
 
-    ``kernel``: "auto" times each candidate on the model's weights (``rounds`` passes, round
-    robin, fastest pass kept) and keeps the fastest per weight shape; or one of :data:`KERNELS`
-    for every linear (the experts then stay grouped). Shares parameters with ``model``, which is
-    not modified; the returned copy is in eval mode.
+    ``kernel``: one of :data:`KERNELS` for every linear, or "auto": each candidate is timed on the
+    model's weights (``rounds`` passes, round robin, fastest pass kept) and the fastest kept per
+    weight shape. ``expert_kernel``: the same for the routed experts, one of
+    :data:`EXPERT_KERNELS` or "auto". Shares parameters with ``model``, which is not modified;
+    the returned copy is in eval mode.
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
+    if expert_kernel != "auto" and expert_kernel not in EXPERT_KERNELS:
+        raise ValueError(f"expert_kernel must be 'auto' or one of {EXPERT_KERNELS}, got {expert_kernel!r}")
     if batch < 1 or rounds < 1:
         raise ValueError(f"batch and rounds must be >= 1, got batch={batch}, rounds={rounds}")
     start = time.perf_counter()
@@ -229,12 +235,10 @@ def prepare_for_decoding(
         for shape, group in _by_shape(linears).items():
             plan.linear[shape] = kernel if kernel != "auto" else _fastest_linear(group, batch, rounds)
         swaps: dict[nn.Module, nn.Module] = {m: PreparedLinear(m, plan.linear[_shape(m)], batch) for m in linears}
-        if experts and kernel == "auto":
-            plan.experts = _fastest_experts(experts, batch, rounds)
-            if plan.experts != "grouped":
-                swaps.update({e: prepared_experts(e, plan.experts, batch) for e, _ in experts})
-        elif experts:
-            plan.experts = "grouped"
+        if experts:
+            timed = expert_kernel == "auto"
+            plan.experts = _fastest_experts(experts, batch, rounds) if timed else expert_kernel
+            swaps.update({e: prepared_experts(e, plan.experts, batch) for e, _ in experts})
     prepared = _clone_with(model, swaps).eval()
     plan.seconds = time.perf_counter() - start
     return prepared, plan
