@@ -129,7 +129,7 @@ def bench_model(kind: str, args: argparse.Namespace, folder: str, notes: list[st
             tokens = fn(prompt)
             if name.endswith("compile=True"):
                 seconds = time.perf_counter() - start
-                notes.append(f"{kind} batch {batch}: first call of compile=True (compiles) {seconds:.1f} s")
+                notes.append(f"{kind} batch {batch}: first call of {name} (compiles) {seconds:.1f} s")
             reference = tokens if reference is None else reference
             same[name] = tokens.shape == (batch, args.new) and torch.equal(tokens, reference)
         times: dict[str, list[float]] = {name: [] for name in impls}

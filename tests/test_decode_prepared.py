@@ -39,8 +39,10 @@ def test_every_kernel_equals_the_linear(batch, bias):
 @torch.no_grad()
 @pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu"])
 @pytest.mark.parametrize("kernel", EXPERT_KERNELS)
-def test_every_expert_kernel_equals_the_grouped_experts(kernel, activation):
-    """Random routing of 5 tokens to 2 of 6 experts, two assignments dropped (index E)."""
+@pytest.mark.parametrize("batch", [5, 2], ids=["decoding-rows", "prompt-rows"])
+def test_every_expert_kernel_equals_the_grouped_experts(batch, kernel, activation):
+    """Random routing of 5 tokens to 2 of 6 experts, two assignments dropped (index E); with more
+    rows than the batch prepared for (a prompt), the grouped experts take them."""
     torch.manual_seed(0)
     experts = Experts(6, 16, 8, activation=activation)
     x = torch.randn(5, 16)
@@ -48,7 +50,7 @@ def test_every_expert_kernel_equals_the_grouped_experts(kernel, activation):
     index[1, 0] = index[3, 1] = 6
     weights = torch.rand(5, 2)
     expected = experts.forward_reference(x, index, weights)
-    got = prepared_experts(experts, kernel, batch=5)(x, index, weights)
+    got = prepared_experts(experts, kernel, batch=batch)(x, index, weights)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

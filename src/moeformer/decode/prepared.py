@@ -116,13 +116,14 @@ class DenseExperts(nn.Module):
       = [g_1 act(up_1 x), ..., g_E act(up_E x)] @ [down_1, ..., down_E]^T
     (gates applied before the down projection, as the grouped path does). Same interface as
     :class:`~moeformer.moe.experts.Experts`: x (N, D), index (N, K) with E = dropped, weights
-    (N, K) -> (N, D).
+    (N, K) -> (N, D). More than ``batch`` rows (the prompt's pass) go to the grouped experts:
+    there the E/K times larger arithmetic would cost more than the weights' reads save.
     """
 
-    def __init__(self, experts: Experts, up: PreparedLinear, down: PreparedLinear) -> None:
+    def __init__(self, experts: Experts, up: PreparedLinear, down: PreparedLinear, batch: int) -> None:
         super().__init__()
         self.n_experts, self.hidden, self.activation = experts.n_experts, experts.hidden, experts.activation
-        self.up, self.down = up, down
+        self.up, self.down, self.grouped, self.batch = up, down, experts, batch
 
     @staticmethod
     def stacked(experts: Experts) -> tuple[nn.Linear, nn.Linear]:
@@ -135,6 +136,8 @@ class DenseExperts(nn.Module):
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         N, E = x.shape[0], self.n_experts
+        if N > self.batch:
+            return self.grouped(x, index, weights)
         gates = x.new_zeros(N, E + 1).scatter_add_(1, index, weights.to(x.dtype))[:, :E]  # column E: dropped
         h = activate(self.up(x).view(N, E, -1), self.activation)  # (N, E, H)
         return self.down((h * gates[:, :, None]).reshape(N, E * self.hidden))
@@ -174,16 +177,21 @@ class ChosenExperts(nn.Module):
     ``grouped_mm`` runs a product per group, empty ones included: 31 x 2 per layer at batch 1),
     while K experts per token are all the work there is. Same interface as
     :class:`~moeformer.moe.experts.Experts`. Gates scale the output (the grouped path scales the
-    activation before the down projection: equal up to rounding).
+    activation before the down projection: equal up to rounding). More than ``batch`` rows (the
+    prompt's pass: 32 tokens x K experts would be 224 product pairs in Python) go to the grouped
+    experts.
     """
 
-    def __init__(self, experts: Experts) -> None:
+    def __init__(self, experts: Experts, batch: int) -> None:
         super().__init__()
         self.n_experts, self.hidden, self.activation = experts.n_experts, experts.hidden, experts.activation
+        self.grouped, self.batch = experts, batch
         self.register_buffer("up_t", experts.first_weight.detach().transpose(1, 2).contiguous(), persistent=False)
         self.register_buffer("down_t", experts.down_proj.detach().transpose(1, 2).contiguous(), persistent=False)
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        if x.shape[0] > self.batch:
+            return self.grouped(x, index, weights)
         return chosen_experts(x, self.up_t, self.down_t, index, weights.to(x.dtype), self.activation)
 
     def extra_repr(self) -> str:
@@ -290,12 +298,12 @@ def prepared_experts(experts: Experts, kernel: str, batch: int) -> nn.Module:
     if kernel not in EXPERT_KERNELS:
         raise ValueError(f"expert kernel must be one of {EXPERT_KERNELS}, got {kernel!r}")
     if kernel == "chosen":
-        return ChosenExperts(experts)
+        return ChosenExperts(experts, batch)
     if kernel == "grouped":
         return experts
     up, down = DenseExperts.stacked(experts)
     kind = "onednn" if "onednn" in available_kernels(up.weight) else "transposed"
-    return DenseExperts(experts, PreparedLinear(up, kind, batch), PreparedLinear(down, kind, batch))
+    return DenseExperts(experts, PreparedLinear(up, kind, batch), PreparedLinear(down, kind, batch), batch)
 
 
 def _fastest_experts(experts: list[tuple[Experts, int]], batch: int, rounds: int) -> str:
