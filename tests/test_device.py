@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moeformer import DecoderLM, build_model, preset
-from moeformer.decode import greedy_generate
+from moeformer.decode import greedy_generate, prepare_for_decoding
 from moeformer.layers import MultiHeadAttention
 from moeformer.moe import Experts
 from moeformer.train.config import TrainConfig
@@ -87,6 +87,18 @@ def test_greedy_generation_equals_argmax_of_full_forward(device):
         for _ in range(8):
             seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq[:, prompt.shape[1] :])
+
+
+@pytest.mark.parametrize("expert_kernel", ["dense", "chosen"])
+def test_prepared_decoding_equals_the_original(device, expert_kernel):
+    """prepare_for_decoding on this device (its kernels timed here; on CUDA no oneDNN): the same
+    greedy tokens as the model it was prepared from."""
+    model = lm(device, moe=MOE)
+    prompt = torch.randint(1, V, (2, 6), device=device, generator=torch.Generator(device).manual_seed(1))
+    prepared, plan = prepare_for_decoding(model, batch=2, expert_kernel=expert_kernel)
+    assert plan.experts == expert_kernel
+    expected = greedy_generate(model, prompt, max_new_tokens=8)
+    assert torch.equal(greedy_generate(prepared, prompt, max_new_tokens=8), expected)
 
 
 # --- MoE dispatch on every kernel -------------------------------------------------------------

@@ -214,7 +214,7 @@ class Preparation:
 
 
 def prepare_for_decoding(
-    model: DecoderLM, batch: int, *, kernel: str = "auto", expert_kernel: str = "auto", rounds: int = 3
+    model: DecoderLM, batch: int, *, kernel: str = "auto", expert_kernel: str = "auto", rounds: int = 5
 ) -> tuple[DecoderLM, Preparation]:
     """A copy of ``model`` whose products run in the fastest layout for ``batch`` rows per step.
 
