@@ -21,11 +21,14 @@ convolutions). Kernels (:data:`KERNELS`):
 - ``transposed``: ``x @ W^T`` on a contiguous transposed copy;
 - ``onednn``: oneDNN's linear on a weight reordered for the batch (CPU builds with mkldnn).
 
-The routed experts get one more choice: ``dense``, every expert's product for every token as two
-ordinary products over the stacked weights, the gates zero for experts a token did not choose
-(:class:`DenseExperts`). It does E/K times the arithmetic, but at batch 8 with 7 of 31 experts per
-token nearly every expert is used anyway, and two large products stream the weights at twice the
-rate of 60 per-expert ones (6 layers: 9 vs 17 ms per step on the CPU above).
+The routed experts are timed too (:data:`EXPERT_KERNELS`): ``grouped``, as they are; ``dense``,
+every expert's product for every token as two ordinary products over the stacked weights, the
+gates zero for experts a token did not choose (:class:`DenseExperts`): E/K times the arithmetic,
+but at batch 8 with 7 of 31 experts per token nearly every expert is used anyway, and two large
+products stream the weights at twice the rate of 60 per-expert ones (6 layers: 10 vs 19 ms per
+step on the CPU above); ``chosen``, only the experts each token chose, a product pair each
+(:class:`ChosenExperts`: at batch 1, 3.8 vs 5.3 ms, since CPU ``grouped_mm`` runs a product for
+every expert, empty groups included).
 
 The prepared model is a copy sharing every parameter with the original; the prepared weights are
 snapshots: prepare again after the weights change. Results equal the original's within float
@@ -129,9 +132,11 @@ class DenseExperts(nn.Module):
     def stacked(experts: Experts) -> tuple[nn.Linear, nn.Linear]:
         """The experts' weights as two linears: up (E*2H or E*H, D), down (D, E*H)."""
         E, D, H = experts.n_experts, experts.d_model, experts.hidden
-        up, down = nn.Linear(D, experts.first_weight.shape[1] * E, bias=False), nn.Linear(E * H, D, bias=False)
-        up.weight.data = experts.first_weight.detach().reshape(-1, D)  # expert-major rows: a view
-        down.weight.data = experts.down_proj.detach().permute(1, 0, 2).reshape(D, E * H)
+        # on the meta device: no weights allocated and initialised only to be replaced
+        up = nn.Linear(D, experts.first_weight.shape[1] * E, bias=False, device="meta")
+        down = nn.Linear(E * H, D, bias=False, device="meta")
+        up.weight = nn.Parameter(experts.first_weight.detach().reshape(-1, D), requires_grad=False)  # a view
+        down.weight = nn.Parameter(experts.down_proj.detach().permute(1, 0, 2).reshape(D, E * H), requires_grad=False)
         return up, down
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:

@@ -213,10 +213,8 @@ def generate(
                "top_p": top_p, "eos_id": tok.eos_id, "generator": generator}  # fmt: skip
     prompt_ids = torch.tensor([ids], device=device)
     if draft_tokens is not None and not speculative:
-        raise ValueError(
-            "draft_tokens (--draft-tokens) counts the drafts of speculative decoding: ask for it too "
-            "(speculative=True, --speculative)"
-        )
+        raise ValueError("draft_tokens (--draft-tokens) counts the drafts of speculative decoding: ask for it too "
+                         "(speculative=True, --speculative)")
     if speculative:
         result = speculative_generate(model.eval(), prompt_ids, draft_tokens=draft_tokens, **options)
         new = result.tokens[0].tolist()
