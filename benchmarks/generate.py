@@ -19,7 +19,9 @@ alike; compare ratios, not absolute times. ``--compile`` adds ``greedy_generate(
 (its first call, which compiles, is left out of the timing and reported below the table).
 ``--prepared`` adds the same calls on the model from ``prepare_for_decoding(model, batch)``
 (each product in its fastest layout for the batch, chosen by timing; prepared once per model and
-batch before the timed calls, as a compile is; its time and choices are reported below the table).
+batch before the timed calls, as a compile is; its time and choices are reported below the table),
+and a floor: the prepared model's matrix products for the same number of steps and nothing else
+(no prompt, attention, norms or argmax), the step time these kernels cannot go below.
 Generated tokens are compared with transformers': the table says whether they are identical.
 ``--threads`` sets torch's intra-op threads (default: torch's own choice, the core count).
 """
@@ -27,6 +29,7 @@ Generated tokens are compared with transformers': the table says whether they ar
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
@@ -66,10 +69,16 @@ def load_hf(model: torch.nn.Module, folder: str) -> torch.nn.Module:
 
 
 def runners(
-    model: torch.nn.Module, hf: torch.nn.Module, new: int, compiled: bool, prepared: torch.nn.Module | None
+    model: torch.nn.Module,
+    hf: torch.nn.Module,
+    new: int,
+    compiled: bool,
+    prepared: torch.nn.Module | None,
+    batch: int,
 ) -> dict[str, Callable]:
     """Implementation name -> function of the prompt (B, T) returning the new tokens (B, new).
-    ``prepared``: the model from ``prepare_for_decoding`` for this batch size (its rows are added)."""
+    ``prepared``: the model from ``prepare_for_decoding`` for ``batch`` (its rows and the floor's
+    are added; the floor returns no tokens)."""
     from moeformer.decode.greedy import greedy_generate
 
     def ours(prompt: torch.Tensor) -> torch.Tensor:
@@ -99,7 +108,41 @@ def runners(
             out["moeformer prepared greedy_generate compile=True"] = lambda p: greedy_generate(
                 prepared, p, max_new_tokens=new, compile=True
             )
+        out[FLOOR] = products_floor(prepared, batch, new)
     return out
+
+
+FLOOR = "floor: the prepared model's matrix products alone"
+
+
+def products_floor(prepared: torch.nn.Module, batch: int, new: int) -> Callable:
+    """``new`` decoding steps' matrix products and nothing else: each linear of ``prepared`` once
+    at ``batch`` rows, each MoE layer's experts (the kernel the preparation chose) once on a random
+    routing of ``batch`` tokens. No prompt, attention, norms or sampling: what a step cannot go below
+    with these kernels."""
+    from moeformer.decode.prepared import PreparedLinear
+
+    calls: list[Callable[[], object]] = []
+    inside_experts: set[int] = set()
+    for layer in prepared.modules():
+        experts, router = getattr(layer, "experts", None), getattr(layer, "router", None)
+        if experts is None or router is None:
+            continue
+        inside_experts.update(id(m) for m in experts.modules())
+        E, D, K = router.n_experts, router.weight.shape[1], router.top_k
+        x, index, weights = torch.randn(batch, D), torch.rand(batch, E).argsort(-1)[:, :K], torch.rand(batch, K)
+        calls.append(functools.partial(experts, x, index, weights))
+    for m in prepared.modules():
+        if isinstance(m, PreparedLinear) and id(m) not in inside_experts:
+            calls.append(functools.partial(m, torch.randn(batch, m.in_features)))
+
+    @torch.no_grad()
+    def floor(prompt: torch.Tensor) -> None:
+        for _ in range(new):
+            for call in calls:
+                call()
+
+    return floor
 
 
 def _timed(fn: Callable, prompt: torch.Tensor) -> float:
@@ -121,15 +164,17 @@ def bench_model(kind: str, args: argparse.Namespace, folder: str, notes: list[st
 
             prepared, plan = prepare_for_decoding(model, batch)
             notes.append(f"{kind} prepared for {plan.summary()}")
-        impls = runners(model, hf, args.new, args.compile, prepared)
+        impls = runners(model, hf, args.new, args.compile, prepared, batch)
         reference = None
-        same: dict[str, bool] = {}
+        same: dict[str, bool | None] = {FLOOR: None}
         for name, fn in impls.items():  # warm-up (and compilation), and the tokens to compare
             start = time.perf_counter()
             tokens = fn(prompt)
             if name.endswith("compile=True"):
                 seconds = time.perf_counter() - start
                 notes.append(f"{kind} batch {batch}: first call of {name} (compiles) {seconds:.1f} s")
+            if name == FLOOR:
+                continue
             reference = tokens if reference is None else reference
             same[name] = tokens.shape == (batch, args.new) and torch.equal(tokens, reference)
         times: dict[str, list[float]] = {name: [] for name in impls}
@@ -141,7 +186,7 @@ def bench_model(kind: str, args: argparse.Namespace, folder: str, notes: list[st
             t = statistics.median(times[name])
             rows.append(
                 f"| {kind} | {batch} | {name} | {t * 1e3:.0f} | {batch * args.new / t:.0f} | {base / t:.2f}x | "
-                f"{'yes' if same[name] else 'NO'} |"
+                f"{'-' if same[name] is None else 'yes' if same[name] else 'NO'} |"
             )
     return rows
 
