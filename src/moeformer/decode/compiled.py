@@ -155,12 +155,13 @@ def fixed_shape_step(
         return lambda ids: fixed_step(model, ids, state)
     compiled = _compiled(backend)
 
-    guarded = [True]
+    first = True
 
     def step(ids: Tensor) -> Tensor:
+        nonlocal first
         with dynamo_settings(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            if guarded[0]:  # the first step picks (or compiles) the graph for this model and state
-                guarded[0] = False
+            if first:  # the first step picks (or compiles) the graph for this model and state
+                first = False
                 return compiled(model, ids, state)
             # later steps pass the same model and state objects and ids of the same shape, so the
             # graph the first step chose is the right one: checking its ~1,500 guards again took
