@@ -143,3 +143,19 @@ def test_prepared_model_compiled_by_inductor_gives_the_same_tokens(expert_kernel
     expected = greedy_generate(model, ids, max_new_tokens=8, padding_mask=mask)
     prepared, _ = prepare_for_decoding(model, batch=3, kernel="onednn", expert_kernel=expert_kernel)
     assert torch.equal(greedy_generate(prepared, ids, max_new_tokens=8, padding_mask=mask, compile=True), expected)
+
+
+@torch.no_grad()
+def test_hooks_added_later_stay_with_their_model():
+    """The copy's hook registries are its own: a hook added to the original after preparing does
+    not run in the prepared copy (and the other way round)."""
+    model = tiny("dense")
+    prepared, _ = prepare_for_decoding(model, batch=3, kernel="linear")
+    ids, _ = left_padded_prompt()
+    calls = []
+    handle = model.norm.register_forward_hook(lambda *_: calls.append("original"))
+    prepared(ids)
+    assert calls == []
+    model(ids)
+    assert calls == ["original"]
+    handle.remove()

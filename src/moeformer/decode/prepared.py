@@ -327,13 +327,18 @@ def _fastest_experts(experts: list[tuple[Experts, int]], batch: int, rounds: int
 
 
 def _clone_with(module: nn.Module, swaps: dict[nn.Module, nn.Module]) -> nn.Module:
-    """A structural copy of ``module``: submodules in ``swaps`` replaced, the rest copied shallowly
-    (so parameters, buffers and hooks are the original's objects)."""
+    """A structural copy of ``module``: submodules in ``swaps`` replaced, the rest copied shallowly.
+
+    Parameters and buffers are the original's tensors; the dicts that hold them, the submodules
+    and the hooks are the copy's own, so hooks added to either model later stay with that model
+    (hooks present now are in both)."""
     if module in swaps:
         return swaps[module]
     clone = copy.copy(module)  # a new __dict__ holding the same values
-    clone._parameters, clone._buffers = dict(module._parameters), dict(module._buffers)
-    clone._modules = {
+    for name, value in module.__dict__.items():
+        if isinstance(value, dict):  # _parameters, _buffers and every hook registry: the copy's own
+            clone.__dict__[name] = type(value)(value)
+    clone.__dict__["_modules"] = {
         name: None if child is None else _clone_with(child, swaps) for name, child in module._modules.items()
     }
     return clone
