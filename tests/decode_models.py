@@ -1,10 +1,12 @@
-"""Tiny decoder LMs for the decoding tests (dense, DeepSeekMoE, MLA, both), and a left-padded prompt."""
+"""Tiny decoder LMs for the decoding tests (dense, DeepSeekMoE, MLA, both), a left-padded prompt,
+and greedy decoding through the fixed-shape (compiled) step."""
 
 from __future__ import annotations
 
 import torch
 
 from moeformer import DecoderLM, preset
+from moeformer.decode.compiled import fixed_shape_step
 
 VOCAB = 37
 MODELS = {
@@ -27,3 +29,15 @@ def left_padded_prompt() -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[0, :2] = mask[1, :5] = True
     return ids.masked_fill(mask, 0), mask
+
+
+def decode_steps(model, ids, mask, n: int, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ids (B, n) and their logits (B, n, V): prompt through the cache, then ``n - 1`` steps
+    of the fixed-shape step (``backend`` None: eagerly)."""
+    cache = model.new_cache(ids.shape[1] + n)
+    logits = [model(ids, padding_mask=mask, cache=cache, reports=False).logits[:, -1:]]
+    step = fixed_shape_step(model, cache, backend=backend)
+    for _ in range(n - 1):
+        logits.append(step(logits[-1].argmax(-1)))
+    logits = torch.cat(logits, dim=1)
+    return logits.argmax(-1), logits

@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_models import MODELS, left_padded_prompt, tiny
+from decode_models import MODELS, decode_steps, left_padded_prompt, tiny
 from torch._dynamo.utils import counters
 
 from moeformer.decode import greedy_generate
-from moeformer.decode.compiled import fixed_shape_step, fixed_state
+from moeformer.decode.compiled import fixed_state
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def decode_steps(model, ids, mask, n: int, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy ids (B, n) and their logits (B, n, V): prompt through the cache, then ``n - 1`` steps
-    of the fixed-shape step (``backend`` None: eagerly)."""
-    cache = model.new_cache(ids.shape[1] + n)
-    logits = [model(ids, padding_mask=mask, cache=cache, reports=False).logits[:, -1:]]
-    step = fixed_shape_step(model, cache, backend=backend)
-    for _ in range(n - 1):
-        logits.append(step(logits[-1].argmax(-1)))
-    logits = torch.cat(logits, dim=1)
-    return logits.argmax(-1), logits
 
 
 @torch.no_grad()

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_models import MODELS, left_padded_prompt, tiny
+from decode_models import MODELS, decode_steps, left_padded_prompt, tiny
 from torch import nn
 
 from moeformer.decode import greedy_generate
-from moeformer.decode.compiled import fixed_shape_step
 from moeformer.decode.prepared import (
     EXPERT_KERNELS,
     KERNELS,
@@ -89,12 +88,7 @@ def test_prepared_decoding_gives_the_same_greedy_tokens(name):
     expected = greedy_generate(model, ids, max_new_tokens=8, padding_mask=mask)
     prepared, _ = prepare_for_decoding(model, batch=3)
     assert torch.equal(greedy_generate(prepared, ids, max_new_tokens=8, padding_mask=mask), expected)
-    cache = prepared.new_cache(ids.shape[1] + 8)
-    tokens = [prepared(ids, padding_mask=mask, cache=cache, reports=False).logits[:, -1:].argmax(-1)]
-    step = fixed_shape_step(prepared, cache, backend="aot_eager")
-    for _ in range(7):
-        tokens.append(step(tokens[-1]).argmax(-1))
-    assert torch.equal(torch.cat(tokens, dim=1), expected)
+    assert torch.equal(decode_steps(prepared, ids, mask, 8, backend="aot_eager")[0], expected)
 
 
 def test_bad_arguments_are_named():
@@ -125,12 +119,7 @@ def test_compiled_steps_of_several_models_in_one_process_keep_apart():
     expected = [greedy_generate(m, ids, max_new_tokens=6, padding_mask=mask) for m in models]
     for _ in range(2):
         for model, tokens in zip(models, expected):
-            cache = model.new_cache(ids.shape[1] + 6)
-            got = [model(ids, padding_mask=mask, cache=cache, reports=False).logits[:, -1:].argmax(-1)]
-            step = fixed_shape_step(model, cache, backend="aot_eager")
-            for _ in range(5):
-                got.append(step(got[-1]).argmax(-1))
-            assert torch.equal(torch.cat(got, dim=1), tokens)
+            assert torch.equal(decode_steps(model, ids, mask, 6, backend="aot_eager")[0], tokens)
 
 
 @pytest.mark.slow
