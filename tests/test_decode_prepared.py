@@ -9,7 +9,7 @@ import torch
 from decode_models import MODELS, decode_steps, left_padded_prompt, tiny
 from torch import nn
 
-from moeformer.decode import greedy_generate
+from moeformer.decode import beam_generate, greedy_generate, sample_generate, speculative_generate
 from moeformer.decode.prepared import (
     EXPERT_KERNELS,
     KERNELS,
@@ -18,7 +18,9 @@ from moeformer.decode.prepared import (
     prepare_for_decoding,
     prepared_experts,
 )
+from moeformer.models import build_model
 from moeformer.moe.experts import Experts
+from moeformer.presets import model_config_from_dict
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -148,3 +150,26 @@ def test_hooks_added_later_stay_with_their_model():
     model(ids)
     assert calls == ["original"]
     handle.remove()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("expert_kernel", ["dense", "chosen"])
+def test_every_decoding_method_takes_the_prepared_model(expert_kernel):
+    """Beam search, seeded sampling and speculative decoding with two MTP modules (MLA, DeepSeekMoE):
+    the prepared copy gives the original's tokens (its passes of several rows per sequence go to
+    the grouped experts)."""
+    torch.manual_seed(0)
+    config = {"preset": "lm-tiny", "vocab_size": 37, "n_layers": 2, "dropout": 0.0, "mtp": {"depth": 2},
+              "attention": {"kind": "mla", "n_heads": 4, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                            "qk_rope_head_dim": 4, "v_head_dim": 8},
+              "moe": {"kind": "deepseek", "n_experts": 6, "top_k": 2, "n_shared": 1}}  # fmt: skip
+    model = build_model(model_config_from_dict(config)).eval()
+    ids, _ = left_padded_prompt()
+    ids = ids[2:]  # one unpadded row
+    prepared, _ = prepare_for_decoding(model, batch=1, kernel="transposed", expert_kernel=expert_kernel)
+    for decode in (
+        lambda m: beam_generate(m, ids, beam_size=3, max_new_tokens=6, eos_id=1),
+        lambda m: sample_generate(m, ids, max_new_tokens=6, generator=torch.Generator().manual_seed(0)),
+        lambda m: speculative_generate(m, ids, max_new_tokens=10).tokens,
+    ):
+        assert torch.equal(torch.as_tensor(decode(prepared)), torch.as_tensor(decode(model)))
