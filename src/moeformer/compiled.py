@@ -30,9 +30,10 @@ from torch import nn
 DYNAMO_SETTINGS: dict[str, Any] = {"capture_dynamic_output_shape_ops": True}
 
 
-def dynamo_settings() -> contextlib.AbstractContextManager:
-    """The dynamo configuration moeformer's MoE layers compile under, restored on exit."""
-    return torch._dynamo.config.patch(**DYNAMO_SETTINGS)
+def dynamo_settings(**extra: Any) -> contextlib.AbstractContextManager:
+    """The dynamo configuration moeformer's MoE layers compile under (and ``extra`` settings of
+    the caller's), restored on exit."""
+    return torch._dynamo.config.patch(**DYNAMO_SETTINGS, **extra)
 
 
 class CompiledModel:

@@ -159,7 +159,7 @@ def fixed_shape_step(
 
     def step(ids: Tensor) -> Tensor:
         nonlocal first
-        with dynamo_settings(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with dynamo_settings(recompile_limit=RECOMPILE_LIMIT):
             if first:  # the first step picks (or compiles) the graph for this model and state
                 first = False
                 return compiled(model, ids, state)

@@ -245,14 +245,23 @@ def prepare_for_decoding(
         if type(getattr(m, "experts", None)) is Experts and m.experts.up_bias is None
     ]
     with torch.no_grad():
+        swaps: dict[nn.Module, nn.Module] = {}  # the timed samples' winners are kept, not prepared again
         for shape, group in _by_shape(linears).items():
-            plan.linear[shape] = kernel if kernel != "auto" else _fastest_linear(group, batch, rounds)
-        swaps: dict[nn.Module, nn.Module] = {m: PreparedLinear(m, plan.linear[_shape(m)], batch) for m in linears}
+            if kernel == "auto":
+                plan.linear[shape], timed = _fastest_linear(group, batch, rounds)
+                swaps.update(timed)
+            else:
+                plan.linear[shape] = kernel
+        swaps.update({m: PreparedLinear(m, plan.linear[_shape(m)], batch) for m in linears if m not in swaps})
         if experts:
-            timed = expert_kernel == "auto"
-            plan.experts = _fastest_experts(experts, batch, rounds) if timed else expert_kernel
-            swaps.update({e: prepared_experts(e, plan.experts, batch) for e, _ in experts})
-    prepared = _clone_with(model, swaps).eval()
+            if expert_kernel == "auto":
+                plan.experts, timed = _fastest_experts(experts, batch, rounds)
+                swaps.update(timed)
+            else:
+                plan.experts = expert_kernel
+            swaps.update({e: prepared_experts(e, plan.experts, batch) for e, _ in experts if e not in swaps})
+    # grouped experts stay as they are: copied with the rest, not shared with the original
+    prepared = _clone_with(model, {m: new for m, new in swaps.items() if new is not m}).eval()
     plan.seconds = time.perf_counter() - start
     return prepared, plan
 
@@ -285,17 +294,16 @@ def _fastest(candidates: dict[str, Callable[[], object]], rounds: int, device: t
     return min(best, key=best.__getitem__)
 
 
-def _fastest_linear(group: list[nn.Linear], batch: int, rounds: int) -> str:
-    """Time one pass over (up to 8 of) the shape's weights per kernel: the weights come from memory,
-    as they do in a decoding step."""
+def _fastest_linear(group: list[nn.Linear], batch: int, rounds: int) -> tuple[str, dict[nn.Module, nn.Module]]:
+    """The fastest kernel for the shape, timed by one pass over (up to 8 of) its weights per kernel
+    (the weights come from memory, as in a decoding step), and the sample prepared with it."""
     sample = group[:8]
     weight = sample[0].weight
     x = torch.randn(batch, sample[0].in_features, device=weight.device, dtype=weight.dtype)
-    candidates = {}
-    for k in available_kernels(weight):
-        prepared = [PreparedLinear(m, k, batch) for m in sample]
-        candidates[k] = lambda prepared=prepared: [p(x) for p in prepared]
-    return _fastest(candidates, rounds, weight.device)
+    prepared = {k: [PreparedLinear(m, k, batch) for m in sample] for k in available_kernels(weight)}
+    candidates = {k: (lambda ps=ps: [p(x) for p in ps]) for k, ps in prepared.items()}
+    best = _fastest(candidates, rounds, weight.device)
+    return best, dict(zip(sample, prepared[best]))
 
 
 def prepared_experts(experts: Experts, kernel: str, batch: int) -> nn.Module:
@@ -311,19 +319,21 @@ def prepared_experts(experts: Experts, kernel: str, batch: int) -> nn.Module:
     return DenseExperts(experts, PreparedLinear(up, kind, batch), PreparedLinear(down, kind, batch), batch)
 
 
-def _fastest_experts(experts: list[tuple[Experts, int]], batch: int, rounds: int) -> str:
-    """Which of :data:`EXPERT_KERNELS`, timed on a random routing of ``batch`` tokens to K experts each."""
+def _fastest_experts(
+    experts: list[tuple[Experts, int]], batch: int, rounds: int
+) -> tuple[str, dict[nn.Module, nn.Module]]:
+    """Which of :data:`EXPERT_KERNELS`, timed on a random routing of ``batch`` tokens to K experts
+    each, and the sample (up to 6 layers) prepared with it."""
     sample = [e for e, _ in experts[:6]]
     first, K = sample[0], experts[0][1]
     E, device, dtype = first.n_experts, first.down_proj.device, first.down_proj.dtype
     x = torch.randn(batch, first.d_model, device=device, dtype=dtype)
     index = torch.rand(batch, E, device=device).argsort(-1)[:, :K]
     weights = torch.rand(batch, K, device=device)
-    candidates = {}
-    for kernel in EXPERT_KERNELS:
-        modules = [prepared_experts(e, kernel, batch) for e in sample]
-        candidates[kernel] = lambda modules=modules: [m(x, index, weights) for m in modules]
-    return _fastest(candidates, rounds, device)
+    prepared = {k: [prepared_experts(e, k, batch) for e in sample] for k in EXPERT_KERNELS}
+    candidates = {k: (lambda ms=ms: [m(x, index, weights) for m in ms]) for k, ms in prepared.items()}
+    best = _fastest(candidates, rounds, device)
+    return best, dict(zip(sample, prepared[best]))
 
 
 def _clone_with(module: nn.Module, swaps: dict[nn.Module, nn.Module]) -> nn.Module:
