@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from markdown_log import append_table
 from torch import nn
 
 from moeformer.decode.prepared import EXPERT_KERNELS, PreparedLinear, available_kernels, prepared_experts
@@ -112,9 +113,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.append:
-        command = "python benchmarks/decode_layouts.py " + " ".join(sys.argv[1:])
-        with open(args.append, "a", encoding="utf-8") as fh:
-            fh.write(f"\n### {time.strftime('%Y-%m-%d')}: `{command}`\n\n{table}\n")
+        append_table(args.append, table)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from markdown_log import append_table
 
 
 def build_lm(kind: str, vocab: int) -> torch.nn.Module:
@@ -227,9 +228,7 @@ def main() -> None:
     table = "\n".join(lines + ([""] + notes if notes else []))
     print(table)
     if args.append:
-        command = "python benchmarks/generate.py " + " ".join(sys.argv[1:])
-        with open(args.append, "a", encoding="utf-8") as fh:
-            fh.write(f"\n### {time.strftime('%Y-%m-%d')}: `{command}`\n\n{table}\n")
+        append_table(args.append, table)
 
 
 if __name__ == "__main__":

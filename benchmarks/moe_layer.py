@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from markdown_log import append_table
 
 
 @dataclass
@@ -281,9 +282,7 @@ def main() -> None:
         return
     print(table)
     if args.append:
-        command = "python benchmarks/moe_layer.py " + " ".join(sys.argv[1:])
-        with open(args.append, "a", encoding="utf-8") as fh:
-            fh.write(f"\n### {time.strftime('%Y-%m-%d')}: `{command}`\n\n{table}\n")
+        append_table(args.append, table)
 
 
 if __name__ == "__main__":
