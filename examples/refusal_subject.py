@@ -24,11 +24,14 @@ a smoke run of the whole pipeline in minutes (its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import re
 import time
 from pathlib import Path
+
+import refusal_calibration as calibration
 
 from moeformer.publish import write_text
 from moeformer.refusal import ChatLM, ExtractOptions, RefusalError, evaluate, extract, load_chat_lm, save_extraction
@@ -80,10 +83,14 @@ def plain_text(data: Path, lm, n: int = 100) -> list[str]:  # noqa: ANN001
     return [lm.decode(lm.encode(p, special_tokens=False)[:limit]) for p in paragraphs[:n]]
 
 
-def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: int, hard: int = 0) -> dict:
-    """The dialogues: the first ``harmless`` Alpaca instructions, plus the ``hard`` of the rest
-    worded most like the harmful pool (hard negatives), all complied with."""
+def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: int, hard: int = 0,
+                      holdout: int = 0) -> dict:  # fmt: skip
+    """The dialogues: the harmful pool less ``holdout`` instructions kept for calibration, each
+    refused ``repeat`` times; the first ``harmless`` Alpaca instructions, plus the ``hard`` of the
+    rest worded most like the harmful pool (hard negatives), all complied with."""
     subject = build_subject_data(data / "refusal")
+    kept, held_out = calibration.split_holdout(subject.harmful_train, holdout)
+    subject = dataclasses.replace(subject, harmful_train=kept)
     sentences = _wikitext_sentences(data)
     complied = subject.harmless_train[:harmless]
     complied += harmful_looking(subject.harmful_train, subject.harmless_train[harmless:], hard)
@@ -91,23 +98,29 @@ def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: i
                                template=TEMPLATE, harmful_repeat=repeat, seed=seed)  # fmt: skip
     write_text(out, "\n\n".join(dialogues) + "\n")
     return {"counts": subject.counts(), "removed": subject.removed, "dialogues": len(dialogues),
-            "hard_negatives": hard, "answer_sentences": len(sentences), "subject": subject,
-            "complied": complied, "sentences": sentences}  # fmt: skip
+            "hard_negatives": hard, "calibration_holdout": len(held_out), "answer_sentences": len(sentences),
+            "subject": subject, "held_out": held_out, "complied": complied, "sentences": sentences}  # fmt: skip
 
 
-def fine_tune(pretrained: Path, corpus: Path, run: Path, steps: int, seed: int) -> float:
+def fine_tune(pretrained: Path, corpus: Path, run: Path, steps: int, seed: int, lr: float = 1e-3) -> float:
+    """Fine-tune ``pretrained`` on ``corpus`` into ``run`` (kept if finished); the seconds it took."""
     if (run / "summary.json").exists():
         return 0.0
     sets = [f"data.path={corpus}", f"train.init_from={pretrained}", f"train.steps={steps}", f"train.seed={seed}",
-            "train.warmup_steps=30", "train.lr=1e-3", "train.eval_every=100", "model.dropout=0.1",
-            "data.valid_size=100", "data.test_size=0"]  # fmt: skip
+            f"train.warmup_steps={min(30, steps // 5)}", f"train.lr={lr}", f"train.eval_every={min(100, steps)}",
+            "model.dropout=0.1", "data.valid_size=100", "data.test_size=0"]  # fmt: skip
     began = time.monotonic()
     run_training(resume_config(pretrained, sets), run, force=run.exists())
     return time.monotonic() - began
 
 
-def pretrain(data: Path, runs: Path, name: str, seed: int, steps: int) -> Path:
-    """The claim's pretraining run ``name``-seed``seed`` (kept if finished), on its mixed corpus."""
+def pretrained_name(name: str, seed: int, layers: int) -> str:
+    """The pretraining run's directory name: the claim's own runs are 4 layers deep."""
+    return f"{name}-seed{seed}" if layers == 4 else f"{name}-L{layers}-seed{seed}"
+
+
+def pretrain(data: Path, runs: Path, name: str, seed: int, steps: int, layers: int) -> Path:
+    """The claim's pretraining run of ``name`` at ``layers`` layers (kept if finished), on its mixed corpus."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -117,8 +130,64 @@ def pretrain(data: Path, runs: Path, name: str, seed: int, steps: int) -> Path:
     corpus = runs.parent / "corpus.txt"
     runs.mkdir(parents=True, exist_ok=True)
     claim.build_corpus(data, corpus)
-    run = runs / f"{name}-seed{seed}"
-    return train_one(run, claim.run_command(name, seed, steps, corpus, run))
+    run = runs / pretrained_name(name, seed, layers)
+    command = claim.run_command(name, seed, steps, corpus, run) + ["--set", f"model.n_layers={layers}"]
+    return train_one(run, command)
+
+
+def validation_rates(run: Path, harmful: list[str], harmless: list[str], new: int,
+                     rho: float | None) -> calibration.Round:  # fmt: skip
+    """A subject's refusal of the validation prompts (kept in ``run``: measured once)."""
+    cached = run / "validation_refusal.json"
+    if cached.exists():
+        return calibration.Round(**json.loads(cached.read_text()))
+    lm = load_chat_lm(run, template=TEMPLATE)
+    found = calibration.Round(rho, refusal_rate(lm, harmful, new), refusal_rate(lm, harmless, new), run.name)
+    write_text(cached, json.dumps(found.to_dict()))
+    return found
+
+
+def calibrate_subject(args: argparse.Namespace, name: str, first: Path, subject, held_out: list[str],  # noqa: ANN001
+                      harmless: list[str], sentences: list[str]) -> tuple[Path, dict]:  # fmt: skip
+    """The fine-tuned subject ``first`` or a continued fine-tuning of it whose share of refusals
+    was bisected on validation prompts (:mod:`refusal_calibration`); (its run, the search's record)."""
+    lm = load_chat_lm(first, template=TEMPLATE)
+    limit = lm.model.config.max_seq_len - args.new
+
+    def fits(t: str) -> bool:
+        return len(lm.encode(lm.prompt_format(t), special_tokens=False)) <= limit
+
+    fit = [t for t in held_out + subject.harmful_val if fits(t)]
+    fit_harmless = [t for t in subject.harmless_val[: 2 * args.n_val] if fits(t)][: args.n_val]
+
+    def attempt(rho: float) -> calibration.Round:
+        corpus = args.out / f"calibration-rho{rho:.3f}.txt"
+        refused = calibration.refusal_share_mix(subject.harmful_train, harmless, rho)
+        dialogues = chat_dialogues(refused, harmless, sentences, template=TEMPLATE, harmful_repeat=1, seed=args.seed)
+        write_text(corpus, "\n\n".join(dialogues) + "\n")
+        run = args.out / f"{first.name}-rho{rho:.3f}"
+        fine_tune(first, corpus, run, args.calibration_steps, args.seed, lr=args.calibration_lr)
+        return validation_rates(run, fit, fit_harmless, args.new, rho)
+
+    box = calibration.Box()
+    chosen, tried = calibration.calibrate(validation_rates(first, fit, fit_harmless, args.new, None), attempt, box,
+                                          rounds=args.calibration_rounds)  # fmt: skip
+    for r in tried:
+        print(f"{name} calibration: rho {r.rho}: validation harmful {r.harmful:.3f}, harmless {r.harmless:.3f}")
+    record = {"box": dataclasses.asdict(box), "chosen": chosen.run, "rounds": [r.to_dict() for r in tried],
+              "validation_prompts": {"harmful": len(fit), "harmless": len(fit_harmless)}}  # fmt: skip
+    return args.out / chosen.run, record
+
+
+def save_results(out: Path, results: dict) -> None:
+    """results.{json,md}, keeping the subjects another process (another ``--subjects``) wrote meanwhile."""
+    path = out / "results.json"
+    if path.exists():
+        others = json.loads(path.read_text())["subjects"]
+        mine = results["subjects"]
+        results["subjects"] = {**{k: v for k, v in others.items() if k not in mine}, **mine}
+    write_text(path, json.dumps(results, ensure_ascii=False, indent=1))
+    write_text(out / "results.md", report_md(results))
 
 
 def fitting(lm, subject, limit: int) -> tuple[dict[str, list[str]], dict[str, int]]:  # noqa: ANN001
@@ -137,6 +206,20 @@ def refusal_rate(lm, prompts: list[str], new: int) -> float:  # noqa: ANN001
     return score_completions(complete(lm, prompts, max_new_tokens=new)).refusal_score
 
 
+def calibration_md(record: dict) -> list[str]:
+    """The calibration search as a table: every round's validation rates, the chosen one marked."""
+    box, n = record["box"], record["validation_prompts"]
+    lines = [f"Calibration on validation prompts ({n['harmful']} harmful held out, {n['harmless']} harmless_val; "
+             f"box: harmful >= {box['min_harmful']}, harmless <= {box['max_harmless']}):", "",
+             "| share of refusals | validation harmful refused | validation harmless refused | run |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in record["rounds"]:
+        rho = "as fine-tuned" if r["rho"] is None else f"{r['rho']:.3f}"
+        mark = " (chosen)" if r["run"] == record["chosen"] else ""
+        lines.append(f"| {rho} | {r['harmful']:.3f} | {r['harmless']:.3f} | {r['run']}{mark} |")
+    return lines
+
+
 def report_md(results: dict) -> str:
     """The subjects' scores against the issue's targets, the paper's table and the expert study."""
     data = results["data"]
@@ -149,6 +232,8 @@ def report_md(results: dict) -> str:
                      f"{r['harmful_train_sample']:.2f} |")  # fmt: skip
     for name, entry in results["subjects"].items():
         lines += ["", f"## {name}", ""]
+        if entry.get("calibration"):
+            lines += calibration_md(entry["calibration"]) + [""]
         if "table_md" in entry:
             c = entry["chosen"]
             lines += [f"Direction: position {c['position']}, layer {c['layer']}.", "", entry["table_md"]]
@@ -175,32 +260,49 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=16, help="tokens generated per prompt for the score")
     parser.add_argument("--skip-direction", action="store_true", help="stop after the subjects' own scores")
     parser.add_argument("--pretrain-steps", type=int, default=2000, help="for a pretrained run that is missing")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="depth of the subjects (pretrained runs of other depths are named NAME-L<n>-seedS)")
+    parser.add_argument("--holdout", type=int, default=calibration.HOLDOUT,
+                        help="harmful pool instructions kept out of fine-tuning, to calibrate on")
+    parser.add_argument("--calibration-rounds", type=int, default=4, help="bisection rounds (0: no calibration)")
+    parser.add_argument("--calibration-steps", type=int, default=150, help="updates of each calibration round")
+    parser.add_argument("--calibration-lr", type=float, default=3e-4)
+    parser.add_argument("--calibration-harmless", type=int, default=3000,
+                        help="harmless instructions, unseen in fine-tuning, of each calibration round")
+    parser.add_argument("--n-val", type=int, default=600, help="harmless_val prompts scored in calibration")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a smoke run of the pipeline")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.harmless, args.n_eval, args.new, args.pretrain_steps = 40, 400, 20, 8, 40
+        args.calibration_rounds, args.calibration_steps, args.calibration_harmless, args.n_val = 1, 10, 200, 20
         args.pretrained = args.out / "pretrained"
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.out / "chat.txt"
-    built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed, args.hard_negatives)
+    built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed, args.hard_negatives,
+                              args.holdout)  # fmt: skip
     subject, complied, sentences = built.pop("subject"), built.pop("complied"), built.pop("sentences")
-    earlier = args.out / "results.json"  # other subjects of an earlier call are kept
-    kept = json.loads(earlier.read_text())["subjects"] if earlier.exists() else {}
-    results: dict = {"data": built, "subjects": {k: v for k, v in kept.items() if k not in args.subjects}}
+    held_out = built.pop("held_out")
+    seen = set(complied)
+    extra_harmless = [t for t in subject.harmless_train[args.harmless :] if t not in seen][: args.calibration_harmless]
+    results: dict = {"data": built, "subjects": {}}  # other subjects of an earlier call are kept (save_results)
     for name in args.subjects:
-        pretrained = args.pretrained / f"{name}-seed{args.seed}"
+        pretrained = args.pretrained / pretrained_name(name, args.seed, args.layers)
         if not (pretrained / "summary.json").exists():
-            pretrain(args.data, args.pretrained, name, args.seed, args.pretrain_steps)
+            pretrain(args.data, args.pretrained, name, args.seed, args.pretrain_steps, args.layers)
         run = args.out / f"{name}-seed{args.seed}"
         seconds = fine_tune(pretrained, corpus, run, args.steps, args.seed)
         began = time.monotonic()
+        calibrated = {}
+        if args.calibration_rounds > 0 and args.holdout > 0:
+            run, calibrated = calibrate_subject(args, name, run, subject, held_out, extra_harmless, sentences)
         lm = load_chat_lm(run, template=TEMPLATE)
         sets, dropped = fitting(lm, subject, lm.model.config.max_seq_len - args.new)
         entry_dropped = {k: v for k, v in dropped.items() if v}
         scores = {"jailbreakbench": refusal_rate(lm, sets["harmful_eval"], args.new),
                   "harmless_test": refusal_rate(lm, sets["harmless_eval"][: args.n_eval], args.new),
                   "harmful_train_sample": refusal_rate(lm, sets["harmful_train"][:100], args.new)}  # fmt: skip
-        entry = {"fine_tune_seconds": seconds, "refusal": scores, "too_long_dropped": entry_dropped}
+        entry = {"fine_tune_seconds": seconds, "refusal": scores, "too_long_dropped": entry_dropped,
+                 "run": run.name, "calibration": calibrated}  # fmt: skip
         print(f"{name}: refusal on JailbreakBench {scores['jailbreakbench']:.2f}, on harmless_test "
               f"{scores['harmless_test']:.2f} (train sample {scores['harmful_train_sample']:.2f})")  # fmt: skip
         if not args.skip_direction:
@@ -209,7 +311,7 @@ def main() -> None:
             try:
                 entry["refusal_tokens"] = tokens = subject_refusal_tokens(lm, sentences, args.seed)
                 options = ExtractOptions(refusal_tokens=tokens, batch_size=32, seed=args.seed, **by_hand)
-                trained_on = set(complied)  # the means come from others
+                trained_on = seen | set(extra_harmless)  # the means come from others
                 unseen = [t for t in sets["harmless_train"] if t not in trained_on]
                 found = extract(lm, sets["harmful_train"], unseen,
                                 sets["harmful_val"], sets["harmless_val"], options, progress=True)  # fmt: skip
@@ -239,8 +341,7 @@ def main() -> None:
                                         "md": study.table()}  # fmt: skip
         entry["seconds_after_fine_tuning"] = time.monotonic() - began
         results["subjects"][name] = entry
-        write_text(args.out / "results.json", json.dumps(results, ensure_ascii=False, indent=1))
-        write_text(args.out / "results.md", report_md(results))
+        save_results(args.out, results)
     print(args.out / "results.md")
 
 

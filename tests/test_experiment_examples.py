@@ -81,7 +81,12 @@ def test_refusal_subject_report_states_the_targets_and_each_subjects_table():
         "subjects": {
             "deepseek": {"refusal": {"jailbreakbench": 0.95, "harmless_test": 0.06, "harmful_train_sample": 0.9},
                          "chosen": {"position": -6, "layer": 2}, "table_md": "| baseline | 0.950 |",
-                         "experts": {"md": "| mask 1 refusal experts | 0.060 | 0.950 |"}},
+                         "experts": {"md": "| mask 1 refusal experts | 0.060 | 0.950 |"},
+                         "calibration": {"box": {"min_harmful": 0.93, "max_harmless": 0.03}, "chosen": "d-rho0.350",
+                                         "validation_prompts": {"harmful": 180, "harmless": 600},
+                                         "rounds": [{"rho": None, "harmful": 0.8, "harmless": 0.01, "run": "d"},
+                                                    {"rho": 0.35, "harmful": 0.94, "harmless": 0.02,
+                                                     "run": "d-rho0.350"}]}},
             "dense": {"refusal": {"jailbreakbench": 0.94, "harmless_test": 0.07, "harmful_train_sample": 0.96},
                       "direction": "none selected: no candidate"},
         },
@@ -90,6 +95,8 @@ def test_refusal_subject_report_states_the_targets_and_each_subjects_table():
     assert "| deepseek | 0.95 | 0.06 | 0.90 |" in text and "| dense | 0.94 | 0.07 | 0.96 |" in text
     assert "Direction: position -6, layer 2." in text and "| mask 1 refusal experts |" in text
     assert "none selected: no candidate" in text
+    assert "180 harmful held out, 600 harmless_val" in text and "| as fine-tuned | 0.800 | 0.010 | d |" in text
+    assert "| 0.350 | 0.940 | 0.020 | d-rho0.350 (chosen) |" in text
 
 
 def test_refusal_subject_drops_prompts_that_leave_no_room_and_counts_them():
