@@ -209,8 +209,9 @@ def refusal_rate(lm, prompts: list[str], new: int) -> float:  # noqa: ANN001
 def calibration_md(record: dict) -> list[str]:
     """The calibration search as a table: every round's validation rates, the chosen one marked."""
     box, n = record["box"], record["validation_prompts"]
-    lines = [f"Calibration on validation prompts ({n['harmful']} harmful held out, {n['harmless']} harmless_val; "
-             f"box: harmful >= {box['min_harmful']}, harmless <= {box['max_harmless']}):", "",
+    lines = [f"Calibration on validation prompts ({n['harmful']} harmful: the held-out pool and harmful_val; "
+             f"{n['harmless']} harmless_val; box: harmful >= {box['min_harmful']}, "
+             f"harmless <= {box['max_harmless']}):", "",
              "| share of refusals | validation harmful refused | validation harmless refused | run |",
              "|---|---|---|---|"]  # fmt: skip
     for r in record["rounds"]:

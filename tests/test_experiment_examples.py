@@ -95,7 +95,8 @@ def test_refusal_subject_report_states_the_targets_and_each_subjects_table():
     assert "| deepseek | 0.95 | 0.06 | 0.90 |" in text and "| dense | 0.94 | 0.07 | 0.96 |" in text
     assert "Direction: position -6, layer 2." in text and "| mask 1 refusal experts |" in text
     assert "none selected: no candidate" in text
-    assert "180 harmful held out, 600 harmless_val" in text and "| as fine-tuned | 0.800 | 0.010 | d |" in text
+    assert "180 harmful: the held-out pool and harmful_val; 600 harmless_val" in text
+    assert "| as fine-tuned | 0.800 | 0.010 | d |" in text
     assert "| 0.350 | 0.940 | 0.020 | d-rho0.350 (chosen) |" in text
 
 
