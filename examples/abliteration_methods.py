@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from refusal_subject import plain_text  # noqa: E402
+from refusal_subject import plain_text, subject_refusal_tokens, wikitext_sentences  # noqa: E402
 
 from moeformer.publish import write_bytes, write_text  # noqa: E402
 from moeformer.refusal import load_chat_lm  # noqa: E402
@@ -41,7 +41,6 @@ from moeformer.refusal.tune import TuneOptions, tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "User: {instruction}\nAssistant:"
-REFUSAL_TOKENS = [" I", " As", " Sorry", " Unfortunately", " No", " That", " Thanks", " Honestly"]
 
 
 def _fits(lm, items: list[str], limit: int) -> list[str]:  # noqa: ANN001
@@ -66,6 +65,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--n-harmless", type=int, default=200)
     parser.add_argument("--new", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the subject's seed (draws the responses its refusal tokens come from)")
     args = parser.parse_args()
     direction_dir = args.subject / "direction"
     direction, layer = load_direction(direction_dir)
@@ -77,8 +78,11 @@ def main() -> None:
     texts = plain_text(args.data, lm)
     with torch.no_grad():
         base_logits = last_logits(lm, prompts["harmless"])
+    # the tokens that begin the subject's refusals and not its answers, as its extraction used them
+    # (until 2026-12-07 the first words of the refusal openers, several of which begin answers too)
+    tokens = subject_refusal_tokens(lm, wikitext_sentences(args.data), args.seed)
     tuned = tune(lm, direction_dir, _fits(lm, subject.harmful_val, limit), _fits(lm, subject.harmless_val, limit)[:64],
-                 refusal_token_ids(lm, REFUSAL_TOKENS), args.out / "tune", TuneOptions(trials=args.trials),
+                 refusal_token_ids(lm, tokens), args.out / "tune", TuneOptions(trials=args.trials),
                  progress=True)  # fmt: skip
     edits: dict[str, dict] = {"orthogonal": {}, "projected": {"harmless_mean": load_harmless_mean(direction_dir)},
                               "norm-preserving": {}}  # fmt: skip
@@ -99,7 +103,8 @@ def main() -> None:
     md += [f"| {n} | {r['jailbreakbench_refusal']:.2f} | {r['harmless_refusal']:.2f} | {r['kl_harmless']:.4f} "
            f"| {r['plain_text_ce']:.4f} |" for n, r in rows.items()]  # fmt: skip
     if tuned.best is not None:
-        md += ["", f"Tuned kernel ({args.trials} trials, KL budget 0.1 on validation prompts): {tuned.best['params']}."]
+        md += ["", f"Refusal tokens of the tuning metric: {tokens}.", ""]
+        md += [f"Tuned kernel ({args.trials} trials, KL budget 0.1 on validation prompts): {tuned.best['params']}."]
     write_text(args.out / "methods.json", json.dumps({"rows": rows, "tuned": tuned.best}, indent=1, default=str))
     write_text(args.out / "methods.md", "\n".join(md) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4.5))

@@ -39,7 +39,7 @@ from moeformer.refusal.selection import last_logits, refusal_token_ids  # noqa: 
 from moeformer.refusal.subject_data import build_subject_data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from refusal_subject import ROOT, TEMPLATE, _wikitext_sentences, fitting, subject_refusal_tokens  # noqa: E402
+from refusal_subject import ROOT, TEMPLATE, fitting, subject_refusal_tokens, wikitext_sentences  # noqa: E402
 
 TARGET_HARMFUL, TARGET_HARMLESS = 0.90, 0.05
 
@@ -130,7 +130,7 @@ def main() -> None:
     if missing:
         parser.error(f"not a finished fine-tuning run: {', '.join(missing)}")
     subject = build_subject_data(args.data / "refusal")
-    sentences = _wikitext_sentences(args.data)
+    sentences = wikitext_sentences(args.data)
     results = {f"{r.parent.name}/{r.name}": measure(r, subject, sentences, args.n_harmless) for r in args.runs}
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "separation.json", json.dumps(results, indent=1))

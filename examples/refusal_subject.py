@@ -67,7 +67,7 @@ def subject_refusal_tokens(lm: ChatLM, sentences: list[str], seed: int, n: int =
     return discriminative_first_tokens(lm, refusals, compliances)
 
 
-def _wikitext_sentences(data: Path) -> list[str]:
+def wikitext_sentences(data: Path) -> list[str]:
     text = "\n".join((data / "wikitext-2" / f"{split}.txt").read_text(encoding="utf-8") for split in ("valid", "test"))
     text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
     text = re.sub(r" ([.,;:!?)'])", r"\1", text).replace("( ", "(")
@@ -91,7 +91,7 @@ def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: i
     subject = build_subject_data(data / "refusal")
     kept, held_out = calibration.split_holdout(subject.harmful_train, holdout)
     subject = dataclasses.replace(subject, harmful_train=kept)
-    sentences = _wikitext_sentences(data)
+    sentences = wikitext_sentences(data)
     complied = subject.harmless_train[:harmless]
     complied += harmful_looking(subject.harmful_train, subject.harmless_train[harmless:], hard)
     dialogues = chat_dialogues(subject.harmful_train, complied, sentences,
