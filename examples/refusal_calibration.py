@@ -9,8 +9,9 @@ So each subject is calibrated as any classifier is, on validation data it has no
   seed), scored with the paper's harmful_val split; harmless: the first prompts of harmless_val;
 - one knob, the share of refusals in a short continued fine-tuning from the subject
   (``rho``: refusal dialogues / all dialogues), searched by bisection: too many harmless prompts
-  refused -> fewer refusals; too few harmful ones -> more; every round starts from the same
-  fine-tuned subject, so the search is over that one number;
+  refused -> fewer refusals; too few harmful ones -> more (where both, the larger violation
+  decides); every round starts from the same fine-tuned subject, so the search is over that one
+  number;
 - the subject kept is the first round inside the validation box, else the one nearest to it.
 
 JailbreakBench and harmless_test are never read here; the box is set a little inside the issue's
@@ -79,9 +80,12 @@ def calibrate(
 ) -> tuple[Round, list[Round]]:
     """Bisect the share of refusals until a round lands in ``box``; returns (chosen, every round).
 
-    ``first`` is the subject as fine-tuned: kept when already inside. A round that refuses too many
-    harmless prompts lowers the upper end; one that refuses too few harmful prompts raises the
-    lower end; one that fails both stops the search (no share helps: separation, not calibration).
+    ``first`` is the subject as fine-tuned: kept when already inside. Each round moves the share
+    against its larger violation: refusing too many harmless prompts (relative to the box's room)
+    lowers the upper end, too few harmful ones raises the lower end. Both rates rise with the
+    share, so this converges on the share where the two violations are equal: inside the box when
+    the subject's trade-off passes through it, else the nearest point of that trade-off (then what
+    is missing is separation, not calibration). The chosen round is the one nearest the box.
     """
     if not 0.0 < low < high < 1.0:
         raise ValueError(f"need 0 < low < high < 1, got low={low}, high={high}")
@@ -92,9 +96,9 @@ def calibrate(
         rho = (low + high) / 2
         result = attempt(rho)
         tried.append(result)
-        too_many = result.harmless > box.max_harmless
-        too_few = result.harmful < box.min_harmful
-        if not (too_many or too_few) or (too_many and too_few):
+        if box.violation(result.harmful, result.harmless) == 0.0:
             break
-        low, high = (low, rho) if too_many else (rho, high)
+        over = max(0.0, result.harmless - box.max_harmless) / box.max_harmless
+        short = max(0.0, box.min_harmful - result.harmful) / (1.0 - box.min_harmful)
+        low, high = (low, rho) if over > short else (rho, high)
     return min(tried, key=lambda r: box.violation(r.harmful, r.harmless)), tried

@@ -119,20 +119,24 @@ def pretrained_name(name: str, seed: int, layers: int) -> str:
     return f"{name}-seed{seed}" if layers == 4 else f"{name}-L{layers}-seed{seed}"
 
 
-def pretrain(data: Path, runs: Path, name: str, seed: int, steps: int, layers: int) -> Path:
-    """The claim's pretraining run of ``name`` at ``layers`` layers (kept if finished), on its mixed corpus."""
+def pretrain(data: Path, runs: Path, names: list[str], seed: int, steps: int, layers: int) -> None:
+    """The claim's pretraining runs of ``names`` at ``layers`` layers, two at a time with one thread
+    each (finished runs kept, stopped ones resumed), on its mixed corpus."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     import deepseekmoe_claim as claim
-    from experiment_runs import train_one
+    from experiment_runs import run_all
 
     corpus = runs.parent / "corpus.txt"
     runs.mkdir(parents=True, exist_ok=True)
     claim.build_corpus(data, corpus)
-    run = runs / pretrained_name(name, seed, layers)
-    command = claim.run_command(name, seed, steps, corpus, run) + ["--set", f"model.n_layers={layers}"]
-    return train_one(run, command)
+    commands = []
+    for name in names:
+        run = runs / pretrained_name(name, seed, layers)
+        deeper = ["--set", f"model.n_layers={layers}"]
+        commands.append((run, claim.run_command(name, seed, steps, corpus, run) + deeper))
+    run_all(commands, jobs=2)
 
 
 def validation_rates(run: Path, harmful: list[str], harmless: list[str], new: int,
@@ -286,10 +290,12 @@ def main() -> None:
     seen = set(complied)
     extra_harmless = [t for t in subject.harmless_train[args.harmless :] if t not in seen][: args.calibration_harmless]
     results: dict = {"data": built, "subjects": {}}  # other subjects of an earlier call are kept (save_results)
+    missing = [n for n in args.subjects if not (args.pretrained / pretrained_name(n, args.seed, args.layers)
+                                                / "summary.json").exists()]  # fmt: skip
+    if missing:
+        pretrain(args.data, args.pretrained, missing, args.seed, args.pretrain_steps, args.layers)
     for name in args.subjects:
         pretrained = args.pretrained / pretrained_name(name, args.seed, args.layers)
-        if not (pretrained / "summary.json").exists():
-            pretrain(args.data, args.pretrained, name, args.seed, args.pretrain_steps, args.layers)
         run = args.out / f"{name}-seed{args.seed}"
         seconds = fine_tune(pretrained, corpus, run, args.steps, args.seed)
         began = time.monotonic()

@@ -90,12 +90,14 @@ def test_too_many_harmless_refusals_lower_the_share():
     assert chosen.rho == 0.3 and chosen.harmless == 0.0 and chosen.harmful == 1.0
 
 
-def test_a_round_failing_both_ways_stops_the_search_and_the_nearest_is_kept():
-    attempt, calls = _subject(0.1)  # harmful >= 0.93 needs rho >= 0.394, harmless <= 0.03 rho <= 0.22
+def test_a_round_failing_both_ways_moves_against_the_larger_violation():
+    attempt, calls = _subject(0.1)  # harmful >= 0.93 needs rho >= 0.394, harmless <= 0.03 rho <= 0.22: no box
     first = cal.Round(None, 0.99, 0.2, "first")
     chosen, tried = cal.calibrate(first, attempt, cal.Box(), low=0.1, high=0.6, rounds=3)
-    # 0.35: harmless 0.0625 over and harmful 0.86 short: no share helps (separation, not calibration)
-    assert calls == [0.35] and chosen.run == "rho0.350"  # violation 1.08, the first's 5.67
+    # 0.35: harmless 0.0625 (1.08 of the room over), harmful 0.86 (1.0 short): down; 0.225: harmful
+    # 0.66 (3.9 short) against harmless 0.031 (0.04 over): up; 0.2875: harmful 0.76 (2.4), harmless 0.047
+    assert calls == pytest.approx([0.35, 0.225, 0.2875])
+    assert chosen.run == "rho0.350"  # nearest the box where the trade-off never enters it (violation 1.08)
 
 
 def test_without_a_round_inside_the_nearest_is_chosen_within_the_round_budget():
