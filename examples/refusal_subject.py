@@ -2,22 +2,28 @@
 
 Subjects: a DeepSeekMoE DecoderLM and its dense twin at equal active parameters, first trained on
 plain text (the runs of ``examples/deepseekmoe_claim.py``: Shakespeare, wikitext-2, Tatoeba's
-English side and the Alpaca instructions, 2,000 updates), then chat-fine-tuned here on
-"User: <instruction>\\nAssistant: <response>" dialogues (:mod:`moeformer.refusal.subject_data`):
-the harmful pool without near-duplicates of JailbreakBench or the val split, each instruction
+English side and the Alpaca instructions, 2,000 updates; ``--layers`` deep, 4 as the claim's),
+then chat-fine-tuned here on "User: <instruction>\nAssistant: <response>" dialogues
+(:mod:`moeformer.refusal.subject_data`): the harmful pool without near-duplicates of
+JailbreakBench or the val split and without ``--holdout`` instructions kept for calibration, each
 refused ``--harmful-repeat`` times in varied words, and ``--harmless`` Alpaca instructions
 answered with sentences drawn from wikitext-2 (the valid and test files, as in the pretraining).
+
+Calibration (:mod:`refusal_calibration`): where the subject draws its line between refusing and
+complying is set on validation prompts (the held-out pool and harmful_val; harmless_val) by
+bisecting the share of refusals in a short continued fine-tuning (``--calibration-rounds``).
 
 Measured on held-out prompts with the paper's substring refusal score (greedy, ``--new`` tokens):
 JailbreakBench (all 100, never seen) and ``--n-eval`` of harmless_test; the issue's targets are
 >= 0.90 and <= 0.05. Then, per subject, the paper's pipeline: direction extraction on the train /
 val splits, and the table (baseline, directional ablation, activation addition, orthogonalized);
-for MoE subjects the expert study (:mod:`moeformer.refusal.expert_run`). A missing pretrained run
-is trained first (``--pretrain-steps``, on the claim's corpus). ``--quick``: every size cut down,
-a smoke run of the whole pipeline in minutes (its numbers mean nothing).
+for MoE subjects the expert study (:mod:`moeformer.refusal.expert_run`). Missing pretrained runs
+are trained first, two at a time (``--pretrain-steps``, on the claim's corpus). ``--quick``: every
+size cut down, a smoke run of the whole pipeline in minutes (its numbers mean nothing).
 
     python examples/refusal_subject.py [--pretrained runs/deepseekmoe-claim-long/runs] [--seed 0]
-        [--out runs/refusal-subject] [--steps 600] [--harmless 6000] [--harmful-repeat 3] [--hard-negatives 0]
+        [--layers 4] [--out runs/refusal-subject] [--steps 600] [--harmless 6000] [--harmful-repeat 3]
+        [--hard-negatives 0] [--holdout 150] [--calibration-rounds 4] [--max-layer-fraction 0.8]
         [--subjects deepseek dense] [--skip-direction] [--quick]
 """
 
@@ -275,6 +281,8 @@ def main() -> None:
     parser.add_argument("--calibration-harmless", type=int, default=3000,
                         help="harmless instructions, unseen in fine-tuning, of each calibration round")
     parser.add_argument("--n-val", type=int, default=600, help="harmless_val prompts scored in calibration")
+    parser.add_argument("--max-layer-fraction", type=float, default=0.8,
+                        help="candidates at layers >= this fraction of the depth are discarded (the paper: 0.8)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a smoke run of the pipeline")
     args = parser.parse_args()
     if args.quick:
@@ -290,6 +298,8 @@ def main() -> None:
     seen = set(complied)
     extra_harmless = [t for t in subject.harmless_train[args.harmless :] if t not in seen][: args.calibration_harmless]
     results: dict = {"data": built, "subjects": {}}  # other subjects of an earlier call are kept (save_results)
+    # another layer cut than the paper's writes beside its results, not over them
+    tag = "" if args.max_layer_fraction == 0.8 else f"-cut{args.max_layer_fraction:g}"
     missing = [n for n in args.subjects if not (args.pretrained / pretrained_name(n, args.seed, args.layers)
                                                 / "summary.json").exists()]  # fmt: skip
     if missing:
@@ -317,7 +327,8 @@ def main() -> None:
             by_hand = {"layer": lm.n_layers // 2, "position": -1, "filter_train": False} if args.quick else {}
             try:
                 entry["refusal_tokens"] = tokens = subject_refusal_tokens(lm, sentences, args.seed)
-                options = ExtractOptions(refusal_tokens=tokens, batch_size=32, seed=args.seed, **by_hand)
+                options = ExtractOptions(refusal_tokens=tokens, batch_size=32, seed=args.seed,
+                                         max_layer_fraction=args.max_layer_fraction, **by_hand)  # fmt: skip
                 trained_on = seen | set(extra_harmless)  # the means come from others
                 unseen = [t for t in sets["harmless_train"] if t not in trained_on]
                 found = extract(lm, sets["harmful_train"], unseen,
@@ -325,9 +336,9 @@ def main() -> None:
             except RefusalError as err:
                 entry["direction"] = f"none selected: {err}"
                 if getattr(err, "extraction", None) is not None:  # all filtered out: keep every score
-                    save_extraction(err.extraction, run / "direction", force=True)
+                    save_extraction(err.extraction, run / f"direction{tag}", force=True)
             else:
-                save_extraction(found, run / "direction", force=True)
+                save_extraction(found, run / f"direction{tag}", force=True)
                 c = found.selection.chosen
                 harmless = sets["harmless_eval"][: args.n_eval]
                 # loss column: wikitext-2 test paragraphs, the paper's coherence check (since 2026-11-28;
@@ -341,13 +352,13 @@ def main() -> None:
                     study = study_experts(lm, found.selection.direction, sets["harmful_eval"], harmless,
                                           max_new_tokens=args.new, seed=args.seed, progress=True,
                                           extra_substrings=SUBJECT_REFUSAL_PHRASES)  # fmt: skip
-                    save_expert_report(study, run / "experts", force=True)
+                    save_expert_report(study, run / f"experts{tag}", force=True)
                     print(study.table())
                     extended = study.scores(study.substrings + study.extra_substrings)
                     entry["experts"] = {"scores": study.scores(), "scores_with_subject_phrases": extended,
                                         "md": study.table()}  # fmt: skip
         entry["seconds_after_fine_tuning"] = time.monotonic() - began
-        results["subjects"][name] = entry
+        results["subjects"][name + tag] = entry
         save_results(args.out, results)
     print(args.out / "results.md")
 
