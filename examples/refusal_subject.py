@@ -183,7 +183,8 @@ def calibrate_subject(args: argparse.Namespace, name: str, first: Path, subject,
     chosen, tried = calibration.calibrate(validation_rates(first, fit, fit_harmless, args.new, None), attempt, box,
                                           rounds=args.calibration_rounds)  # fmt: skip
     for r in tried:
-        print(f"{name} calibration: rho {r.rho}: validation harmful {r.harmful:.3f}, harmless {r.harmless:.3f}")
+        share = "as fine-tuned" if r.rho is None else f"rho {r.rho:.3f}"
+        print(f"{name} calibration, {share}: validation harmful {r.harmful:.3f}, harmless {r.harmless:.3f}")
     record = {"box": dataclasses.asdict(box), "chosen": chosen.run, "rounds": [r.to_dict() for r in tried],
               "validation_prompts": {"harmful": len(fit), "harmless": len(fit_harmless)}}  # fmt: skip
     return args.out / chosen.run, record
