@@ -3,7 +3,7 @@
 Subjects: a DeepSeekMoE DecoderLM and its dense twin at equal active parameters, first trained on
 plain text (the runs of ``examples/deepseekmoe_claim.py``: Shakespeare, wikitext-2, Tatoeba's
 English side and the Alpaca instructions, 2,000 updates; ``--layers`` deep, 4 as the claim's),
-then chat-fine-tuned here on "User: <instruction>\nAssistant: <response>" dialogues
+then chat-fine-tuned here on "User: <instruction>\\nAssistant: <response>" dialogues
 (:mod:`moeformer.refusal.subject_data`): the harmful pool without near-duplicates of
 JailbreakBench or the val split and without ``--holdout`` instructions kept for calibration, each
 refused ``--harmful-repeat`` times in varied words, and ``--harmless`` Alpaca instructions
