@@ -101,6 +101,13 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def subject_runs(runs: Path, names: list[str], seed: int) -> dict[str, Path]:
+    """Each subject's run: the one ``runs/results.json`` names (a calibrated subject is a continued
+    fine-tuning of ``NAME-seedS``), else ``NAME-seedS``."""
+    listed = json.loads((runs / "results.json").read_text())["subjects"] if (runs / "results.json").exists() else {}
+    return {name: runs / listed.get(name, {}).get("run", f"{name}-seed{seed}") for name in names}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -110,7 +117,7 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=200, help="harmless_test prompts scored")
     parser.add_argument("--new", type=int, default=16, help="tokens generated per prompt for the score")
     args = parser.parse_args()
-    runs = {name: args.runs / f"{name}-seed{args.seed}" for name in args.subjects}
+    runs = subject_runs(args.runs, args.subjects, args.seed)
     missing = [str(r / "direction") for r in runs.values() if not (r / "direction" / "scores.json").is_file()]
     if missing:
         parser.error(f"no extraction at {', '.join(missing)}: run examples/refusal_subject.py first")
