@@ -41,7 +41,7 @@ from moeformer.refusal import ChatLM, evaluate, load_chat_lm  # noqa: E402
 from moeformer.refusal.subject_data import build_subject_data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from refusal_subject import TEMPLATE, fitting  # noqa: E402
+from refusal_subject import TEMPLATE, fitting, subject_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,13 +99,6 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
             ax.title.set_fontsize(8)
             fig.colorbar(image, ax=ax, fraction=0.046)
     save_figure(fig, path)
-
-
-def subject_runs(runs: Path, names: list[str], seed: int) -> dict[str, Path]:
-    """Each subject's run: the one ``runs/results.json`` names (a calibrated subject is a continued
-    fine-tuning of ``NAME-seedS``), else ``NAME-seedS``."""
-    listed = json.loads((runs / "results.json").read_text())["subjects"] if (runs / "results.json").exists() else {}
-    return {name: runs / listed.get(name, {}).get("run", f"{name}-seed{seed}") for name in names}
 
 
 def main() -> None:

@@ -190,6 +190,13 @@ def calibrate_subject(args: argparse.Namespace, name: str, first: Path, subject,
     return args.out / chosen.run, record
 
 
+def subject_runs(runs: Path, names: list[str], seed: int) -> dict[str, Path]:
+    """Each subject's run: the one ``runs/results.json`` names (a calibrated subject is a continued
+    fine-tuning of ``NAME-seedS``), else ``NAME-seedS``."""
+    listed = json.loads((runs / "results.json").read_text())["subjects"] if (runs / "results.json").exists() else {}
+    return {name: runs / listed.get(name, {}).get("run", f"{name}-seed{seed}") for name in names}
+
+
 def save_results(out: Path, results: dict) -> None:
     """results.{json,md}, keeping the subjects another process (another ``--subjects``) wrote meanwhile."""
     path = out / "results.json"

@@ -17,7 +17,7 @@ import math
 import time
 from pathlib import Path
 
-from refusal_subject import ROOT, TEMPLATE, fitting
+from refusal_subject import ROOT, TEMPLATE, fitting, subject_runs
 from tqdm import tqdm
 
 from moeformer.publish import write_text
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subjects", nargs="+", default=["deepseek", "dense"])
     args = parser.parse_args()
-    runs = {name: args.out / f"{name}-seed{args.seed}" for name in args.subjects}
+    runs = subject_runs(args.out, args.subjects, args.seed)
     missing = [str(r) for r in runs.values() if not (r / "summary.json").exists()]
     if missing:
         raise SystemExit(f"no fine-tuned subject at {', '.join(missing)}: run examples/refusal_subject.py first")

@@ -193,12 +193,12 @@ def test_refusal_candidates_scores_each_saved_direction_at_its_layer_and_draws_t
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_refusal_candidates_scores_the_run_results_json_names(tmp_path):
-    import refusal_candidates as rc
+def test_refusal_subject_runs_are_those_results_json_names(tmp_path):
+    import refusal_subject
 
-    assert rc.subject_runs(tmp_path, ["dense"], 1) == {"dense": tmp_path / "dense-seed1"}
+    assert refusal_subject.subject_runs(tmp_path, ["dense"], 1) == {"dense": tmp_path / "dense-seed1"}
     (tmp_path / "results.json").write_text(json.dumps({"subjects": {"dense": {"run": "dense-seed1-rho0.225"}}}))
-    found = rc.subject_runs(tmp_path, ["dense", "deepseek"], 1)
+    found = refusal_subject.subject_runs(tmp_path, ["dense", "deepseek"], 1)
     assert found == {"dense": tmp_path / "dense-seed1-rho0.225", "deepseek": tmp_path / "deepseek-seed1"}
 
 
