@@ -304,7 +304,9 @@ def main() -> None:
     subject, complied, sentences = built.pop("subject"), built.pop("complied"), built.pop("sentences")
     held_out = built.pop("held_out")
     seen = set(complied)
-    extra_harmless = [t for t in subject.harmless_train[args.harmless :] if t not in seen][: args.calibration_harmless]
+    calibrating = args.calibration_rounds > 0 and args.holdout > 0
+    extra = args.calibration_harmless if calibrating else 0  # unseen harmless instructions of the calibration rounds
+    extra_harmless = [t for t in subject.harmless_train[args.harmless :] if t not in seen][:extra]
     results: dict = {"data": built, "subjects": {}}  # other subjects of an earlier call are kept (save_results)
     # another layer cut than the paper's writes beside its results, not over them
     tag = "" if args.max_layer_fraction == 0.8 else f"-cut{args.max_layer_fraction:g}"
@@ -318,7 +320,7 @@ def main() -> None:
         seconds = fine_tune(pretrained, corpus, run, args.steps, args.seed)
         began = time.monotonic()
         calibrated = {}
-        if args.calibration_rounds > 0 and args.holdout > 0:
+        if calibrating:
             run, calibrated = calibrate_subject(args, name, run, subject, held_out, extra_harmless, sentences)
         lm = load_chat_lm(run, template=TEMPLATE)
         sets, dropped = fitting(lm, subject, lm.model.config.max_seq_len - args.new)
