@@ -83,9 +83,19 @@ def measure(run: Path, subject: Any, sentences: list[str], n_harmless: int) -> d
     result = separation(scores(sets["harmful_eval"]), scores(sets["harmless_eval"][:n_harmless]))
     results_json = run.parent / "results.json"  # the subject's greedy-completion scores, for comparison
     if results_json.is_file():
-        entry = json.loads(results_json.read_text())["subjects"].get(run.name.rsplit("-seed", 1)[0], {})
-        result["completions"] = entry.get("refusal")
+        result["completions"] = recorded_refusal(json.loads(results_json.read_text())["subjects"], run.name)
     return result
+
+
+def recorded_refusal(subjects: dict[str, Any], run_name: str) -> dict[str, float] | None:
+    """The greedy-completion scores ``results.json`` holds for the run ``run_name``: the entry that
+    names it as its (calibrated) run, or, for entries from before calibration, the subject whose
+    ``NAME-seedS`` it is; None for a run no entry scored (a calibration round not kept)."""
+    for name, entry in subjects.items():
+        kept = entry.get("run")
+        if kept == run_name or (kept is None and run_name.rsplit("-seed", 1)[0] == name):
+            return entry.get("refusal")
+    return None
 
 
 def table(results: dict[str, dict[str, Any]]) -> list[str]:

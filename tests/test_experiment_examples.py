@@ -202,6 +202,16 @@ def test_refusal_subject_runs_are_those_results_json_names(tmp_path):
     assert found == {"dense": tmp_path / "dense-seed1-rho0.225", "deepseek": tmp_path / "deepseek-seed1"}
 
 
+def test_refusal_separation_compares_with_the_scores_recorded_for_that_run():
+    import refusal_separation as rs
+
+    old = {"dense": {"refusal": {"jailbreakbench": 0.9}}}  # before calibration: no "run"
+    assert rs.recorded_refusal(old, "dense-seed2") == {"jailbreakbench": 0.9}
+    kept = {"deepseek-cut1": {"run": "deepseek-seed0-rho0.537", "refusal": {"jailbreakbench": 0.94}}}
+    assert rs.recorded_refusal(kept, "deepseek-seed0-rho0.537") == {"jailbreakbench": 0.94}
+    assert rs.recorded_refusal(kept, "deepseek-seed0") is None  # the subject before calibration: not scored
+
+
 def test_refusal_separation_summarises_the_roc_against_the_targets(tmp_path):
     import refusal_separation as rs
     import torch
