@@ -101,7 +101,7 @@ def recorded_refusal(subjects: dict[str, Any], run_name: str) -> dict[str, float
 def table(results: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| subject | AUC | JailbreakBench refused when 5% of harmless are | harmless refused when 90% of "
              "JailbreakBench is | at its own decision: JailbreakBench / harmless | greedy completions: "
-             "JailbreakBench / harmless (200) |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "JailbreakBench / harmless (results.json) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in results.items():
         done = r.get("completions") or {}
         greedy = f"{done['jailbreakbench']:.2f} / {done['harmless_test']:.3f}" if done else "-"
