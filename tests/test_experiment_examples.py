@@ -200,6 +200,9 @@ def test_refusal_subject_runs_are_those_results_json_names(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"subjects": {"dense": {"run": "dense-seed1-rho0.225"}}}))
     found = refusal_subject.subject_runs(tmp_path, ["dense", "deepseek"], 1)
     assert found == {"dense": tmp_path / "dense-seed1-rho0.225", "deepseek": tmp_path / "deepseek-seed1"}
+    cut = {"subjects": {"deepseek-cut1": {"run": "deepseek-seed1-rho0.350"}}}  # --max-layer-fraction 1.0 only
+    (tmp_path / "results.json").write_text(json.dumps(cut))
+    assert refusal_subject.subject_runs(tmp_path, ["deepseek"], 1) == {"deepseek": tmp_path / "deepseek-seed1-rho0.350"}
 
 
 def test_refusal_separation_compares_with_the_scores_recorded_for_that_run():
