@@ -147,13 +147,13 @@ def pretrain(data: Path, runs: Path, names: list[str], seed: int, steps: int, la
 
 def validation_rates(run: Path, harmful: list[str], harmless: list[str], new: int,
                      rho: float | None) -> calibration.Round:  # fmt: skip
-    """A subject's refusal of the validation prompts (kept in ``run``: measured once)."""
-    cached = run / "validation_refusal.json"
-    if cached.exists():
-        return calibration.Round(**json.loads(cached.read_text()))
+    """A subject's refusal of the validation prompts (kept in ``run``: measured once per prompt set)."""
+    cached, key = run / "validation_refusal.json", {"prompts": [len(harmful), len(harmless)], "new_tokens": new}
+    if cached.exists() and (kept := json.loads(cached.read_text())).pop("measured_on", None) == key:
+        return calibration.Round(**kept)
     lm = load_chat_lm(run, template=TEMPLATE)
     found = calibration.Round(rho, refusal_rate(lm, harmful, new), refusal_rate(lm, harmless, new), run.name)
-    write_text(cached, json.dumps(found.to_dict()))
+    write_text(cached, json.dumps({**found.to_dict(), "measured_on": key}))
     return found
 
 

@@ -193,6 +193,19 @@ def test_refusal_candidates_scores_each_saved_direction_at_its_layer_and_draws_t
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_validation_rates_are_measured_once_per_prompt_set(monkeypatch, tmp_path):
+    import refusal_subject
+
+    measured = []
+    monkeypatch.setattr(refusal_subject, "load_chat_lm", lambda run, template: object())
+    monkeypatch.setattr(refusal_subject, "refusal_rate", lambda lm, prompts, new: measured.append(len(prompts)) or 0.25)
+    first = refusal_subject.validation_rates(tmp_path, ["h"] * 3, ["s"] * 5, 16, 0.3)
+    assert refusal_subject.validation_rates(tmp_path, ["h"] * 3, ["s"] * 5, 16, 0.3) == first
+    assert measured == [3, 5]  # the second call read the run's record
+    refusal_subject.validation_rates(tmp_path, ["h"] * 3, ["s"] * 6, 16, 0.3)  # other prompts: measured again
+    assert measured == [3, 5, 3, 6] and first.harmful == first.harmless == 0.25 and first.run == tmp_path.name
+
+
 def test_refusal_subject_runs_are_those_results_json_names(tmp_path):
     import refusal_subject
 
