@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from refusal_subject import plain_text, subject_refusal_tokens, wikitext_sentences  # noqa: E402
+from refusal_subject import fitting_prompts, plain_text, subject_refusal_tokens, wikitext_sentences  # noqa: E402
 
 from moeformer.publish import write_bytes, write_text  # noqa: E402
 from moeformer.refusal import load_chat_lm  # noqa: E402
@@ -41,10 +41,6 @@ from moeformer.refusal.tune import TuneOptions, tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "User: {instruction}\nAssistant:"
-
-
-def _fits(lm, items: list[str], limit: int) -> list[str]:  # noqa: ANN001
-    return [t for t in items if len(lm.encode(lm.prompt_format(t), special_tokens=False)) <= limit]
 
 
 def measure(lm, base, prompts: dict[str, list[str]], texts: list[str], new: int) -> dict[str, float]:  # noqa: ANN001
@@ -73,15 +69,16 @@ def main() -> None:
     lm = load_chat_lm(args.subject, template=TEMPLATE)
     subject = build_subject_data(args.data / "refusal")
     limit = lm.model.config.max_seq_len - args.new
-    prompts = {"harmful": _fits(lm, subject.harmful_eval, limit),
-               "harmless": _fits(lm, subject.harmless_eval, limit)[: args.n_harmless]}  # fmt: skip
+    prompts = {"harmful": fitting_prompts(lm, subject.harmful_eval, limit),
+               "harmless": fitting_prompts(lm, subject.harmless_eval, limit)[: args.n_harmless]}  # fmt: skip
     texts = plain_text(args.data, lm)
     with torch.no_grad():
         base_logits = last_logits(lm, prompts["harmless"])
     # the tokens that begin the subject's refusals and not its answers, as its extraction used them
     # (until 2026-12-07 the first words of the refusal openers, several of which begin answers too)
     tokens = subject_refusal_tokens(lm, wikitext_sentences(args.data), args.seed)
-    tuned = tune(lm, direction_dir, _fits(lm, subject.harmful_val, limit), _fits(lm, subject.harmless_val, limit)[:64],
+    val = fitting_prompts(lm, subject.harmful_val, limit), fitting_prompts(lm, subject.harmless_val, limit)[:64]
+    tuned = tune(lm, direction_dir, *val,
                  refusal_token_ids(lm, tokens), args.out / "tune", TuneOptions(trials=args.trials),
                  progress=True)  # fmt: skip
     edits: dict[str, dict] = {"orthogonal": {}, "projected": {"harmless_mean": load_harmless_mean(direction_dir)},

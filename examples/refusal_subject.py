@@ -163,12 +163,8 @@ def calibrate_subject(args: argparse.Namespace, name: str, first: Path, subject,
     was bisected on validation prompts (:mod:`refusal_calibration`); (its run, the search's record)."""
     lm = load_chat_lm(first, template=TEMPLATE)
     limit = lm.model.config.max_seq_len - args.new
-
-    def fits(t: str) -> bool:
-        return len(lm.encode(lm.prompt_format(t), special_tokens=False)) <= limit
-
-    fit = [t for t in held_out + subject.harmful_val if fits(t)]
-    fit_harmless = [t for t in subject.harmless_val[: 2 * args.n_val] if fits(t)][: args.n_val]
+    fit = fitting_prompts(lm, held_out + subject.harmful_val, limit)
+    fit_harmless = fitting_prompts(lm, subject.harmless_val[: 2 * args.n_val], limit)[: args.n_val]
 
     def attempt(rho: float) -> calibration.Round:
         corpus = args.out / f"calibration-rho{rho:.3f}.txt"
@@ -212,6 +208,11 @@ def save_results(out: Path, results: dict) -> None:
     write_text(out / "results.md", report_md(results))
 
 
+def fitting_prompts(lm, items: list[str], limit: int) -> list[str]:  # noqa: ANN001
+    """The instructions whose prompt is at most ``limit`` tokens."""
+    return [t for t in items if len(lm.encode(lm.prompt_format(t), special_tokens=False)) <= limit]
+
+
 def fitting(lm, subject, limit: int) -> tuple[dict[str, list[str]], dict[str, int]]:  # noqa: ANN001
     """Every instruction set of ``subject`` without the prompts longer than ``limit`` tokens (the
     context must also hold the completion), and how many each set lost."""
@@ -219,7 +220,7 @@ def fitting(lm, subject, limit: int) -> tuple[dict[str, list[str]], dict[str, in
     sets, dropped = {}, {}
     for name in names:
         items = getattr(subject, name)
-        sets[name] = [t for t in items if len(lm.encode(lm.prompt_format(t), special_tokens=False)) <= limit]
+        sets[name] = fitting_prompts(lm, items, limit)
         dropped[name] = len(items) - len(sets[name])
     return sets, dropped
 
