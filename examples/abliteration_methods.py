@@ -33,9 +33,10 @@ from moeformer.refusal import load_chat_lm  # noqa: E402
 from moeformer.refusal.edits import StrengthKernel  # noqa: E402
 from moeformer.refusal.evaluation import complete, text_loss  # noqa: E402
 from moeformer.refusal.extract import load_direction, load_harmless_mean  # noqa: E402
+from moeformer.refusal.openers import RefusalOpeners  # noqa: E402
 from moeformer.refusal.orthogonalize import orthogonalize_weights  # noqa: E402
 from moeformer.refusal.scoring import score_completions  # noqa: E402
-from moeformer.refusal.selection import kl_divergence, last_logits, refusal_token_ids  # noqa: E402
+from moeformer.refusal.selection import kl_divergence, last_logits  # noqa: E402
 from moeformer.refusal.subject_data import build_subject_data  # noqa: E402
 from moeformer.refusal.tune import TuneOptions, tune  # noqa: E402
 
@@ -79,7 +80,7 @@ def main() -> None:
     tokens = subject_refusal_tokens(lm, wikitext_sentences(args.data), args.seed)
     val = fitting_prompts(lm, subject.harmful_val, limit), fitting_prompts(lm, subject.harmless_val, limit)[:64]
     tuned = tune(lm, direction_dir, *val,
-                 refusal_token_ids(lm, tokens), args.out / "tune", TuneOptions(trials=args.trials),
+                 RefusalOpeners.from_texts(lm, tokens), args.out / "tune", TuneOptions(trials=args.trials),
                  progress=True)  # fmt: skip
     edits: dict[str, dict] = {"orthogonal": {}, "projected": {"harmless_mean": load_harmless_mean(direction_dir)},
                               "norm-preserving": {}}  # fmt: skip

@@ -35,7 +35,8 @@ from torch import Tensor  # noqa: E402
 
 from moeformer.publish import write_text  # noqa: E402
 from moeformer.refusal import load_chat_lm  # noqa: E402
-from moeformer.refusal.selection import last_logits, refusal_token_ids  # noqa: E402
+from moeformer.refusal.openers import refusal_token_ids  # noqa: E402
+from moeformer.refusal.selection import last_logits  # noqa: E402
 from moeformer.refusal.subject_data import build_subject_data  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

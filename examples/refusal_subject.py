@@ -43,8 +43,8 @@ from moeformer.publish import write_text
 from moeformer.refusal import ChatLM, ExtractOptions, RefusalError, evaluate, extract, load_chat_lm, save_extraction
 from moeformer.refusal.evaluation import complete
 from moeformer.refusal.expert_run import save_expert_report, study_experts
+from moeformer.refusal.openers import RefusalOpeners
 from moeformer.refusal.scoring import score_completions
-from moeformer.refusal.selection import discriminative_first_tokens
 from moeformer.refusal.subject_data import (
     SUBJECT_REFUSAL_PHRASES,
     build_subject_data,
@@ -62,15 +62,16 @@ TEMPLATE = "User: {instruction}\nAssistant:"
 # " Unfortunately", " No", " That", " Thanks", " Honestly". In this 2,048-token BPE several begin
 # with a generic piece (" S" as in "Sure!", " H" as in "Here is" and "Happy to help"), so the metric
 # partly scored how compliant answers begin; the tokens now come from the data (subject_refusal_tokens).
+# Since 2026-12-07 `--opener-depth 3` follows a shared first token deeper (" S" -> "orry" / "ure").
 
 
-def subject_refusal_tokens(lm: ChatLM, sentences: list[str], seed: int, n: int = 2000) -> list[str]:
-    """The first tokens that begin the subject's refusals and not its compliant answers, from ``n``
-    responses of each kind drawn as the training data draws them."""
+def subject_refusal_tokens(lm: ChatLM, sentences: list[str], seed: int, n: int = 2000, depth: int = 1) -> list[str]:
+    """The openers (first tokens at ``depth`` 1) that begin the subject's refusals and not its
+    compliant answers, from ``n`` responses of each kind drawn as the training data draws them."""
     rng = random.Random(seed)
     refusals = [" " + refusal_response(rng) for _ in range(n)]
     compliances = [" " + compliant_response(rng, sentences) for _ in range(n)]
-    return discriminative_first_tokens(lm, refusals, compliances)
+    return RefusalOpeners.from_examples(lm, refusals, compliances, max_depth=depth).texts(lm)
 
 
 def wikitext_sentences(data: Path) -> list[str]:
@@ -296,6 +297,8 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=600, help="harmless_val prompts scored in calibration")
     parser.add_argument("--max-layer-fraction", type=float, default=0.8,
                         help="candidates at layers >= this fraction of the depth are discarded (the paper: 0.8)")
+    parser.add_argument("--opener-depth", type=int, default=1,
+                        help="refusal metric over openers of up to this many tokens (1: first tokens, the paper's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a smoke run of the pipeline")
     args = parser.parse_args()
     if args.quick:
@@ -315,6 +318,7 @@ def main() -> None:
     results: dict = {"data": built, "subjects": {}}  # other subjects of an earlier call are kept (save_results)
     # another layer cut than the paper's writes beside its results, not over them
     tag = "" if args.max_layer_fraction == 0.8 else f"-cut{args.max_layer_fraction:g}"
+    tag += "" if args.opener_depth == 1 else f"-openers{args.opener_depth}"
     missing = [n for n in args.subjects if not (args.pretrained / pretrained_name(n, args.seed, args.layers)
                                                 / "summary.json").exists()]  # fmt: skip
     if missing:
@@ -341,8 +345,10 @@ def main() -> None:
             # --quick subjects refuse nothing yet: take a middle candidate by hand so every stage runs
             by_hand = {"layer": lm.n_layers // 2, "position": -1, "filter_train": False} if args.quick else {}
             try:
-                entry["refusal_tokens"] = tokens = subject_refusal_tokens(lm, sentences, args.seed)
-                options = ExtractOptions(refusal_tokens=tokens, batch_size=32, seed=args.seed,
+                metric = {"refusal_tokens" if args.opener_depth == 1 else "refusal_openers":
+                          subject_refusal_tokens(lm, sentences, args.seed, depth=args.opener_depth)}  # fmt: skip
+                entry.update(metric)
+                options = ExtractOptions(**metric, batch_size=32, seed=args.seed,
                                          max_layer_fraction=args.max_layer_fraction, **by_hand)  # fmt: skip
                 trained_on = seen | set(extra_harmless)  # the means come from others
                 unseen = [t for t in sets["harmless_train"] if t not in trained_on]

@@ -104,6 +104,8 @@ def test_bad_inputs_fail_before_the_model_is_loaded(planted_dir, tmp_path, capsy
          "empty"),
         (["--harmful", str(d / "harmful.json"), "--harmless", str(d / "harmless.txt")], str(no_weights),
          "no chat template"),
+        (["--harmful", str(d / "harmful.json"), "--harmless", str(d / "harmless.txt"), "--refusal-tokens", "I",
+          "--refusal-openers", "I cannot"], str(no_weights), "not both"),
     ]  # fmt: skip
     for files, model, message in cases:
         assert main(["refusal", "extract", model, *files, *out, "--quiet"]) == 1

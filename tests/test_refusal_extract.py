@@ -11,7 +11,7 @@ from moeformer.publish import MARKER, OutputExistsError
 from moeformer.refusal.directions import candidate_directions
 from moeformer.refusal.extract import ExtractOptions, extract, load_direction, save_extraction
 from moeformer.refusal.lm import RefusalError
-from moeformer.refusal.selection import CandidateScore, discriminative_first_tokens, filter_and_choose, refusal_metric
+from moeformer.refusal.selection import CandidateScore, filter_and_choose, refusal_metric
 
 pytest.importorskip("transformers")
 from refusal_models import PLANTED_HARMFUL, PLANTED_HARMLESS, planted_llama  # noqa: E402
@@ -150,27 +150,3 @@ def test_when_every_candidate_is_filtered_the_scores_are_still_written(tmp_path,
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["chosen"] is None and summary["direction_norm"] is None
     assert all(row["discarded"] for row in json.loads((tmp_path / "out" / "scores.json").read_text()))
-
-
-class _TwoCharLM:
-    """Tokens of two characters (the first one may be a space): enough to make first tokens collide."""
-
-    def encode(self, text, special_tokens=False):
-        return [sum(ord(c) << (8 * i) for i, c in enumerate(text[j : j + 2])) for j in range(0, len(text), 2)]
-
-    def decode(self, ids):
-        return "".join(chr(t & 255) + (chr(t >> 8) if t >> 8 else "") for t in ids)
-
-    def token_id(self, text):
-        return self.encode(text)[0]
-
-
-def test_refusal_tokens_that_also_begin_compliant_answers_are_left_out():
-    refusals = [" That is not ok"] * 6 + [" I cannot"] * 9 + [" No way"] * 5 + [" Nah"] * 4
-    compliant = [" The sky"] * 20 + [" Sure"] * 20 + [" I am happy to"] * 1
-    lm = _TwoCharLM()
-    # " T" begins refusals and "The": out; " I" 9 of 10: out at 0.95, in at 0.9; " N" 9 of 9: in
-    assert discriminative_first_tokens(lm, refusals, compliant) == [" N"]
-    assert discriminative_first_tokens(lm, refusals, compliant, min_share=0.9) == [" N", " I"]  # 9 ties 9: by id
-    with pytest.raises(RefusalError, match="no first token begins >= 90% refusals"):
-        discriminative_first_tokens(lm, refusals, compliant, min_share=0.9, min_count=10)

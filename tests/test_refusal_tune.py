@@ -14,8 +14,9 @@ from refusal_models import PLANTED_HARMFUL, PLANTED_HARMLESS, planted_llama  # n
 from moeformer.cli import main  # noqa: E402
 from moeformer.refusal.extract import ExtractOptions, extract, load_direction, save_extraction  # noqa: E402
 from moeformer.refusal.lm import RefusalError  # noqa: E402
+from moeformer.refusal.openers import RefusalOpeners, refusal_token_ids  # noqa: E402
 from moeformer.refusal.orthogonalize import orthogonalize_weights  # noqa: E402
-from moeformer.refusal.selection import kl_divergence, last_logits, refusal_metric, refusal_token_ids  # noqa: E402
+from moeformer.refusal.selection import kl_divergence, last_logits, refusal_metric  # noqa: E402
 from moeformer.refusal.tune import TuneOptions, tune  # noqa: E402
 
 HARMFUL_VAL, HARMLESS_VAL = PLANTED_HARMFUL[-12:], PLANTED_HARMLESS[-12:]
@@ -36,10 +37,11 @@ def planted(tmp_path_factory):
 def test_the_search_scores_what_the_edit_computes_and_resumes(planted, tmp_path, single_thread):
     lm, _ = planted_llama()
     ids = refusal_token_ids(lm, ["sorry"])
+    openers = RefusalOpeners.first_tokens(ids)
     options = TuneOptions(trials=5, kl_budget=0.5, seed=3)
-    first = tune(lm, planted / "extract", HARMFUL_VAL, HARMLESS_VAL, ids, tmp_path / "search", options)
+    first = tune(lm, planted / "extract", HARMFUL_VAL, HARMLESS_VAL, openers, tmp_path / "search", options)
     assert len(first.trials) == 5
-    again = tune(lm, planted / "extract", HARMFUL_VAL, HARMLESS_VAL, ids, tmp_path / "search",
+    again = tune(lm, planted / "extract", HARMFUL_VAL, HARMLESS_VAL, openers, tmp_path / "search",
                  TuneOptions(trials=7, kl_budget=0.5, seed=3))  # fmt: skip
     assert len(again.trials) == 7 and [t["number"] for t in again.trials[:5]] == [t["number"] for t in first.trials]
     assert again.trials[:5] == first.trials  # the first five were not run again
@@ -63,10 +65,13 @@ def test_the_search_scores_what_the_edit_computes_and_resumes(planted, tmp_path,
 
 def test_a_search_with_other_settings_or_a_foreign_folder_is_refused(planted, tmp_path, single_thread):
     lm, _ = planted_llama()
-    ids = refusal_token_ids(lm, ["sorry"])
+    ids = RefusalOpeners.first_tokens(refusal_token_ids(lm, ["sorry"]))
     tune(lm, planted / "extract", HARMFUL_VAL, HARMLESS_VAL, ids, tmp_path / "s", TuneOptions(trials=2))
     with pytest.raises(RefusalError, match="holds a search with other settings \\(options differ\\)"):
         tune(lm, planted / "extract", HARMFUL_VAL, HARMLESS_VAL, ids, tmp_path / "s", TuneOptions(trials=2, seed=9))
+    other = RefusalOpeners.first_tokens(refusal_token_ids(lm, ["I"]))  # another metric: not the same search
+    with pytest.raises(RefusalError, match="other settings \\(refusal_openers differ\\)"):
+        tune(lm, planted / "extract", HARMFUL_VAL, HARMLESS_VAL, other, tmp_path / "s", TuneOptions(trials=2))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(Exception, match="is not a search of `refusal tune`"):

@@ -42,7 +42,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     options = ExtractOptions(
         n_train=args.n_train, n_val=args.n_val, batch_size=args.batch_size, seed=args.seed,
-        filter_train=not args.no_filter, refusal_tokens=args.refusal_tokens,
+        filter_train=not args.no_filter, refusal_tokens=args.refusal_tokens, refusal_openers=args.refusal_openers,
         max_layer_fraction=args.max_layer_fraction, kl_threshold=args.kl_threshold, layer=args.layer,
         position=args.position,
     )  # fmt: skip
@@ -153,7 +153,8 @@ def _tune(args: argparse.Namespace) -> int:
     options = TuneOptions(trials=args.trials, kl_budget=args.kl_budget, seed=args.seed, batch_size=args.batch_size,
                           search_layer=args.search_layer)  # fmt: skip
     tuned = run_tune(_source(args), _files(args), args.direction, args.out, options, n_val=args.n_val,
-                     refusal_tokens=args.refusal_tokens, progress=not args.quiet)  # fmt: skip
+                     refusal_tokens=args.refusal_tokens, openers=args.refusal_openers,
+                     progress=not args.quiet)  # fmt: skip
     print((args.out / "pareto.md").read_text(encoding="utf-8"))
     if tuned.best is None:
         print(f"no trial kept the KL within {args.kl_budget}: raise --kl-budget or run more --trials")
@@ -185,6 +186,12 @@ def _instruction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _openers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refusal-openers", nargs="+", metavar="TEXT",
+                   help="whole refusal openers as the model writes them (e.g. ' Sorry' ' I cannot'): the "
+                        "metric is the probability of beginning with one (default: none; first tokens)")  # fmt: skip
+
+
 def _out_args(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
     p.add_argument("--out", required=required, type=Path, help=f"{what} (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out that this tool (or transformers) "
@@ -207,6 +214,7 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--n-val", type=int, default=32, help="instructions per side to choose with (default 32)")
     ex.add_argument("--refusal-tokens", nargs="+", metavar="TEXT",
                     help="first tokens of refusals (default: I, and As for Qwen)")  # fmt: skip
+    _openers_arg(ex)
     ex.add_argument("--no-filter", action="store_true",
                     help="keep every train prompt, not only those the model treats as their side")  # fmt: skip
     ex.add_argument("--kl-threshold", type=float, default=0.1,
@@ -284,6 +292,7 @@ def add_refusal_commands(sub: argparse._SubParsersAction) -> None:
                     "(default: the extracted one)")  # fmt: skip
     tn.add_argument("--refusal-tokens", nargs="+", metavar="TEXT", help="first tokens of refusals (default: the "
                     "model family's, as extract)")  # fmt: skip
+    _openers_arg(tn)
     tn.set_defaults(run=_tune)
 
     score = commands.add_parser("score", help="the fraction of completions that contain a refusal phrase")

@@ -33,15 +33,8 @@ from moeformer.publish import staged_dir
 from moeformer.refusal.directions import Candidates, candidate_directions
 from moeformer.refusal.instructions import sample_instructions
 from moeformer.refusal.lm import ChatLM, RefusalError
-from moeformer.refusal.selection import (
-    NoDirectionChosen,
-    Selection,
-    check_manual,
-    last_logits,
-    refusal_metric,
-    refusal_token_ids,
-    select_direction,
-)
+from moeformer.refusal.openers import RefusalOpeners, refusal_openers
+from moeformer.refusal.selection import NoDirectionChosen, Selection, check_manual, select_direction
 from moeformer.results import check_output
 
 DIRECTION_FILE = "direction.safetensors"
@@ -55,7 +48,8 @@ class ExtractOptions:
     batch_size: int = 32
     seed: int = 0
     filter_train: bool = True
-    refusal_tokens: list[str] | None = None  # default: the family's (see selection.REFUSAL_TOKENS)
+    refusal_tokens: list[str] | None = None  # default: the family's (see openers.REFUSAL_TOKENS)
+    refusal_openers: list[str] | None = None  # whole openers instead of first tokens (see refusal.openers)
     max_layer_fraction: float = 0.8
     kl_threshold: float = 0.1
     layer: int | None = None  # with position: take this candidate, unfiltered (only it is scored)
@@ -71,6 +65,9 @@ class ExtractOptions:
             raise RefusalError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
         if self.kl_threshold <= 0:
             raise RefusalError(f"kl_threshold must be > 0, got {self.kl_threshold}")
+        if self.refusal_tokens and self.refusal_openers:
+            raise RefusalError("give refusal_tokens (first tokens, the paper's metric) or refusal_openers (whole "
+                               "sequences), not both")  # fmt: skip
 
 
 @dataclass
@@ -91,10 +88,10 @@ def holdout(items: Sequence[str], n_val: int, seed: int) -> tuple[list[str], lis
 
 
 def filter_by_refusal(
-    lm: ChatLM, instructions: Sequence[str], refusal_ids: Sequence[int], *, refused: bool, batch_size: int
+    lm: ChatLM, instructions: Sequence[str], openers: RefusalOpeners, *, refused: bool, batch_size: int
 ) -> list[str]:
     """Keep the instructions whose refusal metric is > 0 (``refused``) or < 0 (not refused)."""
-    metric = refusal_metric(last_logits(lm, instructions, batch_size=batch_size), refusal_ids)
+    metric = openers.metric(lm, instructions, batch_size=batch_size)
     keep = metric > 0 if refused else metric < 0
     return [text for text, k in zip(instructions, keep.tolist()) if k]
 
@@ -114,7 +111,7 @@ def extract(
     manual = None if o.layer is None or o.position is None else (o.position, o.layer)
     if manual is not None:
         check_manual(*manual, lm.n_eoi, lm.n_layers)  # before any forward pass
-    refusal_ids = refusal_token_ids(lm, o.refusal_tokens)
+    openers = refusal_openers(lm, o.refusal_tokens, o.refusal_openers)
     splits = {
         "harmful_train": sample_instructions(list(harmful_train), o.n_train, o.seed),
         "harmless_train": sample_instructions(list(harmless_train), o.n_train, o.seed),
@@ -123,7 +120,7 @@ def extract(
     }
     if o.filter_train:
         for name, refused in (("harmful_train", True), ("harmless_train", False)):
-            kept = filter_by_refusal(lm, splits[name], refusal_ids, refused=refused, batch_size=o.batch_size)
+            kept = filter_by_refusal(lm, splits[name], openers, refused=refused, batch_size=o.batch_size)
             if not kept:
                 raise RefusalError(
                     f"filtering left no {name} prompts (the model {'refuses none' if refused else 'refuses all'} "
@@ -134,11 +131,11 @@ def extract(
         lm, splits["harmful_train"], splits["harmless_train"], batch_size=o.batch_size, progress=progress
     )
     model = {"family": lm.family, "n_layers": lm.n_layers, "d_model": lm.d_model, "n_eoi": lm.n_eoi,
-             "refusal_token_ids": refusal_ids}  # fmt: skip
+             "refusal_openers": openers.to_lists(), "refusal_opener_texts": openers.texts(lm)}  # fmt: skip
     counts = {k: len(v) for k, v in splits.items()}
     try:
         selection = select_direction(
-            lm, candidates, splits["harmful_val"], splits["harmless_val"], refusal_ids,
+            lm, candidates, splits["harmful_val"], splits["harmless_val"], openers,
             batch_size=o.batch_size, max_layer_fraction=o.max_layer_fraction, kl_threshold=o.kl_threshold,
             progress=progress, manual=manual,
         )  # fmt: skip

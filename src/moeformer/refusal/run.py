@@ -44,6 +44,7 @@ from moeformer.refusal.instructions import load_instructions, sample_instruction
 from moeformer.refusal.lm import ChatLM, RefusalError
 from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
 from moeformer.refusal.lora import save_lora
+from moeformer.refusal.openers import refusal_openers
 from moeformer.refusal.orthogonalize import Orthogonalized, orthogonalize, save_model
 from moeformer.refusal.routing import routing_report
 from moeformer.refusal.scoring import (
@@ -53,7 +54,7 @@ from moeformer.refusal.scoring import (
     load_substrings,
     score_completions,
 )
-from moeformer.refusal.selection import NoDirectionChosen, refusal_token_ids
+from moeformer.refusal.selection import NoDirectionChosen
 from moeformer.refusal.streaming import StreamedEdit, stream_orthogonalize
 from moeformer.refusal.tune import Tuned, TuneOptions, tune
 from moeformer.results import check_output
@@ -257,6 +258,7 @@ def run_tune(
     *,
     n_val: int = 32,
     refusal_tokens: Sequence[str] | None = None,
+    openers: Sequence[str] | None = None,
     progress: bool = False,
 ) -> Tuned:
     """Search the strength kernel on validation prompts (:mod:`moeformer.refusal.tune`); resumable in ``out``."""
@@ -272,8 +274,8 @@ def run_tune(
     harmless = sample_instructions(sets["harmless_val"], n_val, options.seed)
     check_output_path(source.path, out)
     lm = _load(source)
-    ids = refusal_token_ids(lm, refusal_tokens)
-    return tune(lm, direction_dir, harmful, harmless, ids, out, options, progress=progress)
+    return tune(lm, direction_dir, harmful, harmless, refusal_openers(lm, refusal_tokens, openers), out, options,
+                progress=progress)  # fmt: skip
 
 
 def run_stream_orthogonalize(

@@ -1,7 +1,8 @@
 """Choosing one direction among the candidates (Arditi et al. 2024, section 2.3 and appendix C).
 
 The refusal metric of a prompt is the log-odds of the model's refusal tokens R (e.g. "I" as in
-"I cannot") at the first generated position: p = sum_{t in R} P(t), metric = log p - log(1 - p).
+"I cannot") at the first generated position: p = sum_{t in R} P(t), metric = log p - log(1 - p);
+or, with whole refusal openers (:mod:`moeformer.refusal.openers`), of beginning with one of them.
 Each candidate r_i^(l) gets three scores on validation prompts:
 
 - bypass: mean refusal metric on harmful prompts with r ablated everywhere (lower = removes refusal);
@@ -28,61 +29,13 @@ from tqdm.auto import tqdm
 from moeformer.refusal.directions import Candidates
 from moeformer.refusal.interventions import BASELINE, Intervention
 from moeformer.refusal.lm import ChatLM, RefusalError, iter_batches
-
-# First tokens of typical refusals per model family (the paper's choices; configurable everywhere).
-REFUSAL_TOKENS: dict[str, tuple[str, ...]] = {
-    "llama": ("I",),
-    "gemma": ("I",),
-    "qwen2": ("I", "As"),
-    "qwen2_moe": ("I", "As"),
-    "qwen3": ("I", "As"),
-    "qwen3_moe": ("I", "As"),
-}
-DEFAULT_REFUSAL_TOKENS = ("I", "As")
-
-
-def refusal_token_ids(lm: ChatLM, tokens: Sequence[str] | None = None) -> list[int]:
-    """Token ids of ``tokens`` (default: the family's, else "I" and "As"), first token of each."""
-    texts = tokens if tokens else REFUSAL_TOKENS.get(lm.family, DEFAULT_REFUSAL_TOKENS)
-    return sorted({lm.token_id(t) for t in texts})
-
-
-def discriminative_first_tokens(
-    lm: ChatLM, refusals: Sequence[str], compliances: Sequence[str], *, min_share: float = 0.95, min_count: int = 5
-) -> list[str]:
-    """The first tokens of refusals that (almost) never begin a compliant answer, as ``refusal_tokens``.
-
-    The metric sums P(R) at the first generated position, so a token that also begins ordinary
-    answers (a small BPE's " S" of "Sorry, ..." and of "Sure! ...") makes it measure how an
-    answer begins rather than whether the model refuses. ``refusals``, ``compliances``: example
-    responses as the model generates them (their leading space included). Kept: tokens beginning
-    at least ``min_count`` refusals and with refusals >= ``min_share`` of the responses they begin;
-    most frequent first. Raises when none is left.
-    """
-    starts: dict[int, list[int]] = {}  # token -> [refusals, compliances] it begins
-    for column, texts in ((0, refusals), (1, compliances)):
-        for text in texts:
-            ids = lm.encode(text, special_tokens=False)
-            if ids:
-                starts.setdefault(ids[0], [0, 0])[column] += 1
-    kept = sorted((n_ref, t) for t, (n_ref, n_comp) in starts.items()
-                  if n_ref >= min_count and n_ref >= min_share * (n_ref + n_comp))  # fmt: skip
-    tokens = []  # as strings, for ExtractOptions: those that encode back to the same first token
-    for _, t in reversed(kept):
-        text = lm.decode([t])
-        if text and lm.token_id(text) == t:
-            tokens.append(text)
-    if not tokens:
-        raise RefusalError(f"no first token begins >= {min_share:.0%} refusals (and {min_count}+ of them) among "
-                           f"{len(refusals)} refusals and {len(compliances)} compliant answers")  # fmt: skip
-    return tokens
+from moeformer.refusal.openers import RefusalOpeners, log_odds
 
 
 def refusal_metric(logits: Tensor, refusal_ids: Sequence[int], eps: float = 1e-8) -> Tensor:
     """logits: (B, V) at the first generated position -> (B,) log-odds of the refusal tokens."""
     probs = torch.softmax(logits.float(), dim=-1)
-    p = probs[:, list(refusal_ids)].sum(-1)
-    return torch.log(p + eps) - torch.log(1 - p + eps)
+    return log_odds(probs[:, list(refusal_ids)].sum(-1), eps)
 
 
 @torch.no_grad()
@@ -155,7 +108,7 @@ def score_candidates(
     candidates: Candidates,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
-    refusal_ids: Sequence[int],
+    openers: RefusalOpeners,
     *,
     batch_size: int = 32,
     progress: bool = False,
@@ -165,9 +118,9 @@ def score_candidates(
     metrics on harmful and harmless prompts."""
     if not harmful_val or not harmless_val:
         raise RefusalError("direction selection needs harmful and harmless validation instructions")
-    base_harmful = refusal_metric(last_logits(lm, harmful_val, batch_size=batch_size), refusal_ids).mean()
+    base_harmful = openers.metric(lm, harmful_val, batch_size=batch_size).mean()
     base_harmless_logits = last_logits(lm, harmless_val, batch_size=batch_size)
-    base_harmless = refusal_metric(base_harmless_logits, refusal_ids).mean()
+    base_harmless = openers.metric(lm, harmless_val, batch_size=batch_size).mean()
     n_pos = candidates.directions.shape[0]
     grid = [(i, layer) for i in range(n_pos) for layer in range(lm.n_layers)]
     if only is not None:
@@ -180,15 +133,15 @@ def score_candidates(
                                          float("nan"), "zero difference of means"))  # fmt: skip
             continue
         ablation = Intervention("ablation", r)
-        bypass = refusal_metric(last_logits(lm, harmful_val, ablation, batch_size=batch_size), refusal_ids)
-        induced = last_logits(lm, harmless_val, Intervention("actadd", r, layer), batch_size=batch_size)
+        bypass = openers.metric(lm, harmful_val, ablation, batch_size=batch_size)
+        induced = openers.metric(lm, harmless_val, Intervention("actadd", r, layer), batch_size=batch_size)
         ablated = last_logits(lm, harmless_val, ablation, batch_size=batch_size)
         scores.append(
             CandidateScore(
                 position=i - candidates.directions.shape[0],
                 layer=layer,
                 bypass=float(bypass.mean()),
-                induce=float(refusal_metric(induced, refusal_ids).mean()),
+                induce=float(induced.mean()),
                 kl=float(kl_divergence(base_harmless_logits, ablated).mean()),
             )
         )
@@ -224,7 +177,7 @@ def select_direction(
     candidates: Candidates,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
-    refusal_ids: Sequence[int],
+    openers: RefusalOpeners,
     *,
     batch_size: int = 32,
     max_layer_fraction: float = 0.8,
@@ -237,7 +190,7 @@ def select_direction(
     if manual is not None:
         check_manual(*manual, candidates.directions.shape[0], lm.n_layers)
     scores, base_harmful, base_harmless = score_candidates(
-        lm, candidates, harmful_val, harmless_val, refusal_ids, batch_size=batch_size, progress=progress, only=manual
+        lm, candidates, harmful_val, harmless_val, openers, batch_size=batch_size, progress=progress, only=manual
     )
     if manual is not None:
         chosen, chosen_by = scores[0], "hand"

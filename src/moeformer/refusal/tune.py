@@ -34,7 +34,8 @@ from moeformer.refusal.edits import StrengthKernel
 from moeformer.refusal.extract import CANDIDATES_FILE, DIRECTION_FILE
 from moeformer.refusal.interventions import ablate_partially
 from moeformer.refusal.lm import ChatLM, RefusalError
-from moeformer.refusal.selection import kl_divergence, last_logits, refusal_metric
+from moeformer.refusal.openers import RefusalOpeners
+from moeformer.refusal.selection import kl_divergence, last_logits
 
 STUDY, SETTINGS = "study.db", "settings.json"
 
@@ -84,7 +85,7 @@ def tune(
     direction_dir: str | Path,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
-    refusal_ids: Sequence[int],
+    openers: RefusalOpeners,
     out: str | Path,
     options: TuneOptions = TuneOptions(),
     *,
@@ -95,8 +96,9 @@ def tune(
 
     direction_dir, out = Path(direction_dir), Path(out)
     candidates, position, chosen_layer = candidate_directions_at(direction_dir)
-    _prepare_out(out, {"options": asdict(options), "direction": str(direction_dir.resolve()), "family": lm.family})
-    base_harmful = last_logits(lm, harmful_val, batch_size=options.batch_size)
+    _prepare_out(out, {"options": asdict(options), "direction": str(direction_dir.resolve()), "family": lm.family,
+                        "refusal_openers": openers.to_lists()})  # fmt: skip
+    baseline = float(openers.metric(lm, harmful_val, batch_size=options.batch_size).mean())
     base_harmless = last_logits(lm, harmless_val, batch_size=options.batch_size)
     n = lm.n_layers
     usable = [layer for layer in range(n) if float(candidates[layer].norm()) > 1e-8]  # equal means: no direction
@@ -110,9 +112,8 @@ def tune(
             minimum=trial.suggest_float("minimum", 0.0, 1.0),
         )
         with ablate_partially(lm, candidates[layer], kernel.alphas(n)):
-            harmful = last_logits(lm, harmful_val, batch_size=options.batch_size)
+            bypass = float(openers.metric(lm, harmful_val, batch_size=options.batch_size).mean())
             harmless = last_logits(lm, harmless_val, batch_size=options.batch_size)
-        bypass = float(refusal_metric(harmful, refusal_ids).mean())
         kl = float(kl_divergence(base_harmless, harmless).mean())
         trial.set_constraint("kl_over_budget", kl - options.kl_budget)  # feasible when <= 0
         return bypass, kl
@@ -124,7 +125,6 @@ def tune(
     done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     if done < options.trials:
         study.optimize(objective, n_trials=options.trials - done, show_progress_bar=progress)
-    baseline = float(refusal_metric(base_harmful, refusal_ids).mean())
     tuned = _summarise(study, options.kl_budget, baseline, chosen_layer)
     _write(out, tuned, options, candidates, position)
     return tuned
