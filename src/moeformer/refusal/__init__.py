@@ -14,6 +14,7 @@ from moeformer.refusal.instructions import InstructionError, load_instructions, 
 from moeformer.refusal.interventions import Intervention, ablate, add, project_out
 from moeformer.refusal.lm import ChatLM, PromptFormat, RefusalError
 from moeformer.refusal.loading import load_chat_lm
+from moeformer.refusal.openers import RefusalOpeners
 from moeformer.refusal.orthogonalize import orthogonalize, save_model
 from moeformer.refusal.routing import routing_report
 from moeformer.refusal.scoring import REFUSAL_SUBSTRINGS, is_refusal, score_completions
@@ -21,8 +22,8 @@ from moeformer.refusal.selection import refusal_metric, select_direction
 
 __all__ = [
     "REFUSAL_SUBSTRINGS", "Candidates", "ChatLM", "EvalReport", "ExtractOptions", "Extraction", "InstructionError",
-    "Intervention", "PromptFormat", "RefusalError", "ablate", "add", "candidate_directions", "evaluate", "extract",
-    "is_refusal", "load_chat_lm", "load_direction", "load_instructions", "mean_activations", "orthogonalize",
-    "project_out", "refusal_metric", "routing_report", "sample_instructions", "save_evaluation", "save_extraction",
-    "save_model", "score_completions", "select_direction",
+    "Intervention", "PromptFormat", "RefusalError", "RefusalOpeners", "ablate", "add", "candidate_directions",
+    "evaluate", "extract", "is_refusal", "load_chat_lm", "load_direction", "load_instructions", "mean_activations",
+    "orthogonalize", "project_out", "refusal_metric", "routing_report", "sample_instructions", "save_evaluation",
+    "save_extraction", "save_model", "score_completions", "select_direction",
 ]
