@@ -10,8 +10,12 @@ is what shifting the subject's decision (a bias on the openers' logits) could re
 JailbreakBench refusal when 5% of harmless prompts are refused, the harmless refusal when 90% of
 JailbreakBench is, and the AUC. Beside them, the rates at the subject's own decision (margin > 0)
 and its greedy completions' substring scores, which they should approximate.
+``--opener-depth N`` scores each prompt by the whole-opener refusal metric instead (the log-odds
+of beginning with one of the subject's refusal openers of up to N tokens,
+:mod:`moeformer.refusal.openers`; its own decision is p > 0.5).
 
-    python examples/refusal_separation.py RUN [RUN ...] [--n-harmless 2000] [--out runs/refusal-separation]
+    python examples/refusal_separation.py RUN [RUN ...] [--n-harmless 2000] [--opener-depth 3]
+        [--out runs/refusal-separation]
 
 RUN: fine-tuned subjects of ``examples/refusal_subject.py`` (``runs/refusal-subject*/NAME-seedS``).
 Writes OUT/separation.{json,md,png}.
@@ -35,7 +39,7 @@ from torch import Tensor  # noqa: E402
 
 from moeformer.publish import write_text  # noqa: E402
 from moeformer.refusal import load_chat_lm  # noqa: E402
-from moeformer.refusal.openers import refusal_token_ids  # noqa: E402
+from moeformer.refusal.openers import RefusalOpeners  # noqa: E402
 from moeformer.refusal.selection import last_logits  # noqa: E402
 from moeformer.refusal.subject_data import build_subject_data  # noqa: E402
 
@@ -73,12 +77,17 @@ def separation(harmful: Tensor, harmless: Tensor) -> dict[str, Any]:
     }
 
 
-def measure(run: Path, subject: Any, sentences: list[str], n_harmless: int) -> dict[str, Any]:  # noqa: ANN401
+def measure(run: Path, subject: Any, sentences: list[str], n_harmless: int,  # noqa: ANN401
+            opener_depth: int = 0) -> dict[str, Any]:  # fmt: skip
+    """The ROC summary of one subject: first-token margins, or (``opener_depth`` > 0) whole-opener log-odds."""
     lm = load_chat_lm(run, template=TEMPLATE)
     sets, _ = fitting(lm, subject, lm.model.config.max_seq_len - 16)
-    ids = refusal_token_ids(lm, subject_refusal_tokens(lm, sentences, seed=0))
+    openers = RefusalOpeners.from_texts(lm, subject_refusal_tokens(lm, sentences, seed=0, depth=max(opener_depth, 1)))
 
     def scores(prompts: list[str]) -> Tensor:
+        if opener_depth:
+            return openers.metric(lm, prompts, batch_size=64)
+        ids = [s[0] for s in openers.sequences]
         return first_token_margin(last_logits(lm, prompts, batch_size=64), ids)
 
     result = separation(scores(sets["harmful_eval"]), scores(sets["harmless_eval"][:n_harmless]))
@@ -112,7 +121,7 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], path: Path, score: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 5))
     for i, (name, r) in enumerate(results.items()):
         fpr, tpr = zip(*r["roc"])
@@ -122,7 +131,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
                                label="issue 15's targets"))  # fmt: skip
     ax.set(xlim=(0, 0.3), ylim=(0.4, 1.01), xlabel="harmless_test prompts refused",
            ylabel="JailbreakBench prompts refused",
-           title="Every threshold on the subjects' first-token refusal margin\n"
+           title=f"Every threshold on the subjects' {score}\n"
                  "(dots: each subject's own decision)")  # fmt: skip
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
@@ -135,6 +144,8 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+", help="fine-tuned subject runs")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--n-harmless", type=int, default=2000, help="harmless_test prompts scored")
+    parser.add_argument("--opener-depth", type=int, default=0, help="score by the whole-opener metric with openers of "
+                        "up to this many tokens (0: the first-token margin)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "refusal-separation")
     args = parser.parse_args()
     missing = [str(r) for r in args.runs if not (r / "summary.json").is_file()]
@@ -142,12 +153,15 @@ def main() -> None:
         parser.error(f"not a finished fine-tuning run: {', '.join(missing)}")
     subject = build_subject_data(args.data / "refusal")
     sentences = wikitext_sentences(args.data)
-    results = {f"{r.parent.name}/{r.name}": measure(r, subject, sentences, args.n_harmless) for r in args.runs}
+    results = {f"{r.parent.name}/{r.name}": measure(r, subject, sentences, args.n_harmless, args.opener_depth)
+               for r in args.runs}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "separation.json", json.dumps(results, indent=1))
     md = table(results)
     write_text(args.out / "separation.md", "\n".join(md) + "\n")
-    plot(results, args.out / "separation.png")
+    depth = args.opener_depth
+    score = f"whole-opener refusal log-odds (up to {depth} tokens)" if depth else "first-token refusal margin"
+    plot(results, args.out / "separation.png", score)
     print("\n".join(md))
 
 

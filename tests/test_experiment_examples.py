@@ -242,5 +242,5 @@ def test_refusal_separation_summarises_the_roc_against_the_targets(tmp_path):
     assert r["roc"][0] == pytest.approx([0.0, 0.05]) and r["roc"][-1] == [1.0, 1.0]
     margin = rs.first_token_margin(torch.tensor([[0.0, 3.0, 1.0], [2.0, 1.0, 0.5]]), [1, 2])
     assert margin.tolist() == [3.0, -1.0]  # refusal ids 1, 2 against the best other token (id 0)
-    rs.plot({"a": r, "b": r}, tmp_path / "s.png")
+    rs.plot({"a": r, "b": r}, tmp_path / "s.png", "first-token refusal margin")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
