@@ -109,12 +109,9 @@ class RefusalOpeners:
     def to_lists(self) -> list[list[int]]:
         return [list(s) for s in self.sequences]
 
-    def probability(self, lm: ChatLM, batch: PromptBatch, first: Tensor | None = None) -> Tensor:
-        """(B,) probability that the continuation of each prompt begins with an opener.
-        ``first``: (B, V) logits at the last prompt position, when already computed."""
-        if first is None:
-            first = lm.forward_logits(batch)[:, -1]
-        next_probs = {(): torch.softmax(first.float(), dim=-1)}
+    def probability(self, lm: ChatLM, batch: PromptBatch) -> Tensor:
+        """(B,) probability that the continuation of each prompt begins with an opener."""
+        next_probs = {(): torch.softmax(lm.forward_logits(batch)[:, -1].float(), dim=-1)}
         for prefix in self.prefixes():
             next_probs[prefix] = torch.softmax(lm.forward_logits(_extended(batch, prefix))[:, -1].float(), dim=-1)
         single = sorted(s[0] for s in self.sequences if len(s) == 1)
