@@ -12,7 +12,7 @@ import torch
 from moeformer.refusal.extract import ExtractOptions, extract, save_extraction
 from moeformer.refusal.interventions import Intervention
 from moeformer.refusal.lm import RefusalError
-from moeformer.refusal.openers import RefusalOpeners, refusal_openers, refusal_token_ids
+from moeformer.refusal.openers import RefusalOpeners, refusal_token_ids, resolve_openers
 from moeformer.refusal.selection import last_logits, refusal_metric
 
 pytest.importorskip("transformers")
@@ -137,6 +137,6 @@ def test_openers_must_be_prefix_free_and_come_from_one_source():
     with pytest.raises(RefusalError, match="encodes to nothing"):
         RefusalOpeners.from_texts(lm, [""])
     with pytest.raises(RefusalError, match="not both"):
-        refusal_openers(lm, ["I"], ["I cannot"])
+        resolve_openers(lm, ["I"], ["I cannot"])
     with pytest.raises(RefusalError, match="max_depth must be >= 1"):
         RefusalOpeners.from_examples(lm, [" No"], [" Yes"], max_depth=0)

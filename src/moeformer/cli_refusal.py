@@ -153,7 +153,7 @@ def _tune(args: argparse.Namespace) -> int:
     options = TuneOptions(trials=args.trials, kl_budget=args.kl_budget, seed=args.seed, batch_size=args.batch_size,
                           search_layer=args.search_layer)  # fmt: skip
     tuned = run_tune(_source(args), _files(args), args.direction, args.out, options, n_val=args.n_val,
-                     refusal_tokens=args.refusal_tokens, openers=args.refusal_openers,
+                     refusal_tokens=args.refusal_tokens, refusal_openers=args.refusal_openers,
                      progress=not args.quiet)  # fmt: skip
     print((args.out / "pareto.md").read_text(encoding="utf-8"))
     if tuned.best is None:

@@ -33,7 +33,7 @@ from moeformer.publish import staged_dir
 from moeformer.refusal.directions import Candidates, candidate_directions
 from moeformer.refusal.instructions import sample_instructions
 from moeformer.refusal.lm import ChatLM, RefusalError
-from moeformer.refusal.openers import RefusalOpeners, refusal_openers
+from moeformer.refusal.openers import RefusalOpeners, check_metric_choice, resolve_openers
 from moeformer.refusal.selection import NoDirectionChosen, Selection, check_manual, select_direction
 from moeformer.results import check_output
 
@@ -65,9 +65,7 @@ class ExtractOptions:
             raise RefusalError(f"max_layer_fraction must be in (0, 1], got {self.max_layer_fraction}")
         if self.kl_threshold <= 0:
             raise RefusalError(f"kl_threshold must be > 0, got {self.kl_threshold}")
-        if self.refusal_tokens and self.refusal_openers:
-            raise RefusalError("give refusal_tokens (first tokens, the paper's metric) or refusal_openers (whole "
-                               "sequences), not both")  # fmt: skip
+        check_metric_choice(self.refusal_tokens, self.refusal_openers)
 
 
 @dataclass
@@ -111,7 +109,7 @@ def extract(
     manual = None if o.layer is None or o.position is None else (o.position, o.layer)
     if manual is not None:
         check_manual(*manual, lm.n_eoi, lm.n_layers)  # before any forward pass
-    openers = refusal_openers(lm, o.refusal_tokens, o.refusal_openers)
+    openers = resolve_openers(lm, o.refusal_tokens, o.refusal_openers)
     splits = {
         "harmful_train": sample_instructions(list(harmful_train), o.n_train, o.seed),
         "harmless_train": sample_instructions(list(harmless_train), o.n_train, o.seed),

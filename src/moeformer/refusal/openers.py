@@ -48,13 +48,18 @@ def refusal_token_ids(lm: ChatLM, tokens: Sequence[str] | None = None) -> list[i
     return sorted({lm.token_id(t) for t in texts})
 
 
-def refusal_openers(
-    lm: ChatLM, tokens: Sequence[str] | None = None, openers: Sequence[str] | None = None
-) -> RefusalOpeners:
-    """Whole ``openers`` (texts) when given, else the first tokens of ``tokens`` (default: the family's)."""
+def check_metric_choice(tokens: Sequence[str] | None, openers: Sequence[str] | None) -> None:
+    """Refuse refusal tokens and whole openers given together (before any model is loaded)."""
     if openers and tokens:
         raise RefusalError("give refusal tokens (first tokens, the paper's metric) or refusal openers (whole "
                            "sequences), not both")  # fmt: skip
+
+
+def resolve_openers(
+    lm: ChatLM, tokens: Sequence[str] | None = None, openers: Sequence[str] | None = None
+) -> RefusalOpeners:
+    """Whole ``openers`` (texts) when given, else the first tokens of ``tokens`` (default: the family's)."""
+    check_metric_choice(tokens, openers)
     if openers:
         return RefusalOpeners.from_texts(lm, openers)
     return RefusalOpeners.first_tokens(refusal_token_ids(lm, tokens))

@@ -44,7 +44,7 @@ from moeformer.refusal.instructions import load_instructions, sample_instruction
 from moeformer.refusal.lm import ChatLM, RefusalError
 from moeformer.refusal.loading import check_hidden_size, check_output_path, load_chat_lm
 from moeformer.refusal.lora import save_lora
-from moeformer.refusal.openers import refusal_openers
+from moeformer.refusal.openers import check_metric_choice, resolve_openers
 from moeformer.refusal.orthogonalize import Orthogonalized, orthogonalize, save_model
 from moeformer.refusal.routing import routing_report
 from moeformer.refusal.scoring import (
@@ -258,7 +258,7 @@ def run_tune(
     *,
     n_val: int = 32,
     refusal_tokens: Sequence[str] | None = None,
-    openers: Sequence[str] | None = None,
+    refusal_openers: Sequence[str] | None = None,
     progress: bool = False,
 ) -> Tuned:
     """Search the strength kernel on validation prompts (:mod:`moeformer.refusal.tune`); resumable in ``out``."""
@@ -273,9 +273,10 @@ def run_tune(
     harmful = sample_instructions(sets["harmful_val"], n_val, options.seed)
     harmless = sample_instructions(sets["harmless_val"], n_val, options.seed)
     check_output_path(source.path, out)
+    check_metric_choice(refusal_tokens, refusal_openers)
     lm = _load(source)
-    return tune(lm, direction_dir, harmful, harmless, refusal_openers(lm, refusal_tokens, openers), out, options,
-                progress=progress)  # fmt: skip
+    return tune(lm, direction_dir, harmful, harmless, resolve_openers(lm, refusal_tokens, refusal_openers), out,
+                options, progress=progress)  # fmt: skip
 
 
 def run_stream_orthogonalize(
