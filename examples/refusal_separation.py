@@ -148,6 +148,8 @@ def main() -> None:
                         "up to this many tokens (0: the first-token margin)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "refusal-separation")
     args = parser.parse_args()
+    if args.opener_depth < 0:
+        parser.error(f"--opener-depth must be >= 0 (0: the first-token margin), got {args.opener_depth}")
     missing = [str(r) for r in args.runs if not (r / "summary.json").is_file()]
     if missing:
         parser.error(f"not a finished fine-tuning run: {', '.join(missing)}")

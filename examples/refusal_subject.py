@@ -62,7 +62,7 @@ TEMPLATE = "User: {instruction}\nAssistant:"
 # " Unfortunately", " No", " That", " Thanks", " Honestly". In this 2,048-token BPE several begin
 # with a generic piece (" S" as in "Sure!", " H" as in "Here is" and "Happy to help"), so the metric
 # partly scored how compliant answers begin; the tokens now come from the data (subject_refusal_tokens).
-# Since 2026-12-07 `--opener-depth 3` follows a shared first token deeper (" S" -> "orry" / "ure").
+# Since 2026-12-07 `--opener-depth 3` follows a shared first token deeper (" S" -> " Sor" / " Sur").
 
 
 def subject_refusal_tokens(lm: ChatLM, sentences: list[str], seed: int, n: int = 2000, depth: int = 1) -> list[str]:
@@ -301,6 +301,8 @@ def main() -> None:
                         help="refusal metric over openers of up to this many tokens (1: first tokens, the paper's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a smoke run of the pipeline")
     args = parser.parse_args()
+    if args.opener_depth < 1:
+        parser.error(f"--opener-depth must be >= 1 (1: the paper's first tokens), got {args.opener_depth}")
     if args.quick:
         args.steps, args.harmless, args.n_eval, args.new, args.pretrain_steps = 40, 400, 20, 8, 40
         args.calibration_rounds, args.calibration_steps, args.calibration_harmless, args.n_val = 1, 10, 200, 20
