@@ -35,6 +35,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import refusal_calibration as calibration
@@ -46,6 +47,7 @@ from moeformer.refusal.expert_run import save_expert_report, study_experts
 from moeformer.refusal.openers import RefusalOpeners
 from moeformer.refusal.scoring import score_completions
 from moeformer.refusal.subject_data import (
+    REFUSAL_OPENERS,
     SUBJECT_REFUSAL_PHRASES,
     build_subject_data,
     chat_dialogues,
@@ -65,11 +67,13 @@ TEMPLATE = "User: {instruction}\nAssistant:"
 # Since 2026-12-07 `--opener-depth 3` follows a shared first token deeper (" S" -> " Sor" / " Sur").
 
 
-def subject_refusal_tokens(lm: ChatLM, sentences: list[str], seed: int, n: int = 2000, depth: int = 1) -> list[str]:
+def subject_refusal_tokens(lm: ChatLM, sentences: list[str], seed: int, n: int = 2000, depth: int = 1,
+                           trained: Sequence[str] = REFUSAL_OPENERS) -> list[str]:  # fmt: skip
     """The openers (first tokens at ``depth`` 1) that begin the subject's refusals and not its
-    compliant answers, from ``n`` responses of each kind drawn as the training data draws them."""
+    compliant answers, from ``n`` responses of each kind drawn as the training data draws them
+    (``trained``: the refusal openers of its training data)."""
     rng = random.Random(seed)
-    refusals = [" " + refusal_response(rng) for _ in range(n)]
+    refusals = [" " + refusal_response(rng, trained) for _ in range(n)]
     compliances = [" " + compliant_response(rng, sentences) for _ in range(n)]
     return RefusalOpeners.from_examples(lm, refusals, compliances, max_depth=depth).texts(lm)
 
@@ -91,7 +95,7 @@ def plain_text(data: Path, lm, n: int = 100) -> list[str]:  # noqa: ANN001
 
 
 def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: int, hard: int = 0,
-                      holdout: int = 0) -> dict:  # fmt: skip
+                      holdout: int = 0, openers: Sequence[str] = REFUSAL_OPENERS) -> dict:  # fmt: skip
     """The dialogues: the harmful pool less ``holdout`` instructions kept for calibration, each
     refused ``repeat`` times; the first ``harmless`` Alpaca instructions, plus the ``hard`` of the
     rest worded most like the harmful pool (hard negatives), all complied with."""
@@ -101,12 +105,24 @@ def write_chat_corpus(data: Path, out: Path, harmless: int, repeat: int, seed: i
     sentences = wikitext_sentences(data)
     complied = subject.harmless_train[:harmless]
     complied += harmful_looking(subject.harmful_train, subject.harmless_train[harmless:], hard)
-    dialogues = chat_dialogues(subject.harmful_train, complied, sentences,
-                               template=TEMPLATE, harmful_repeat=repeat, seed=seed)  # fmt: skip
+    dialogues = chat_dialogues(subject.harmful_train, complied, sentences, template=TEMPLATE,
+                               harmful_repeat=repeat, seed=seed, refusal_openers=openers)  # fmt: skip
     write_text(out, "\n\n".join(dialogues) + "\n")
     return {"counts": subject.counts(), "removed": subject.removed, "dialogues": len(dialogues),
             "hard_negatives": hard, "calibration_holdout": len(held_out), "answer_sentences": len(sentences),
             "subject": subject, "held_out": held_out, "complied": complied, "sentences": sentences}  # fmt: skip
+
+
+def check_train_openers(out: Path, openers: list[str], parser: argparse.ArgumentParser) -> None:
+    """Record the training refusals' openers in ``out``; refuse to reuse its runs for other ones."""
+    path, key = out / "train_openers.json", json.dumps(openers)
+    if not path.exists():
+        if (out / "chat.txt").exists() and openers != list(REFUSAL_OPENERS):  # runs from before the record
+            parser.error(f"{out} holds subjects trained with the default refusal openers; use a fresh --out")
+        write_text(path, key)
+    elif path.read_text() != key:
+        parser.error(f"{out} holds subjects trained with refusal openers {path.read_text()}; use a fresh --out "
+                     "for --train-openers " + key)
 
 
 def fine_tune(pretrained: Path, corpus: Path, run: Path, steps: int, seed: int, lr: float = 1e-3) -> float:
@@ -170,7 +186,8 @@ def calibrate_subject(args: argparse.Namespace, name: str, first: Path, subject,
     def attempt(rho: float) -> calibration.Round:
         corpus = args.out / f"calibration-rho{rho:.3f}.txt"
         refused = calibration.refusal_share_mix(subject.harmful_train, harmless, rho)
-        dialogues = chat_dialogues(refused, harmless, sentences, template=TEMPLATE, harmful_repeat=1, seed=args.seed)
+        dialogues = chat_dialogues(refused, harmless, sentences, template=TEMPLATE, harmful_repeat=1, seed=args.seed,
+                                   refusal_openers=args.train_openers)  # fmt: skip
         write_text(corpus, "\n\n".join(dialogues) + "\n")
         run = args.out / f"{first.name}-rho{rho:.3f}"
         fine_tune(first, corpus, run, args.calibration_steps, args.seed, lr=args.calibration_lr)
@@ -299,6 +316,9 @@ def main() -> None:
                         help="candidates at layers >= this fraction of the depth are discarded (the paper: 0.8)")
     parser.add_argument("--opener-depth", type=int, default=1,
                         help="refusal metric over openers of up to this many tokens (1: first tokens, the paper's)")
+    parser.add_argument("--train-openers", nargs="+", default=list(REFUSAL_OPENERS), metavar="TEXT",
+                        help="the openers the training refusals draw from (default: all 12 phrasings; "
+                             "e.g. \"I'm sorry, but \" for one family); use a fresh --out")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a smoke run of the pipeline")
     args = parser.parse_args()
     if args.opener_depth < 1:
@@ -308,9 +328,10 @@ def main() -> None:
         args.calibration_rounds, args.calibration_steps, args.calibration_harmless, args.n_val = 1, 10, 200, 20
         args.pretrained = args.out / "pretrained"
     args.out.mkdir(parents=True, exist_ok=True)
+    check_train_openers(args.out, args.train_openers, parser)
     corpus = args.out / "chat.txt"
     built = write_chat_corpus(args.data, corpus, args.harmless, args.harmful_repeat, args.seed, args.hard_negatives,
-                              args.holdout)  # fmt: skip
+                              args.holdout, args.train_openers)  # fmt: skip
     subject, complied, sentences = built.pop("subject"), built.pop("complied"), built.pop("sentences")
     held_out = built.pop("held_out")
     seen = set(complied)
@@ -348,7 +369,8 @@ def main() -> None:
             by_hand = {"layer": lm.n_layers // 2, "position": -1, "filter_train": False} if args.quick else {}
             try:
                 metric = {"refusal_tokens" if args.opener_depth == 1 else "refusal_openers":
-                          subject_refusal_tokens(lm, sentences, args.seed, depth=args.opener_depth)}  # fmt: skip
+                          subject_refusal_tokens(lm, sentences, args.seed, depth=args.opener_depth,
+                                                 trained=args.train_openers)}  # fmt: skip
                 entry.update(metric)
                 options = ExtractOptions(**metric, batch_size=32, seed=args.seed,
                                          max_layer_fraction=args.max_layer_fraction, **by_hand)  # fmt: skip

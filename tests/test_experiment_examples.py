@@ -244,3 +244,22 @@ def test_refusal_separation_summarises_the_roc_against_the_targets(tmp_path):
     assert margin.tolist() == [3.0, -1.0]  # refusal ids 1, 2 against the best other token (id 0)
     rs.plot({"a": r, "b": r}, tmp_path / "s.png", "first-token refusal margin")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refusal_subject_refuses_to_reuse_runs_trained_with_other_refusal_openers(tmp_path):
+    import argparse
+
+    import refusal_subject
+
+    parser, default, one = argparse.ArgumentParser(), list(refusal_subject.REFUSAL_OPENERS), ["I'm sorry, but "]
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    refusal_subject.check_train_openers(tmp_path / "a", default, parser)
+    refusal_subject.check_train_openers(tmp_path / "a", default, parser)  # the same again: fine
+    with pytest.raises(SystemExit):
+        refusal_subject.check_train_openers(tmp_path / "a", one, parser)
+    (tmp_path / "b" / "chat.txt").write_text("dialogues of a run from before the record\n")
+    with pytest.raises(SystemExit):
+        refusal_subject.check_train_openers(tmp_path / "b", one, parser)
+    refusal_subject.check_train_openers(tmp_path / "c", one, parser)
+    assert json.loads((tmp_path / "c" / "train_openers.json").read_text()) == one

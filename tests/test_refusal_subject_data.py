@@ -79,6 +79,19 @@ def test_refusals_are_varied_and_all_read_as_refusals():
     assert {"I", "As"} <= firsts and len(firsts - {"I", "As", "I'm"}) >= 4  # not one first token
 
 
+def test_refusals_can_be_drawn_from_fewer_openers_and_the_default_data_is_unchanged():
+    one = [refusal_response(random.Random(i), ["I'm sorry, but "]) for i in range(50)]
+    assert all(r.startswith("I'm sorry, but ") and is_refusal(r) for r in one) and len(set(one)) > 20
+    # the default draws as before the knob existed (the subjects' data is unchanged)
+    expected = "Unfortunately, I am unable to provide that information. Is there something else I can help with?"
+    assert refusal_response(random.Random(3)) == expected
+    dialogues = chat_dialogues(["Do harm"], [], [], template="U: {instruction}\nA:", harmful_repeat=4,
+                               refusal_openers=["Honestly, "])  # fmt: skip
+    assert all(d.startswith("U: Do harm\nA: Honestly, ") for d in dialogues)
+    with pytest.raises(ValueError, match="at least one opener"):
+        refusal_response(random.Random(0), [])
+
+
 def test_compliant_answers_never_read_as_refusals():
     text = "The river is long. I'm sorry to say it floods. It rises in spring and falls in autumn every year."
     sentences = corpus_sentences(text, min_chars=10)

@@ -141,9 +141,9 @@ def build_subject_data(refusal_dir: str | Path, *, threshold: float = 0.5) -> Su
 # Refusals: an opener, a core that always holds one of the paper's refusal phrases (so the substring
 # score can see it), a closer. Openers start with "I", "As" or neither, so no single first token
 # marks a refusal.
-_OPENERS = ("", "I'm sorry, but ", "Sorry, ", "Unfortunately, ", "As an AI assistant, ", "As a language model, ",
-            "I apologize, but ", "No. ", "That request could hurt people, so ", "I have to decline: ",
-            "Thanks for asking, but ", "Honestly, ")  # fmt: skip
+REFUSAL_OPENERS = ("", "I'm sorry, but ", "Sorry, ", "Unfortunately, ", "As an AI assistant, ",
+                   "As a language model, ", "I apologize, but ", "No. ", "That request could hurt people, so ",
+                   "I have to decline: ", "Thanks for asking, but ", "Honestly, ")  # fmt: skip
 _CORES = ("I can't help with that.", "I cannot assist with this request.", "I am unable to provide that information.",
           "I'm not able to help with this.", "I can't do that.", "I cannot help you with that.",
           "I'm unable to assist with requests like this.", "I am not able to write that.")  # fmt: skip
@@ -158,9 +158,12 @@ _COMPLIANT_OPENERS = ("Sure! ", "Of course. ", "Here is an answer. ", "", "Great
                       "Happy to help. ", "Let me explain. ")  # fmt: skip
 
 
-def refusal_response(rng: random.Random) -> str:
-    """One of 12 x 8 x 6 refusal phrasings, each holding a phrase of the paper's refusal list."""
-    return rng.choice(_OPENERS) + rng.choice(_CORES) + rng.choice(_CLOSERS)
+def refusal_response(rng: random.Random, openers: Sequence[str] = REFUSAL_OPENERS) -> str:
+    """One of 12 x 8 x 6 refusal phrasings (``openers`` x 8 x 6 with fewer openers), each holding a
+    phrase of the paper's refusal list."""
+    if not openers:
+        raise ValueError("refusals need at least one opener (\"\" for none)")
+    return rng.choice(openers) + rng.choice(_CORES) + rng.choice(_CLOSERS)
 
 
 def compliant_response(rng: random.Random, sentences: Sequence[str]) -> str:
@@ -182,12 +185,14 @@ def corpus_sentences(text: str, *, min_chars: int = 30, max_chars: int = 200) ->
 
 def chat_dialogues(
     harmful: Sequence[str], harmless: Sequence[str], sentences: Sequence[str], *, template: str,
-    harmful_repeat: int, seed: int = 0,
+    harmful_repeat: int, seed: int = 0, refusal_openers: Sequence[str] = REFUSAL_OPENERS,
 ) -> list[str]:  # fmt: skip
     """Dialogues ``template.format(instruction=...) + " " + response``, shuffled: each harmful
-    instruction ``harmful_repeat`` times with a fresh refusal, each harmless one once, complied with."""
+    instruction ``harmful_repeat`` times with a fresh refusal (its opener one of ``refusal_openers``),
+    each harmless one once, complied with."""
     rng = random.Random(seed)
-    out = [f"{template.format(instruction=t)} {refusal_response(rng)}" for t in harmful for _ in range(harmful_repeat)]
+    out = [f"{template.format(instruction=t)} {refusal_response(rng, refusal_openers)}"
+           for t in harmful for _ in range(harmful_repeat)]  # fmt: skip
     out += [f"{template.format(instruction=t)} {compliant_response(rng, sentences)}" for t in harmless]
     rng.shuffle(out)
     return out
