@@ -205,12 +205,13 @@ def calibrate_subject(args: argparse.Namespace, name: str, first: Path, subject,
 
 
 def subject_runs(runs: Path, names: list[str], seed: int) -> dict[str, Path]:
-    """Each subject's run: the one ``runs/results.json`` names under NAME or NAME-cut<f> (a
-    calibrated subject is a continued fine-tuning of ``NAME-seedS``), else ``NAME-seedS``."""
+    """Each subject's run: the one ``runs/results.json`` names under NAME or a tagged NAME-<tag>
+    (NAME-cut<f>, NAME-openers<n>: other extractions of the same run; a calibrated subject is a
+    continued fine-tuning of ``NAME-seedS``), else ``NAME-seedS``."""
     listed = json.loads((runs / "results.json").read_text())["subjects"] if (runs / "results.json").exists() else {}
 
     def entry(name: str) -> dict:
-        return listed.get(name) or next((e for k, e in listed.items() if k.startswith(f"{name}-cut")), {})
+        return listed.get(name) or next((e for k, e in listed.items() if k.startswith(f"{name}-")), {})
 
     return {name: runs / entry(name).get("run", f"{name}-seed{seed}") for name in names}
 
